@@ -1,0 +1,178 @@
+"""`ser` — the command line. The only module that parses arguments; each command calls one library function.
+
+    ser synth OUT                      write a synthetic corpus in IEMOCAP's layout
+    ser prepare --source DIR --out DS  IEMOCAP (real or synthetic) -> one Parquet dataset
+    ser model-summary --preset P       parameters per part of the model
+    ser train --dataset DS ...         train one configuration on leave-one-session-out folds (Ray Train)
+    ser sweep --dataset DS ...         Ray Tune + Optuna over the loss weights, margin and metric-loss space
+    ser tables --experiment NAME       the paper's tables from logged MLflow runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any, Sequence
+
+from ser_platform.config import Config, ConfigError, load_config, parse_override
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default="demo", choices=["demo", "paper"],
+                        help="starting configuration (default: demo — tiny encoders, CPU, minutes)")
+    parser.add_argument("--config", metavar="YAML", help="YAML file overriding the preset (data only)")
+    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                        help="dotted override, repeatable, e.g. --set loss.alpha=0.5 --set model.focus_attention=false")
+    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    parser.add_argument("--experiment", help="MLflow experiment name")
+    parser.add_argument("--storage", help="Ray run storage: a local folder, s3://... or gs://... (default: ./runs)")
+
+
+def build_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
+    """Preset -> YAML -> --set overrides -> the command's own flags (most specific wins)."""
+    overrides: dict[str, Any] = dict(parse_override(text) for text in args.overrides)
+    for flag, key in (("mlflow_uri", "tracking.mlflow_uri"), ("experiment", "tracking.experiment"),
+                      ("storage", "tracking.storage")):
+        if getattr(args, flag, None):
+            overrides[key] = getattr(args, flag)
+    overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
+    return load_config(args.preset, args.config, overrides)
+
+
+# --- commands ----------------------------------------------------------------------------------------------
+
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from ser_platform.data.synthetic import write_synthetic_corpus
+
+    root = write_synthetic_corpus(args.out, utterances_per_session=args.utterances_per_session, seed=args.seed,
+                                  overwrite=args.overwrite, progress=True)
+    print(f"synthetic corpus written to {root}")
+    print(f"next: ser prepare --source {root} --out {root}.parquet")
+    return 0
+
+
+def _cmd_prepare(args: argparse.Namespace) -> int:
+    from ser_platform.data.parquet import format_summary, prepare_dataset
+
+    summary = prepare_dataset(args.source, args.out, features=args.features, overwrite=args.overwrite,
+                              skip_bad=args.skip_bad, progress=not args.json)
+    print(json.dumps(summary, indent=2, sort_keys=True) if args.json else format_summary(summary))
+    return 0
+
+
+def _cmd_model_summary(args: argparse.Namespace) -> int:
+    from ser_platform.models.ser_model import model_summary
+
+    print(model_summary(build_config(args).model))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ser_platform.ray_train import train_command
+
+    config = build_config(args, {
+        "data.dataset": args.dataset,
+        "data.folds": args.folds,
+        "train.num_workers": args.workers,
+        "train.use_gpu": True if args.gpu else None,
+        "train.epochs": args.epochs,
+        "train.seed": args.seed,
+    })
+    return train_command(config, ray_address=args.ray_address)
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from ser_platform.sweep import sweep_command
+
+    config = build_config(args, {
+        "data.dataset": args.dataset,
+        "sweep.trials": args.trials,
+        "sweep.max_concurrent": args.max_concurrent,
+        "sweep.seed": args.seed,
+        "sweep.grid": args.grid,
+    })
+    return sweep_command(config, name=args.name, resume=args.resume, ray_address=args.ray_address)
+
+
+def _cmd_tables(args: argparse.Namespace) -> int:
+    from ser_platform.tables import tables_command
+
+    return tables_command(experiment=args.experiment, mlflow_uri=args.mlflow_uri, compare=args.compare)
+
+
+# --- parser ------------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ser", description="Multimodal speech emotion recognition experiments on Ray (IEMOCAP, focus attention, "
+                                "joint triplet + cross-entropy loss).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic corpus in IEMOCAP's exact layout")
+    p.add_argument("out", help="folder to create (it will hold Session1..Session5)")
+    p.add_argument("--utterances-per-session", type=int, default=60, help="kept utterances per session (default 60)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing corpus at OUT")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("prepare", help="parse IEMOCAP (real or synthetic) into one Parquet dataset")
+    p.add_argument("--source", required=True, help="IEMOCAP_full_release folder (holds Session1..Session5)")
+    p.add_argument("--out", required=True, help="Parquet dataset folder to write")
+    p.add_argument("--features", action="store_true", help="also store 40-d MFCC and the spectrogram (§3.2)")
+    p.add_argument("--skip-bad", action="store_true", help="skip and count bad inputs instead of stopping")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset at --out")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser("model-summary", help="print the model's parameters per part")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_model_summary)
+
+    p = sub.add_parser("train", help="train one configuration on leave-one-session-out folds (Ray Train DDP)")
+    _add_config_args(p)
+    p.add_argument("--dataset", help="Parquet dataset from `ser prepare` (local, s3:// or gs://)")
+    p.add_argument("--folds", help="comma-separated folds, e.g. 1,2,3,4,5 (default: all of the protocol)")
+    p.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sweep", help="Ray Tune + Optuna sweep; every trial runs all folds")
+    _add_config_args(p)
+    p.add_argument("--dataset", help="Parquet dataset (default: the embedded synthetic corpus)")
+    p.add_argument("--trials", type=int)
+    p.add_argument("--max-concurrent", type=int)
+    p.add_argument("--seed", type=int, help="Optuna sampler seed")
+    p.add_argument("--grid", choices=["paper"], help="run exactly Table 2's (alpha, beta) points")
+    p.add_argument("--name", help="sweep name (Tune experiment and MLflow parent run)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same --name")
+    p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("tables", help="print the paper's tables from logged MLflow runs")
+    p.add_argument("--experiment", required=True, help="MLflow experiment name")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="paired comparison of two runs")
+    p.set_defaults(func=_cmd_tables)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+        print(f"ser {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # DataError and friends: messages already name the file/row
+        if type(err).__module__.startswith("ser_platform"):
+            print(f"ser {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

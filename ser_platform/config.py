@@ -1,0 +1,380 @@
+"""Typed, nested configuration: data, model, loss, train, sweep, tracking.
+
+A config is built from a preset (``demo`` or ``paper``), then optionally a YAML file (data only, unknown keys
+rejected), then dotted overrides (``{"loss.alpha": 0.5}``) — the same dotted keys the Tune search space uses.
+Every dataclass validates itself in ``__post_init__`` and quotes the bad value in its error.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+PROTOCOLS = ("loso5", "loso10", "session5")
+EMBEDDING_SPACES = ("fused", "speech", "text")
+MINERS = ("all", "semihard", "hard")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
+TINY_ENCODER = "tiny"  # build a small randomly initialised encoder from its config class: no download
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the dotted key and quotes the value."""
+
+
+def _check(condition: bool, key: str, value: Any, expected: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = ""  # Parquet dataset (local path, file://, s3://, gs://); "" = the embedded synthetic default
+    protocol: str = "loso5"  # leave-one-session-out, as in the paper
+    folds: tuple[int, ...] = (1, 2, 3, 4, 5)  # which folds of the protocol to run
+    sample_rate: int = 16_000
+    max_audio_seconds: float = 15.0  # longer utterances are cropped (IEMOCAP's longest is ~35 s)
+    max_text_tokens: int = 512  # RoBERTa's limit (§2.1.1)
+    materialize: bool = True  # hold each fold's data in Ray's object store instead of re-reading Parquet each epoch
+    bucket_by_length: bool = False  # sort into length buckets to cut padding
+    eval_subset: str = "all"  # "all" | "improvised" | "scripted": which test utterances are scored
+
+    def __post_init__(self) -> None:
+        self.folds = tuple(int(f) for f in self.folds)
+        _check(self.protocol in PROTOCOLS, "data.protocol", self.protocol, f"one of {PROTOCOLS}")
+        _check(len(self.folds) > 0 and all(f >= 1 for f in self.folds), "data.folds", self.folds, "fold numbers >= 1")
+        _check(len(set(self.folds)) == len(self.folds), "data.folds", self.folds, "no repeated fold")
+        _check(self.sample_rate > 0, "data.sample_rate", self.sample_rate, "a positive rate in Hz")
+        _check(self.max_audio_seconds > 0, "data.max_audio_seconds", self.max_audio_seconds, "> 0")
+        _check(self.max_text_tokens > 2, "data.max_text_tokens", self.max_text_tokens, "> 2")
+        _check(self.eval_subset in ("all", "improvised", "scripted"), "data.eval_subset", self.eval_subset,
+               "'all', 'improvised' or 'scripted'")
+
+
+@dataclass
+class TextEncoderConfig:
+    name: str = TINY_ENCODER  # Hugging Face checkpoint name or local path (paper: roberta-large); "tiny" = offline
+    # Sizes of the "tiny" RoBERTa (ignored for real checkpoints, whose config is loaded with them).
+    tiny_hidden_size: int = 32
+    tiny_num_layers: int = 2
+    tiny_num_heads: int = 2
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.text.name", self.name, "a checkpoint name, a local path or 'tiny'")
+
+
+@dataclass
+class SpeechEncoderConfig:
+    name: str = TINY_ENCODER  # Hugging Face checkpoint name or local path (paper: facebook/wav2vec2-base)
+    tiny_hidden_size: int = 32
+    tiny_num_layers: int = 2
+    tiny_num_heads: int = 2
+    tiny_conv_dim: int = 32
+    # Acoustic features (§3.2): 40-d HTK-mel MFCC and a spectrogram, 40 ms Hamming windows, 10 ms hop.
+    n_mfcc: int = 40
+    n_mels: int = 40
+    win_ms: float = 40.0
+    hop_ms: float = 10.0
+    cnn_channels: int = 32  # CNN of each acoustic feature encoder
+    lstm_hidden: int = 32  # per direction, BiLSTM of each acoustic feature encoder
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "model.speech.name", self.name, "a checkpoint name, a local path or 'tiny'")
+        for key in ("n_mfcc", "n_mels", "cnn_channels", "lstm_hidden"):
+            value = getattr(self, key)
+            _check(isinstance(value, int) and value > 0, f"model.speech.{key}", value, "a positive integer")
+        _check(0 < self.hop_ms <= self.win_ms, "model.speech.hop_ms", self.hop_ms, f"in (0, win_ms={self.win_ms}]")
+
+
+@dataclass
+class ModelConfig:
+    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    speech: SpeechEncoderConfig = field(default_factory=SpeechEncoderConfig)
+    encoders: str = "finetune"  # "finetune" | "frozen" (frozen encoders can be served from a feature cache)
+    # Crossmodal transformer; the paper is silent on its sizes: MulT's code defaults (30-d, 5 heads, 5 layers).
+    embed_dim: int = 30
+    num_heads: int = 5
+    num_layers: int = 5
+    attn_dropout: float = 0.1
+    relu_dropout: float = 0.1
+    res_dropout: float = 0.1
+    embed_dropout: float = 0.25
+    focus_attention: bool = True  # False = Table 1 model B ("without FA"), every other part unchanged
+    sigma_min: float = 1.0  # floor on the focal scope so the Gaussian never collapses (positions)
+    attn_implementation: str = "sdpa"  # "eager" (reference) | "sdpa" (default) | "flex_attention" (CUDA only)
+    embedding_dim: int = 64  # size of F(x), the fused embedding the metric loss sees
+    dropout: float = 0.25  # §3.2
+    num_classes: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self.encoders in ("finetune", "frozen"), "model.encoders", self.encoders, "'finetune' or 'frozen'")
+        _check(self.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
+               self.attn_implementation, f"one of {ATTN_IMPLEMENTATIONS}")
+        _check(self.embed_dim > 0 and self.embed_dim % self.num_heads == 0, "model.embed_dim", self.embed_dim,
+               f"a positive multiple of model.num_heads={self.num_heads}")
+        _check(self.num_layers >= 1, "model.num_layers", self.num_layers, ">= 1")
+        _check(self.embedding_dim >= 1, "model.embedding_dim", self.embedding_dim, ">= 1")
+        _check(self.sigma_min > 0, "model.sigma_min", self.sigma_min, "> 0")
+        for key in ("attn_dropout", "relu_dropout", "res_dropout", "embed_dropout", "dropout"):
+            value = getattr(self, key)
+            _check(0.0 <= value < 1.0, f"model.{key}", value, "a probability in [0, 1)")
+        _check(self.num_classes >= 2, "model.num_classes", self.num_classes, ">= 2")
+
+
+@dataclass
+class LossConfig:
+    """L = alpha * L_triplet + beta * L_ce (eq. 9); alpha = 0 is Table 1 model C ("without metric loss")."""
+
+    alpha: float = 0.5  # Table 2's best
+    beta: float = 1.0
+    margin: float = 0.3  # M of eq. (7)-(8); the paper does not state it
+    space: str = "fused"  # where the triplet loss sits (Table 3): "fused" | "speech" | "text"
+    miner: str = "all"  # "all" = every valid triplet of the batch (Γ of eq. 8); "semihard" / "hard" are options
+
+    def __post_init__(self) -> None:
+        _check(self.alpha >= 0, "loss.alpha", self.alpha, ">= 0")
+        _check(self.beta >= 0, "loss.beta", self.beta, ">= 0")
+        _check(self.alpha + self.beta > 0, "loss.alpha+loss.beta", self.alpha + self.beta, "> 0")
+        _check(self.margin >= 0, "loss.margin", self.margin, ">= 0")
+        _check(self.space in EMBEDDING_SPACES, "loss.space", self.space, f"one of {EMBEDDING_SPACES}")
+        _check(self.miner in MINERS, "loss.miner", self.miner, f"one of {MINERS}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 6
+    batch_size: int = 32  # §3.2; per optimiser step, split across workers
+    lr: float = 1e-5  # Adam, §3.2
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max gradient norm; 0 disables
+    patience: int = 0  # early stopping on validation UA; 0 = run all epochs, select the best
+    samples_per_class: int = 4  # class-balanced batches (PML MPerClassSampler) so triplets exist; 0 = plain shuffle
+    seed: int = 0
+    num_workers: int = 1  # Ray Train workers (DDP ranks) per trial
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    gpus_per_worker: float = 1.0
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast, GPU)
+    max_failures: int = 1  # Ray Train FailureConfig: worker failures tolerated per run
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size", "num_workers"):
+            value = getattr(self, key)
+            _check(isinstance(value, int) and value >= 1, f"train.{key}", value, "an integer >= 1")
+        _check(self.lr > 0, "train.lr", self.lr, "> 0")
+        _check(self.patience >= 0, "train.patience", self.patience, ">= 0")
+        _check(self.samples_per_class >= 0, "train.samples_per_class", self.samples_per_class, ">= 0")
+        _check(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker, "> 0")
+        _check(self.precision in ("fp32", "bf16"), "train.precision", self.precision, "'fp32' or 'bf16'")
+        _check(self.max_failures >= -1, "train.max_failures", self.max_failures, ">= -1 (-1 = unlimited)")
+
+
+@dataclass
+class SweepConfig:
+    trials: int = 4
+    max_concurrent: int = 1
+    # The objective: mean over folds of VALIDATION UA (held-out training speakers), so the search never sees a
+    # test session; test WA/UA are reported beside it.
+    metric: str = "val_ua_mean"
+    mode: str = "max"
+    seed: int = 0  # Optuna TPE sampler seed
+    grid: str = ""  # "" = Optuna search; "paper" = exactly Table 2's (alpha, beta) points
+
+    def __post_init__(self) -> None:
+        _check(self.trials >= 1, "sweep.trials", self.trials, ">= 1")
+        _check(self.max_concurrent >= 1, "sweep.max_concurrent", self.max_concurrent, ">= 1")
+        _check(self.mode in ("max", "min"), "sweep.mode", self.mode, "'max' or 'min'")
+        _check(self.grid in ("", "paper"), "sweep.grid", self.grid, "'' or 'paper'")
+
+
+@dataclass
+class TrackingConfig:
+    mlflow_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
+    experiment: str = "ser_platform"
+    storage: str = ""  # Ray run storage (checkpoints, Tune state): local folder, s3:// or gs://; "" = ./runs
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    preset: str = "demo"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> values, e.g. {"loss.alpha": 0.5}: what MLflow logs as params."""
+        return _flatten(self.to_dict())
+
+    def replace(self, overrides: Mapping[str, Any]) -> "Config":
+        """A new config with dotted-key overrides applied and validated."""
+        return apply_overrides(self, overrides)
+
+
+# --- presets ---------------------------------------------------------------------------------------------
+
+def _demo() -> Config:
+    # Tiny encoders, synthetic corpus, a few epochs: a 5-fold trial in about a minute on 2 CPU cores.
+    return Config(
+        preset="demo",
+        model=ModelConfig(embed_dim=32, num_heads=4, num_layers=2, embedding_dim=32),
+        train=TrainConfig(epochs=6, batch_size=32, lr=3e-3, num_workers=1),
+    )
+
+
+def _paper() -> Config:
+    # §2-3.2: roberta-large (1024-d, 512 tokens), wav2vec2-base, fine-tuned, Adam lr 1e-5, batch 32, dropout 0.25.
+    # The paper is silent on the crossmodal sizes: ModelConfig's defaults are MulT's (30-d, 5 heads, 5 layers).
+    return Config(
+        preset="paper",
+        model=ModelConfig(
+            text=TextEncoderConfig(name="roberta-large"),
+            speech=SpeechEncoderConfig(name="facebook/wav2vec2-base", cnn_channels=64, lstm_hidden=128),
+            encoders="finetune",
+            embedding_dim=128, dropout=0.25,
+        ),
+        loss=LossConfig(alpha=0.5, beta=1.0),
+        train=TrainConfig(epochs=30, batch_size=32, lr=1e-5, patience=5, num_workers=1, use_gpu=True,
+                          precision="bf16"),
+    )
+
+
+PRESETS = {"demo": _demo, "paper": _paper}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"preset={name!r}: expected one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# --- YAML and dotted overrides ---------------------------------------------------------------------------
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, dotted + "."))
+        else:
+            out[dotted] = value
+    return out
+
+
+def _coerce(key: str, value: Any, current: Any) -> Any:
+    """Coerce a YAML/CLI value to the type of the field's current value (str "0.5" -> 0.5 for floats)."""
+    if isinstance(current, bool):
+        if isinstance(value, str):
+            if value.lower() in ("true", "1", "yes"):
+                return True
+            if value.lower() in ("false", "0", "no"):
+                return False
+            raise ConfigError(f"{key}={value!r}: expected true or false")
+        return bool(value)
+    if isinstance(current, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v.strip()]
+        return tuple(_coerce(key, v, current[0]) if current else v for v in value)
+    try:
+        if isinstance(current, int) and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r}: expected a {type(current).__name__}") from None
+    if isinstance(current, str):
+        return str(value)
+    return value
+
+
+def apply_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
+    """Apply dotted-key overrides (``{"loss.alpha": 1.0, "model.focus_attention": False}``); unknown keys raise."""
+    tree = config.to_dict()
+    known = _flatten(tree)
+    for key, value in overrides.items():
+        if key not in known:
+            near = [k for k in known if k.split(".")[-1] == key.split(".")[-1]]
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = _coerce(key, value, known[key])
+    return from_dict(tree)
+
+
+def from_dict(tree: Mapping[str, Any]) -> Config:
+    """Build a Config from a nested dict (e.g. ``Config.to_dict()`` or parsed YAML); unknown keys raise."""
+    return _build(Config, tree, "")
+
+
+def _build(cls: type, tree: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(tree, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {tree!r}")
+    names = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(tree) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + u for u in unknown]}; known: {sorted(names)}")
+    defaults = cls()
+    kwargs = {}
+    for name, value in tree.items():
+        current = getattr(defaults, name)
+        if is_dataclass(current):
+            kwargs[name] = _build(type(current), value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, current)
+    return cls(**kwargs)
+
+
+def load_config(preset_name: str = "demo", yaml_path: str | Path | None = None,
+                overrides: Mapping[str, Any] | None = None) -> Config:
+    """Preset, then YAML (data only; may name a different ``preset``), then dotted overrides."""
+    config = preset(preset_name)
+    if yaml_path is not None:
+        path = Path(yaml_path)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: cannot read config: {err}") from None
+        if not isinstance(tree, Mapping):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        if "preset" in tree:
+            config = preset(tree["preset"])
+        merged = _deep_merge(config.to_dict(), tree)
+        try:
+            config = from_dict(merged)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    if overrides:
+        config = apply_overrides(config, overrides)
+    return config
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"loss.alpha=0.5"`` -> ``("loss.alpha", 0.5)``, the value read as YAML (so numbers and booleans work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. loss.alpha=0.5")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
