@@ -160,6 +160,9 @@ class TrainConfig:
     gpus_per_worker: float = 1.0
     precision: str = "fp32"  # "fp32" | "bf16" (autocast, GPU)
     max_failures: int = 1  # Ray Train FailureConfig: worker failures tolerated per run
+    # "trial": one TorchTrainer runs all the config's folds in turn (a fresh model per fold), paying Ray Train's
+    # ~20 s start-up once; "fold": one TorchTrainer per fold (finer restart unit). See BENCHMARKS.md.
+    trainer_scope: str = "trial"
 
     def __post_init__(self) -> None:
         for key in ("epochs", "batch_size", "num_workers"):
@@ -171,6 +174,7 @@ class TrainConfig:
         _check(self.cpus_per_worker > 0, "train.cpus_per_worker", self.cpus_per_worker, "> 0")
         _check(self.precision in ("fp32", "bf16"), "train.precision", self.precision, "'fp32' or 'bf16'")
         _check(self.max_failures >= -1, "train.max_failures", self.max_failures, ">= -1 (-1 = unlimited)")
+        _check(self.trainer_scope in ("trial", "fold"), "train.trainer_scope", self.trainer_scope, "'trial' or 'fold'")
 
 
 @dataclass
