@@ -62,15 +62,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_summary(args: argparse.Namespace) -> int:
+    config = build_config(args)  # a bad option fails before the heavy imports
     from ser_platform.models.ser_model import model_summary
 
-    print(model_summary(build_config(args).model))
+    print(model_summary(config.model))
     return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from ser_platform.ray_train import train_command
-
     config = build_config(args, {
         "data.dataset": args.dataset,
         "data.folds": args.folds,
@@ -79,12 +78,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "train.epochs": args.epochs,
         "train.seed": args.seed,
     })
+    from ser_platform.ray_train import train_command
+
     return train_command(config, ray_address=args.ray_address)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from ser_platform.sweep import sweep_command
-
     config = build_config(args, {
         "data.dataset": args.dataset,
         "sweep.trials": args.trials,
@@ -92,6 +91,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         "sweep.seed": args.seed,
         "sweep.grid": args.grid,
     })
+    from ser_platform.sweep import sweep_command
+
     return sweep_command(config, name=args.name, resume=args.resume, ray_address=args.ray_address)
 
 
