@@ -10,6 +10,7 @@ from ser_platform.models.focus_attention import (
     ATTENTION_FUNCTIONS,
     FocusAttention,
     _flex_focal_attention,
+    focal_attn_mask,
     focal_bias,
     scale_to_length,
 )
@@ -85,6 +86,31 @@ def test_worked_example_of_the_docstring():
     assert mu_tilde.item() == 2.0 and sigma_tilde.item() == 3.0
     bias = focal_bias(mu_tilde, sigma_tilde, torch.arange(4.0))
     torch.testing.assert_close(bias, torch.tensor([[[-8 / 9, -2 / 9, 0.0, -2 / 9]]]))
+
+
+@pytest.mark.parametrize("with_padding", [True, False])
+def test_fused_focal_mask_matches_eq5_with_padding_values_and_gradients(with_padding):
+    generator = torch.Generator().manual_seed(0)
+    mu = (6 * torch.rand(2, 4, generator=generator, dtype=torch.float64)).requires_grad_()
+    sigma = (1 + 5 * torch.rand(2, 4, generator=generator, dtype=torch.float64)).requires_grad_()
+    keep = _masks([6, 3], 6) if with_padding else None
+    positions = torch.arange(6, dtype=torch.float64).expand(2, -1)
+    expected = focal_bias(mu, sigma, positions)
+    if keep is not None:
+        expected = expected.masked_fill(~keep[:, None], float("-inf"))
+    torch.testing.assert_close(focal_attn_mask(mu, sigma, positions, keep), expected)
+
+    def finite_part(mu, sigma):  # gradcheck needs finite outputs: read the valid keys only
+        mask = focal_attn_mask(mu, sigma, positions, keep)
+        return mask if keep is None else mask[keep[:, None].expand_as(mask)]
+
+    assert torch.autograd.gradcheck(finite_part, (mu, sigma))
+    # An upstream gradient at padded keys (a constant -inf) must not reach μ̃, σ̃, as with masked_fill.
+    upstream = torch.randn(2, 4, 6, generator=generator, dtype=torch.float64)
+    fused = torch.autograd.grad(focal_attn_mask(mu, sigma, positions, keep), (mu, sigma), upstream)
+    reference = torch.autograd.grad(expected, (mu, sigma), upstream)
+    for got, want in zip(fused, reference):
+        torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])

@@ -44,6 +44,7 @@ __all__ = [
     "eager_attention_forward",
     "flex_attention_forward",
     "focal_bias",
+    "focal_attn_mask",
     "focal_centre_and_scope",
     "key_summary",
     "scale_to_length",
@@ -108,6 +109,46 @@ def focal_bias(mu: Tensor, sigma: Tensor, key_positions: Tensor) -> Tensor:
     coefficient = (-2.0 / sigma.square()).unsqueeze(-1)
     distance = key_positions.unsqueeze(1) - mu.unsqueeze(-1)
     return distance.square() * coefficient
+
+
+class _FocalAttnMask(torch.autograd.Function):
+    """Eq. (5) with -inf at padded keys in one pass, saving only the (B, T_q) / (B, T_k) inputs.
+
+    Autograd through ``focal_bias`` keeps two (B, T_q, T_k) intermediates alive until backward (the distance for
+    the square, the square for the product); this recomputes the distance in backward instead.
+    """
+
+    @staticmethod
+    def forward(ctx, mu: Tensor, coefficient: Tensor, key_positions: Tensor, key_keep: Optional[Tensor]) -> Tensor:
+        distance = key_positions.unsqueeze(1) - mu.unsqueeze(-1)  # (B, T_q, T_k)
+        attn_mask = distance.square_().mul_(coefficient.unsqueeze(-1))
+        if key_keep is not None:
+            attn_mask.masked_fill_(~key_keep.unsqueeze(1), float("-inf"))
+        ctx.save_for_backward(mu, coefficient, key_positions, key_keep)
+        return attn_mask
+
+    @staticmethod
+    def backward(ctx, grad_mask: Tensor):
+        mu, coefficient, key_positions, key_keep = ctx.saved_tensors
+        if key_keep is not None:
+            # Padded keys hold a constant -inf: no gradient flows through them.
+            grad_mask = grad_mask.masked_fill(~key_keep.unsqueeze(1), 0.0)
+        distance = key_positions.unsqueeze(1) - mu.unsqueeze(-1)
+        grad_times_distance = grad_mask * distance
+        # f = c·d², d = P - μ:  ∂f/∂c = d²,  ∂f/∂μ = -2·c·d.
+        grad_coefficient = (grad_times_distance * distance).sum(-1)
+        grad_mu = -2.0 * coefficient * grad_times_distance.sum(-1)
+        return grad_mu, grad_coefficient, None, None
+
+
+def focal_attn_mask(mu: Tensor, sigma: Tensor, key_positions: Tensor, key_keep: Optional[Tensor]) -> Tensor:
+    """Eq. (5) fused with the key padding: f_{i,j} = -(P_j - μ̃_i)² / (σ̃_i²/2), -inf where key j is padding.
+
+    Same value and gradients as ``focal_bias(...).masked_fill(~key_keep, -inf)`` with one (B, T_q, T_k) tensor
+    instead of three held for backward. mu = μ̃, sigma = σ̃: (B, T_q); key_positions: (B, T_k);
+    key_keep: (B, T_k) bool or None. Returns (B, T_q, T_k).
+    """
+    return _FocalAttnMask.apply(mu, -2.0 / sigma.square(), key_positions, key_keep)
 
 
 @dataclass
@@ -192,17 +233,12 @@ def sdpa_attention_forward(
     memory-efficient kernel takes it with gradients (flash takes no mask). Without, padding is a (B, 1, 1, T_k)
     bool mask, and no mask at all when there is no padding, so SDPA may pick flash.
     """
-    attn_bias = _materialised_bias(focal)
-    has_keys = None
+    keep, has_keys = (None, None) if key_attention_mask is None else _attendable_keys(key_attention_mask)
     attn_mask = None
-    if key_attention_mask is not None:
-        keep, has_keys = _attendable_keys(key_attention_mask)
-        if attn_bias is None:
-            attn_mask = keep[:, None, None, :]
-        else:
-            attn_mask = attn_bias.masked_fill(~keep.unsqueeze(1), float("-inf")).unsqueeze(1)
-    elif attn_bias is not None:
-        attn_mask = attn_bias.unsqueeze(1)
+    if focal is not None:
+        attn_mask = focal_attn_mask(focal.mu_tilde, focal.sigma_tilde, focal.key_positions, keep).unsqueeze(1)
+    elif keep is not None:
+        attn_mask = keep[:, None, None, :]
     output = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout, scale=scale)
     return _zero_keyless(output, has_keys)
 
