@@ -30,6 +30,7 @@ Padded frames of ``AcousticFeatures``' output (``t >= frame_lengths[b]``) are ze
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
@@ -126,10 +127,16 @@ def _power_to_db(power: np.ndarray, params: FeatureParams) -> np.ndarray:
     return librosa.power_to_db(power, ref=1.0, amin=params.amin, top_db=params.top_db)
 
 
+@functools.lru_cache(maxsize=8)
 def mel_filters_librosa(params: FeatureParams = FeatureParams()) -> np.ndarray:
-    """HTK mel filterbank, shape (n_mels, n_fft // 2 + 1), as ``librosa.feature.mfcc(htk=True)`` builds it."""
-    return librosa.filters.mel(sr=params.sample_rate, n_fft=params.n_fft, n_mels=params.n_mels, htk=params.htk,
-                               norm=params.mel_norm)
+    """HTK mel filterbank, shape (n_mels, n_fft // 2 + 1), as ``librosa.feature.mfcc(htk=True)`` builds it.
+
+    Cached per params (``prepare`` calls it once per utterance); the array is read-only so no caller can
+    change the cached copy."""
+    filters = librosa.filters.mel(sr=params.sample_rate, n_fft=params.n_fft, n_mels=params.n_mels,
+                                  htk=params.htk, norm=params.mel_norm)
+    filters.flags.writeable = False
+    return filters
 
 
 def features_from_power(power: np.ndarray, params: FeatureParams = FeatureParams()) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,421 @@
+"""The Parquet dataset: round trip against the parser and soundfile, schema, features against librosa, summary,
+part files, every bad-input case through the CLI, no clobbering, and atomic writes under a simulated crash."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import librosa
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import soundfile
+
+from ser_platform.cli import main
+from ser_platform.data import parquet
+from ser_platform.data.errors import DataError
+from ser_platform.data.iemocap import CLASSES, parse_iemocap
+from ser_platform.data.parquet import format_summary, prepare_dataset, read_summary
+
+CONTRACT_TYPES = {
+    "id": pa.string(), "session": pa.int32(), "speaker": pa.string(), "gender": pa.string(), "mode": pa.string(),
+    "label": pa.string(), "raw_label": pa.string(), "transcript": pa.string(), "audio": pa.list_(pa.float32()),
+    "duration": pa.float32(),
+}  # fmt: skip
+FEATURE_TYPES = {"mfcc": pa.list_(pa.float32()), "spectrogram": pa.list_(pa.float32()), "num_frames": pa.int32()}
+
+
+@pytest.fixture(scope="module")
+def parsed(synthetic_corpus):
+    return parse_iemocap(synthetic_corpus)
+
+
+@pytest.fixture(scope="module")
+def featured(synthetic_corpus, tmp_path_factory):
+    """(summary, path, table) of the whole synthetic corpus prepared with features."""
+    out = tmp_path_factory.mktemp("featured") / "iemocap.parquet"
+    summary = prepare_dataset(synthetic_corpus, out, features=True)
+    return summary, out, pq.read_table(out)
+
+
+def _rows_by_id(table: pa.Table) -> dict[str, dict]:
+    return {row["id"]: row for row in table.to_pylist()}
+
+
+# --- round trip --------------------------------------------------------------------------------------------
+
+def test_rows_and_counts_equal_the_parsers(featured, parsed):
+    summary, _, table = featured
+    assert table.num_rows == len(parsed.utterances) == summary["utterances"]
+    assert collections.Counter(table.column("label").to_pylist()) == parsed.counts() == summary["classes"]
+    rows = _rows_by_id(table)
+    assert sorted(rows) == [u.id for u in parsed.utterances]
+    for u in parsed.utterances:
+        row = rows[u.id]
+        for key in ("session", "speaker", "gender", "mode", "label", "raw_label", "transcript"):
+            assert row[key] == getattr(u, key), (u.id, key)
+    by_session = collections.Counter(str(u.session) for u in parsed.utterances)
+    assert summary["sessions"] == dict(sorted(by_session.items()))
+    assert summary["dropped_labels"] == dict(parsed.dropped) and summary["skipped"] == []
+
+
+def test_audio_equals_soundfiles_decoding(featured, parsed):
+    _, _, table = featured
+    rows = _rows_by_id(table)
+    for u in parsed.utterances[::7]:
+        expected, rate = soundfile.read(u.wav_path, dtype="float32")
+        assert rate == 16000
+        audio = np.asarray(rows[u.id]["audio"], dtype=np.float32)
+        np.testing.assert_array_equal(audio, expected)
+        assert rows[u.id]["duration"] == pytest.approx(len(expected) / 16000, abs=1e-6)
+
+
+def test_schema_types_are_the_contracts(featured):
+    _, path, table = featured
+    expected = {**CONTRACT_TYPES, **FEATURE_TYPES}
+    for part in sorted(path.glob("part-*.parquet")):
+        schema = pq.read_schema(part)
+        assert {f.name: f.type for f in schema} == expected
+    assert table.schema.names == list(expected)
+
+
+def test_feature_columns_equal_librosa(featured, parsed):
+    _, _, table = featured
+    rows = _rows_by_id(table)
+    for u in parsed.utterances[::11]:
+        row = rows[u.id]
+        audio = np.asarray(row["audio"], dtype=np.float32)
+        frames = row["num_frames"]
+        assert frames == 1 + len(audio) // 160
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            mfcc = librosa.feature.mfcc(y=audio, sr=16000, n_mfcc=40, n_mels=40, htk=True, n_fft=640,
+                                        win_length=640, hop_length=160, window="hamming").T
+            power = np.abs(librosa.stft(audio, n_fft=640, hop_length=160, window="hamming")) ** 2
+        spectrogram = librosa.power_to_db(power, top_db=80.0).T
+        np.testing.assert_allclose(np.reshape(row["mfcc"], (frames, 40)), mfcc, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.reshape(row["spectrogram"], (frames, 321)), spectrogram, atol=1e-4, rtol=0)
+
+
+def test_summary_in_metadata_equals_the_returned_one(featured):
+    summary, path, table = featured
+    assert read_summary(path) == summary
+    assert read_summary(str(path)) == summary
+    seconds = float(np.sum(pc.list_value_length(table.column("audio")).to_numpy())) / 16000
+    assert summary["seconds"] == pytest.approx(seconds, abs=1e-3)
+    assert summary["hours"] == pytest.approx(seconds / 3600, abs=1e-4)
+    assert summary["features"] is True and summary["feature_params"]["n_mfcc"] == 40
+    assert summary["columns"] == table.schema.names
+
+
+
+def test_parts_are_bounded_and_hold_one_session_each(synthetic_corpus, tmp_path, parsed):
+    out = tmp_path / "small-parts"
+    summary = prepare_dataset(synthetic_corpus, out, rows_per_part=10)
+    parts = sorted(out.glob("part-*.parquet"))
+    assert len(parts) == summary["parts"] >= len(parsed.utterances) // 10
+    total = 0
+    for part in parts:
+        meta = pq.ParquetFile(part).metadata
+        assert meta.num_rows <= 10
+        assert all(meta.row_group(i).num_rows <= parquet.ROW_GROUP_ROWS for i in range(meta.num_row_groups))
+        assert len(set(pq.read_table(part, columns=["session"]).column("session").to_pylist())) == 1
+        total += meta.num_rows
+    assert total == len(parsed.utterances)
+    assert set(os.listdir(out)) == {p.name for p in parts} | {"_common_metadata"}
+
+
+def test_part_byte_bound_closes_parts_early(synthetic_corpus, tmp_path):
+    summary = prepare_dataset(synthetic_corpus, tmp_path / "ds", part_bytes=1)  # every row exceeds it
+    assert summary["parts"] == summary["utterances"]
+
+
+def test_format_summary_shows_the_counts(featured):
+    summary, _, _ = featured
+    text = format_summary(summary)
+    for session, counts in summary["class_by_session"].items():
+        assert f"{session:>7}  " + "  ".join(f"{counts[c]:>7}" for c in CLASSES) in text
+    assert f"{summary['hours']:.3f} h" in text and "skipped inputs: 0" in text
+    for label, count in summary["dropped_labels"].items():
+        assert f"{label} {count}" in text
+
+
+# --- the CLI -----------------------------------------------------------------------------------------------
+
+def test_cli_json_prints_the_stored_summary(synthetic_corpus, tmp_path, capsys):
+    out = tmp_path / "ds"
+    assert main(["prepare", "--source", str(synthetic_corpus), "--out", str(out), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == read_summary(out)
+    assert printed["features"] is False and "mfcc" not in pq.read_schema(next(out.glob("part-*.parquet"))).names
+
+
+def test_cli_text_output(synthetic_corpus, tmp_path, capsys):
+    assert main(["prepare", "--source", str(synthetic_corpus), "--out", str(tmp_path / "ds")]) == 0
+    assert capsys.readouterr().out.strip() == format_summary(read_summary(tmp_path / "ds"))
+
+
+# --- bad input ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def session1(synthetic_corpus, tmp_path):
+    """A private copy of Session1 only (30 utterances) to break, and its first kept utterance."""
+    root = tmp_path / "corpus"
+    shutil.copytree(synthetic_corpus / "Session1", root / "Session1")
+    utterances = parse_iemocap(root).utterances
+    return root, utterances
+
+
+def _prepare(capsys, root: Path, out: Path, *extra: str) -> tuple[int, str, dict | None]:
+    code = main(["prepare", "--source", str(root), "--out", str(out), "--json", *extra])
+    captured = capsys.readouterr()
+    return code, captured.err, json.loads(captured.out) if code == 0 else None
+
+
+def _write_wav(path: Path, data: np.ndarray, rate: int, subtype: str = "PCM_16") -> None:
+    soundfile.write(str(path), data, rate, subtype=subtype, format="WAV")
+
+
+def _edit_line(path: Path, old: str, new: str) -> None:
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {path}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _stereo_different(path: Path) -> None:
+    audio, rate = soundfile.read(str(path), dtype="float32")
+    _write_wav(path, np.stack([audio, audio[::-1]], axis=1), rate)
+
+
+def _nan_samples(path: Path) -> None:
+    audio, rate = soundfile.read(str(path), dtype="float32")
+    audio[10] = np.nan
+    _write_wav(path, audio, rate, subtype="FLOAT")
+
+
+def _zero_length(path: Path) -> None:
+    _write_wav(path, np.zeros(0, np.float32), 16000)
+
+
+# Each case: how to break the first utterance's files, and what the error must say. The file named is the
+# wav unless the case says which other file.
+BAD_INPUTS = {
+    "wav listed but absent": (lambda u, root: Path(u.wav_path).unlink(), "wav", "wav missing"),
+    "corrupt wav": (lambda u, root: Path(u.wav_path).write_bytes(b"not a wav at all" * 64), "wav", "corrupt"),
+    "truncated wav": (lambda u, root: _truncate(Path(u.wav_path)), "wav", "truncated wav"),
+    "zero-length audio": (lambda u, root: _zero_length(Path(u.wav_path)), "wav", "0 frames"),
+    "stereo, different channels": (lambda u, root: _stereo_different(Path(u.wav_path)), "wav", "2 channels"),
+    "non-finite samples": (lambda u, root: _nan_samples(Path(u.wav_path)), "wav", "non-finite"),
+    "no transcript": (
+        lambda u, root: _edit_line(_dialog_file(root, u, "transcriptions"), f"{u.id} [", "Sessnone ["),
+        "transcriptions", "no transcript line",
+    ),
+    "unknown label": (
+        lambda u, root: _edit_line(_dialog_file(root, u, "EmoEvaluation"), f"{u.id}\t{u.raw_label}", f"{u.id}\tbor"),
+        "EmoEvaluation", "unknown label 'bor'",
+    ),
+}
+
+
+def _dialog_file(root: Path, u, folder: str) -> Path:
+    return root / f"Session{u.session}" / "dialog" / folder / f"{u.id.rsplit('_', 1)[0]}.txt"
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_errors_name_the_file_and_skip_bad_counts_it(case, session1, tmp_path, capsys):
+    root, utterances = session1
+    u = utterances[0]
+    breaker, which, problem = BAD_INPUTS[case]
+    breaker(u, root)
+    named = u.wav_path if which == "wav" else str(_dialog_file(root, u, which))
+
+    code, err, _ = _prepare(capsys, root, tmp_path / "ds")
+    assert code == 2
+    assert named in err and problem in err, err
+    assert not (tmp_path / "ds").exists()
+
+    code, err, summary = _prepare(capsys, root, tmp_path / "ds", "--skip-bad")
+    assert code == 0, err
+    assert summary["utterances"] == len(utterances) - 1
+    assert [s["path"] for s in summary["skipped"]] == [named]
+    assert problem in summary["skipped"][0]["problem"]
+    assert u.id not in pq.read_table(tmp_path / "ds", columns=["id"]).column("id").to_pylist()
+
+
+def test_missing_or_empty_source_is_named(tmp_path, capsys):
+    code, err, _ = _prepare(capsys, tmp_path / "nowhere", tmp_path / "ds")
+    assert code == 2 and str(tmp_path / "nowhere") in err and "does not exist" in err
+    (tmp_path / "empty").mkdir()
+    code, err, _ = _prepare(capsys, tmp_path / "empty", tmp_path / "ds")
+    assert code == 2 and str(tmp_path / "empty") in err and "Session1..Session5" in err
+    assert not (tmp_path / "ds").exists()
+
+
+def test_everything_skipped_is_an_error_not_an_empty_dataset(session1, tmp_path, capsys):
+    root, utterances = session1
+    for u in utterances:
+        Path(u.wav_path).write_bytes(b"junk" * 100)
+    code, err, _ = _prepare(capsys, root, tmp_path / "ds", "--skip-bad")
+    assert code == 2 and str(root) in err
+    assert not (tmp_path / "ds").exists()
+
+
+def test_other_sample_rates_are_resampled_and_counted(session1, tmp_path, capsys):
+    root, utterances = session1
+    u = utterances[0]
+    rate, seconds = 44100, 1.5
+    t = np.arange(int(rate * seconds)) / rate
+    _write_wav(Path(u.wav_path), (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), rate)
+
+    code, err, summary = _prepare(capsys, root, tmp_path / "ds")
+    assert code == 0, err
+    assert summary["resampled"] == {"44100": 1} and summary["skipped"] == []
+    row = next(r for r in pq.read_table(tmp_path / "ds").to_pylist() if r["id"] == u.id)
+    audio = np.asarray(row["audio"])
+    assert abs(len(audio) - seconds * 16000) <= 1
+    spectrum = np.abs(np.fft.rfft(audio * np.hanning(len(audio))))
+    assert np.fft.rfftfreq(len(audio), 1 / 16000)[spectrum.argmax()] == pytest.approx(440, abs=1)
+    assert "resampled to 16 kHz: 1 from 44100 Hz" in format_summary(summary)
+
+
+def test_stereo_with_identical_channels_is_downmixed_and_counted(session1, tmp_path, capsys):
+    root, utterances = session1
+    u = utterances[0]
+    mono, rate = soundfile.read(u.wav_path, dtype="float32")
+    _write_wav(Path(u.wav_path), np.stack([mono, mono], axis=1), rate)
+    code, err, summary = _prepare(capsys, root, tmp_path / "ds")
+    assert code == 0, err
+    assert summary["downmixed"] == 1
+    row = next(r for r in pq.read_table(tmp_path / "ds").to_pylist() if r["id"] == u.id)
+    np.testing.assert_array_equal(np.asarray(row["audio"], np.float32), mono)
+
+
+def test_output_inside_the_source_or_remote_is_refused(session1, tmp_path):
+    root, _ = session1
+    with pytest.raises(DataError, match="inside the source"):
+        prepare_dataset(root, root / "Session1" / "ds")
+    with pytest.raises(DataError, match="local folder"):
+        prepare_dataset(root, "s3://bucket/iemocap.parquet")
+
+
+# --- never clobber, never half-write -----------------------------------------------------------------------
+
+def test_existing_dataset_is_kept_without_overwrite_and_replaced_with_it(session1, tmp_path, capsys):
+    root, utterances = session1
+    out = tmp_path / "ds"
+    first = prepare_dataset(root, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    code, err, _ = _prepare(capsys, root, out)
+    assert code == 2 and str(out) in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+    Path(utterances[0].wav_path).unlink()
+    code, err, summary = _prepare(capsys, root, out, "--overwrite", "--skip-bad")
+    assert code == 0, err
+    assert summary["utterances"] == first["utterances"] - 1 == read_summary(out)["utterances"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no old/partial copies left
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_dataset(session1, tmp_path):
+    root, _ = session1
+    precious = tmp_path / "thesis"
+    precious.mkdir()
+    (precious / "chapter1.tex").write_text("irreplaceable")
+    with pytest.raises(DataError, match="not a dataset"):
+        prepare_dataset(root, precious, overwrite=True)
+    assert (precious / "chapter1.tex").read_text() == "irreplaceable"
+
+
+def test_an_empty_folder_is_a_fine_target(session1, tmp_path):
+    root, utterances = session1
+    (tmp_path / "ds").mkdir()
+    assert prepare_dataset(root, tmp_path / "ds")["utterances"] == len(utterances)
+
+
+def _crash_after_first_part(monkeypatch):
+    real_write = pq.write_table
+    calls = []
+
+    def write_then_crash(*args, **kwargs):
+        if calls:
+            raise OSError("disk full (simulated)")
+        calls.append(args)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(parquet.pq, "write_table", write_then_crash)
+    return calls
+
+
+def test_a_crash_mid_write_leaves_no_dataset_and_no_temp(synthetic_corpus, tmp_path, monkeypatch):
+    calls = _crash_after_first_part(monkeypatch)
+    with pytest.raises(OSError, match="simulated"):
+        prepare_dataset(synthetic_corpus, tmp_path / "ds", rows_per_part=8)
+    assert len(calls) == 1  # one part was written before the crash
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_crash_during_overwrite_keeps_the_old_dataset(session1, tmp_path, monkeypatch):
+    root, _ = session1
+    out = tmp_path / "ds"
+    old = prepare_dataset(root, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _crash_after_first_part(monkeypatch)
+    with pytest.raises(OSError, match="simulated"):
+        prepare_dataset(root, out, overwrite=True, features=True, rows_per_part=4)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and read_summary(out) == old
+    assert sorted(os.listdir(tmp_path)) == ["corpus", "ds"]
+
+
+def test_partials_of_a_killed_run_are_removed(session1, tmp_path):
+    root, _ = session1
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".ds.partial-{socket.gethostname()}-{dead.pid}-0badcafe"
+    stale.mkdir()
+    (stale / "part-00000.parquet").write_bytes(b"half")
+    alive = tmp_path / f".ds.partial-{socket.gethostname()}-{os.getpid()}-00c0ffee"  # a run still going
+    alive.mkdir()
+    prepare_dataset(root, tmp_path / "ds")
+    assert not stale.exists() and alive.exists()
+
+
+def test_read_summary_of_something_else_names_it(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path)):
+        read_summary(tmp_path)
+
+
+# --- Ray Data ----------------------------------------------------------------------------------------------
+
+@pytest.mark.ray
+def test_ray_data_reads_the_dataset(featured):
+    import ray
+    from ray.data.expressions import col
+
+    summary, path, table = featured
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", num_cpus=2, include_dashboard=False,
+             log_to_driver=False)
+    try:
+        ds = ray.data.read_parquet(str(path))
+        assert ds.count() == summary["utterances"]
+        assert ds.schema().names == table.schema.names  # _common_metadata is not read as data
+        batch = ds.filter(expr=col("session") == 2).take_batch(4, batch_format="numpy")
+        assert set(batch["session"]) == {2}
+        assert batch["audio"][0].dtype == np.float32
+    finally:
+        ray.shutdown()
