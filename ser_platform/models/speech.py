@@ -1,0 +1,322 @@
+"""Speech embedding network (paper §2.1.2, Figure 1(a)): wav2vec 2.0 frames + MFCC/spectrogram encoders,
+combined by guided attention into the speech embedding sequence X_A.
+
+Parts
+-----
+* ``SSLSpeechEncoder``: a wav2vec2-style checkpoint (paper: facebook/wav2vec2-base, 768-d) -> frame states at
+  20 ms (the conv stack strides 320 samples) with a frame mask from ``_get_feat_extract_output_lengths``.
+  The waveform is normalised per utterance over its valid samples (zero mean, unit variance), as
+  ``Wav2Vec2FeatureExtractor(do_normalize=True)`` does for wav2vec2-base, so padding never enters the statistics.
+  "tiny" = a random ``Wav2Vec2Config`` of ``tiny_*`` sizes: narrow conv channels (``tiny_conv_dim``) but the
+  exact kernel/stride stack of wav2vec2-base (400-sample receptive field, 320-sample stride), and per-frame
+  LayerNorm in the conv stack (``feat_extract_norm="layer"``) so padding never changes valid outputs.
+  wav2vec2-base itself uses GroupNorm over the whole (padded) sequence in its first conv layer; as Hugging Face
+  prescribes for such checkpoints it gets no attention mask and zero-padded input, so its valid outputs depend
+  slightly on the batch's padding (``data.bucket_by_length`` keeps that small). LayerDrop is set to 0: it
+  skips whole layers at random, which DDP rejects as unused parameters.
+* ``AcousticFeatureEncoder`` (one for the MFCC, one for the spectrogram): utterance-level mean/variance
+  normalisation over valid frames, a 1-D CNN over time (feature bins as channels; the second conv strides by 2,
+  10 ms -> 20 ms), then a BiLSTM over packed sequences. Padding is zeroed before every conv and the LSTM never
+  sees it, so a sample's valid outputs do not depend on how much padding its batch adds.
+* ``GuidedAttention`` (MCAN, Yu et al. 2019, ref. [25]): X <- LN(X + MHA(X, Y, Y)); X <- LN(X + FFN(X)),
+  post-norm as in MCAN, padded keys masked.
+
+Choices where the paper is vague
+--------------------------------
+* Which stream queries which: the wav2vec2 states are the queries, the concatenated MFCC+spectrogram encodings
+  the keys/values. The paper motivates the acoustic encoders as adding the prosody that wav2vec2 alone misses
+  [23]; with wav2vec2 as the guided stream, the residual path of the guided attention carries the (pre-trained)
+  wav2vec2 states straight through and the acoustic stream adds to them, and the speech embedding keeps
+  wav2vec2's frame grid, width (768 for the paper) and mask.
+* Frame rates: the features arrive at a 10 ms hop; the acoustic CNN strides by 2 so both streams run at 20 ms
+  (the acoustic stream is 1-2 frames longer than wav2vec2's, whose frames need a full 25 ms window). Attention
+  needs no exact alignment; equal rates keep the key sequence short and the two streams comparable.
+* Spectrogram encoder input: log-power bins (``n_fft = win_ms`` at 16 kHz, 321 bins for 40 ms) as channels of a
+  1-D conv, like the MFCC encoder; the paper gives no CNN details.
+* Dropout of the acoustic encoders and the guided attention: ``model.dropout`` (0.25, the paper's only figure).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from ser_platform.config import TINY_ENCODER, SpeechEncoderConfig
+
+__all__ = [
+    "KNOWN_SPEECH_CONFIGS",
+    "SAMPLE_RATE",
+    "AcousticFeatureEncoder",
+    "GuidedAttention",
+    "SSLSpeechEncoder",
+    "SpeechEncoder",
+    "SpeechEncoderOutput",
+    "build_speech_encoder_config",
+    "lengths_to_mask",
+    "masked_standardize",
+    "spectrogram_bins",
+]
+
+SAMPLE_RATE = 16_000  # wav2vec2 checkpoints are trained on 16 kHz audio; the features use the same rate
+_W2V2_CONV_KERNEL = (10, 3, 3, 3, 3, 2, 2)
+_W2V2_CONV_STRIDE = (5, 2, 2, 2, 2, 2, 2)  # product 320 samples = 20 ms
+
+# Published sizes (the checkpoint's config.json) for building the architecture without a download.
+KNOWN_SPEECH_CONFIGS: dict[str, dict[str, Any]] = {
+    "facebook/wav2vec2-base": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        conv_dim=(512,) * 7, conv_kernel=_W2V2_CONV_KERNEL, conv_stride=_W2V2_CONV_STRIDE, conv_bias=False,
+        feat_extract_norm="group", do_stable_layer_norm=False, num_conv_pos_embeddings=128,
+        num_conv_pos_embedding_groups=16, mask_time_prob=0.05, layerdrop=0.0,
+    ),
+}
+
+
+def lengths_to_mask(lengths: Tensor, max_length: int) -> Tensor:
+    """(B,) lengths -> (B, max_length) bool mask, True at the first ``length`` positions."""
+    return torch.arange(max_length, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def masked_standardize(values: Tensor, mask: Tensor, eps: float = 1e-7) -> Tensor:
+    """Zero mean, unit variance over the valid steps of each sample, separately per channel; zero at padding.
+
+    values: (B, T) or (B, T, C); mask: (B, T) bool. Statistics use valid steps only (population variance, as
+    ``Wav2Vec2FeatureExtractor``'s ``zero_mean_unit_var_norm``), so padding never changes them.
+    """
+    keep = mask.to(values.dtype)
+    if values.dim() == 3:
+        keep = keep.unsqueeze(-1)
+    count = keep.sum(dim=1, keepdim=True).clamp(min=1.0)
+    mean = (values * keep).sum(dim=1, keepdim=True) / count
+    variance = ((values - mean).square() * keep).sum(dim=1, keepdim=True) / count
+    return (values - mean) / torch.sqrt(variance + eps) * keep
+
+
+def spectrogram_bins(speech_config: SpeechEncoderConfig) -> int:
+    """Spectrogram width the model expects: n_fft // 2 + 1 with n_fft = the window in samples (640 -> 321)."""
+    return int(round(speech_config.win_ms * SAMPLE_RATE / 1000.0)) // 2 + 1
+
+
+def build_speech_encoder_config(speech_config: SpeechEncoderConfig, *, pretrained: bool = True):
+    """The Hugging Face config of the SSL speech encoder ("tiny", a known name without weights, or AutoConfig)."""
+    from transformers import AutoConfig, Wav2Vec2Config
+
+    if speech_config.name == TINY_ENCODER:
+        hidden = speech_config.tiny_hidden_size
+        if hidden % speech_config.tiny_num_heads:
+            raise ValueError(f"model.speech.tiny_hidden_size={hidden} must be a multiple of "
+                             f"model.speech.tiny_num_heads={speech_config.tiny_num_heads}")
+        return Wav2Vec2Config(
+            hidden_size=hidden, num_hidden_layers=speech_config.tiny_num_layers,
+            num_attention_heads=speech_config.tiny_num_heads, intermediate_size=4 * hidden,
+            conv_dim=(speech_config.tiny_conv_dim,) * len(_W2V2_CONV_KERNEL), conv_kernel=_W2V2_CONV_KERNEL,
+            conv_stride=_W2V2_CONV_STRIDE, conv_bias=False, feat_extract_norm="layer",
+            # A short positional conv (wav2vec2-base: 128 taps) suits 1-3 s of tiny-model audio; groups must
+            # divide the width.
+            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=math.gcd(hidden, 16),
+            mask_time_prob=0.05, layerdrop=0.0,
+        )
+    if not pretrained and speech_config.name in KNOWN_SPEECH_CONFIGS:
+        return Wav2Vec2Config(**KNOWN_SPEECH_CONFIGS[speech_config.name])
+    return AutoConfig.from_pretrained(speech_config.name, layerdrop=0.0)
+
+
+class SSLSpeechEncoder(nn.Module):
+    """wav2vec2-style frame states: ``forward(input_values (B,S), audio_lengths (B,)) -> (states, mask)``.
+
+    states (B, T_w, output_dim), zero at padded frames; mask (B, T_w) bool from ``frame_lengths``.
+    ``frozen``: requires_grad False, always in eval mode, run under ``torch.no_grad()``.
+    """
+
+    def __init__(self, speech_config: SpeechEncoderConfig, *, frozen: bool = False, pretrained: bool = True) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        self.frozen = frozen
+        hf_config = build_speech_encoder_config(speech_config, pretrained=pretrained)
+        if pretrained and speech_config.name != TINY_ENCODER:
+            self.encoder = AutoModel.from_pretrained(speech_config.name, layerdrop=0.0)
+        else:
+            self.encoder = AutoModel.from_config(hf_config)
+        if not hasattr(self.encoder, "_get_feat_extract_output_lengths"):
+            raise ValueError(f"model.speech.name={speech_config.name!r}: {type(self.encoder).__name__} is not a "
+                             "wav2vec2-style encoder (no _get_feat_extract_output_lengths)")
+        self.output_dim = int(self.encoder.config.hidden_size)
+        self.num_heads = int(self.encoder.config.num_attention_heads)
+        # Hugging Face's rule: checkpoints whose conv stack uses GroupNorm (wav2vec2-base) take no attention mask.
+        self.pass_attention_mask = getattr(self.encoder.config, "feat_extract_norm", "layer") == "layer"
+        if frozen:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+
+    def train(self, mode: bool = True) -> "SSLSpeechEncoder":
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()
+        return self
+
+    def frame_lengths(self, audio_lengths: Tensor) -> Tensor:
+        """Valid frames per sample: the conv stack's output length for each number of valid samples."""
+        return self.encoder._get_feat_extract_output_lengths(audio_lengths).clamp(min=0)
+
+    def forward(self, input_values: Tensor, audio_lengths: Tensor) -> tuple[Tensor, Tensor]:
+        sample_mask = lengths_to_mask(audio_lengths, input_values.shape[1])
+        waveform = masked_standardize(input_values, sample_mask)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            states = self.encoder(
+                waveform, attention_mask=sample_mask.long() if self.pass_attention_mask else None
+            ).last_hidden_state
+        mask = lengths_to_mask(self.frame_lengths(audio_lengths), states.shape[1])
+        return states * mask.unsqueeze(-1).to(states.dtype), mask
+
+
+class AcousticFeatureEncoder(nn.Module):
+    """CNN + BiLSTM over one acoustic feature sequence (MFCC or spectrogram), §2.1.2.
+
+    forward(features (B, T, in_dim), lengths (B,)) -> (states (B, T', 2·lstm_hidden), lengths' (B,)) with
+    T' = ceil(T / 2) (stride-2 conv: 10 ms -> 20 ms); states are zero at padded steps.
+    """
+
+    def __init__(self, in_dim: int, channels: int, lstm_hidden: int, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.conv1 = nn.Conv1d(in_dim, channels, kernel_size=5, padding=2)
+        self.conv2 = nn.Conv1d(channels, channels, kernel_size=3, stride=2, padding=1)
+        self.dropout = nn.Dropout(dropout)
+        self.lstm = nn.LSTM(channels, lstm_hidden, batch_first=True, bidirectional=True)
+        self.output_dim = 2 * lstm_hidden
+
+    @staticmethod
+    def output_lengths(lengths: Tensor) -> Tensor:
+        """Length after the stride-2 conv (kernel 3, padding 1): floor((T - 1) / 2) + 1 = ceil(T / 2)."""
+        return torch.div(lengths + 1, 2, rounding_mode="floor")
+
+    def forward(self, features: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        if features.dim() != 3 or features.shape[-1] != self.in_dim:
+            raise ValueError(f"expected features of shape (B, T, {self.in_dim}), got {tuple(features.shape)}")
+        mask = lengths_to_mask(lengths, features.shape[1])
+        hidden = masked_standardize(features, mask).transpose(1, 2)  # (B, F, T): Conv1d wants channels first
+        # Zero the padding before each conv, so it reads exactly the zeros an unpadded sample is padded with.
+        hidden = F.relu(self.conv1(hidden)) * mask.unsqueeze(1).to(hidden.dtype)
+        hidden = F.relu(self.conv2(hidden))
+        out_lengths = self.output_lengths(lengths)
+        hidden = self.dropout(hidden.transpose(1, 2))  # (B, T', C)
+        total = hidden.shape[1]
+        # Packed sequences: the LSTM never steps through padding, in either direction.
+        packed = pack_padded_sequence(hidden, out_lengths.clamp(min=1).cpu(), batch_first=True,
+                                      enforce_sorted=False)
+        states, _ = pad_packed_sequence(self.lstm(packed)[0], batch_first=True, total_length=total)
+        out_mask = lengths_to_mask(out_lengths, total)
+        return states * out_mask.unsqueeze(-1).to(states.dtype), out_lengths
+
+
+class GuidedAttention(nn.Module):
+    """MCAN guided attention (ref. [25]): the queries X attend over the guide Y (keys and values).
+
+    X <- LN(X + Dropout(MHA(X, Y, Y))); X <- LN(X + Dropout(FFN(X))), FFN = Linear(D, 4D)-ReLU-Dropout-Linear.
+    hidden_states X: (B, T_q, D); guide_states Y: (B, T_k, D); guide_mask (B, T_k) bool, True = keep.
+    A sample whose guide is all padding attends to all of it (no -inf-only softmax row); its output is the
+    caller's to mask. Returns (B, T_q, D).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} must be a multiple of num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.attention_norm = nn.LayerNorm(embed_dim)
+        self.fc1 = nn.Linear(embed_dim, 4 * embed_dim)
+        self.fc2 = nn.Linear(4 * embed_dim, embed_dim)
+        self.ffn_norm = nn.LayerNorm(embed_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states: Tensor, guide_states: Tensor, guide_mask: Tensor) -> Tensor:
+        batch_size, query_len, embed_dim = hidden_states.shape
+
+        def split_heads(states: Tensor) -> Tensor:  # (B, T, D) -> (B, H, T, head_dim)
+            return states.view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
+
+        keep = guide_mask | ~guide_mask.any(dim=1, keepdim=True)
+        attended = F.scaled_dot_product_attention(
+            split_heads(self.q_proj(hidden_states)), split_heads(self.k_proj(guide_states)),
+            split_heads(self.v_proj(guide_states)), attn_mask=keep[:, None, None, :],
+        )
+        attended = self.out_proj(attended.transpose(1, 2).reshape(batch_size, query_len, embed_dim))
+        hidden_states = self.attention_norm(hidden_states + self.dropout(attended))
+        feed_forward = self.fc2(self.dropout(F.relu(self.fc1(hidden_states))))
+        return self.ffn_norm(hidden_states + self.dropout(feed_forward))
+
+
+@dataclass
+class SpeechEncoderOutput:
+    """The speech embedding sequence X_A of §2.2 and its mask (True = keep)."""
+
+    states: Tensor  # (B, T_A, output_dim), zero at padded frames; T_A = wav2vec2 frames (20 ms)
+    mask: Tensor  # (B, T_A) bool
+
+
+class SpeechEncoder(nn.Module):
+    """The whole speech embedding network of Figure 1(a): GA(wav2vec2 frames, [MFCC enc ; spectrogram enc]).
+
+    forward(input_values (B, S), audio_lengths (B,), mfcc (B, T, n_mfcc), spectrogram (B, T, n_freq),
+    feature_lengths (B,), ssl_states=None) -> SpeechEncoderOutput. ``ssl_states`` (B, T_w, D): precomputed
+    frozen wav2vec2 states (then ``input_values`` may be None; ``audio_lengths`` still gives the frame mask).
+    """
+
+    def __init__(self, speech_config: SpeechEncoderConfig, *, frozen: bool = False, pretrained: bool = True,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        self.ssl = SSLSpeechEncoder(speech_config, frozen=frozen, pretrained=pretrained)
+        self.n_mfcc = speech_config.n_mfcc
+        self.n_freq = spectrogram_bins(speech_config)
+        self.mfcc_encoder = AcousticFeatureEncoder(self.n_mfcc, speech_config.cnn_channels,
+                                                   speech_config.lstm_hidden, dropout=dropout)
+        self.spectrogram_encoder = AcousticFeatureEncoder(self.n_freq, speech_config.cnn_channels,
+                                                          speech_config.lstm_hidden, dropout=dropout)
+        self.output_dim = self.ssl.output_dim
+        acoustic_dim = self.mfcc_encoder.output_dim + self.spectrogram_encoder.output_dim
+        self.acoustic_projection = nn.Linear(acoustic_dim, self.output_dim)
+        self.guided_attention = GuidedAttention(self.output_dim, self.ssl.num_heads, dropout=dropout)
+
+    def forward(
+        self,
+        input_values: Optional[Tensor],
+        audio_lengths: Tensor,
+        mfcc: Tensor,
+        spectrogram: Tensor,
+        feature_lengths: Tensor,
+        ssl_states: Optional[Tensor] = None,
+    ) -> SpeechEncoderOutput:
+        if ssl_states is None:
+            if input_values is None:
+                raise ValueError("SpeechEncoder needs input_values (audio) unless ssl_states are given")
+            ssl_states, ssl_mask = self.ssl(input_values, audio_lengths)
+        else:
+            frames = self.ssl.frame_lengths(audio_lengths)
+            if int(frames.max()) > ssl_states.shape[1]:
+                raise ValueError(f"ssl_states hold {ssl_states.shape[1]} frames but audio_lengths need "
+                                 f"{int(frames.max())}: were they computed from this audio?")
+            ssl_mask = lengths_to_mask(frames, ssl_states.shape[1])
+            ssl_states = ssl_states * ssl_mask.unsqueeze(-1).to(ssl_states.dtype)
+        if spectrogram.shape[-1] != self.n_freq:
+            raise ValueError(f"spectrogram has {spectrogram.shape[-1]} bins, the model expects {self.n_freq} "
+                             f"(n_fft // 2 + 1 for a model.speech.win_ms window at {SAMPLE_RATE} Hz)")
+        if mfcc.shape[-1] != self.n_mfcc:
+            raise ValueError(f"mfcc has {mfcc.shape[-1]} coefficients, model.speech.n_mfcc is {self.n_mfcc}")
+        mfcc_states, acoustic_lengths = self.mfcc_encoder(mfcc, feature_lengths)
+        spectrogram_states, _ = self.spectrogram_encoder(spectrogram, feature_lengths)
+        acoustic = self.acoustic_projection(torch.cat((mfcc_states, spectrogram_states), dim=-1))
+        acoustic_mask = lengths_to_mask(acoustic_lengths, acoustic.shape[1])
+        states = self.guided_attention(ssl_states, acoustic, acoustic_mask)
+        return SpeechEncoderOutput(states=states * ssl_mask.unsqueeze(-1).to(states.dtype), mask=ssl_mask)

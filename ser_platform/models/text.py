@@ -1,0 +1,158 @@
+"""Text embedding network (paper §2.1.1): a RoBERTa-style encoder -> token states with a padding mask.
+
+Paper: the transcript is tokenised with RoBERTa's GPT-2 byte-level BPE and fed to roberta-large (1024-d
+states, at most 512 tokens). Any Hugging Face encoder checkpoint name or local path works the same way
+(``AutoModel`` / ``AutoTokenizer``); it is loaded only when named, never in tests or the demo.
+
+``name="tiny"`` builds everything offline from config classes, with no download and no data:
+
+* tokenizer: RoBERTa's own scheme (byte-level BPE, GPT-2's 256-symbol byte alphabet, the special tokens
+  ``<s> <pad> </s> <unk> <mask>`` at ids 0-4, ``<s> ... </s>`` around each text) but with **no merges**, so
+  every UTF-8 byte is one token. It is deterministic and has learnt nothing from any corpus — in particular
+  nothing from test transcripts, which a tokenizer trained on the dataset would have seen.
+* encoder: a randomly initialised ``RobertaModel`` of ``tiny_*`` sizes over that 261-symbol vocabulary.
+
+``KNOWN_TEXT_CONFIGS`` holds the published sizes of the checkpoints we cite, so the paper's model can be built
+without weights (``pretrained=False``: model summary, benchmarks, meta device) on a machine that cannot reach
+the Hub.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ser_platform.config import TINY_ENCODER, TextEncoderConfig
+
+__all__ = [
+    "KNOWN_TEXT_CONFIGS",
+    "ROBERTA_SPECIAL_TOKENS",
+    "TextEncoder",
+    "build_text_encoder_config",
+    "build_tokenizer",
+    "byte_level_tokenizer",
+]
+
+# RoBERTa's special tokens in RoBERTa's id order (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4).
+ROBERTA_SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
+MAX_TEXT_TOKENS = 512  # RoBERTa's limit (§2.1.1); positions 0..1 are reserved for padding, hence 514 below
+
+# Published sizes (the checkpoints' config.json) for building the architecture without a download.
+KNOWN_TEXT_CONFIGS: dict[str, dict[str, Any]] = {
+    "roberta-large": dict(
+        vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2,
+    ),
+    "roberta-base": dict(
+        vocab_size=50265, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+        max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2,
+    ),
+}
+KNOWN_TEXT_CONFIGS["FacebookAI/roberta-large"] = KNOWN_TEXT_CONFIGS["roberta-large"]
+KNOWN_TEXT_CONFIGS["FacebookAI/roberta-base"] = KNOWN_TEXT_CONFIGS["roberta-base"]
+
+
+def byte_level_tokenizer(max_length: int = MAX_TEXT_TOKENS):
+    """The offline "tiny" tokenizer: RoBERTa's byte-level BPE scheme with no merges (one token per byte).
+
+    Returns a ``transformers.PreTrainedTokenizerFast`` of 261 symbols: ids 0-4 RoBERTa's special tokens, then
+    GPT-2's byte alphabet in sorted order. Built from nothing but those symbols, so it is identical on every
+    machine and has seen no transcript.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: index for index, token in enumerate(ROBERTA_SPECIAL_TOKENS + tuple(alphabet))}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    # <s> text </s>, exactly as RoBERTa's tokenizer frames a single sequence.
+    tokenizer.post_processor = processors.RobertaProcessing(
+        ("</s>", vocab["</s>"]), ("<s>", vocab["<s>"]), trim_offsets=True, add_prefix_space=False
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+        mask_token="<mask>", cls_token="<s>", sep_token="</s>", model_max_length=max_length, padding_side="right",
+    )
+
+
+def build_tokenizer(text_config: TextEncoderConfig):
+    """The tokenizer of ``text_config.name``: the offline byte-level one for "tiny", else the checkpoint's own
+    (``AutoTokenizer.from_pretrained``; for roberta-large that is RoBERTa's GPT-2 BPE, §2.1.1)."""
+    if text_config.name == TINY_ENCODER:
+        return byte_level_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(text_config.name)
+
+
+def build_text_encoder_config(text_config: TextEncoderConfig, *, pretrained: bool = True):
+    """The Hugging Face config of the text encoder.
+
+    "tiny": a ``RobertaConfig`` of the ``tiny_*`` sizes over the byte-level vocabulary. A name in
+    ``KNOWN_TEXT_CONFIGS`` with ``pretrained=False``: the published sizes, no network. Otherwise
+    ``AutoConfig.from_pretrained(name)`` (a download or a local path).
+    """
+    from transformers import AutoConfig, RobertaConfig
+
+    if text_config.name == TINY_ENCODER:
+        hidden = text_config.tiny_hidden_size
+        if hidden % text_config.tiny_num_heads:
+            raise ValueError(f"model.text.tiny_hidden_size={hidden} must be a multiple of "
+                             f"model.text.tiny_num_heads={text_config.tiny_num_heads}")
+        return RobertaConfig(
+            vocab_size=len(ROBERTA_SPECIAL_TOKENS) + 256, hidden_size=hidden,
+            num_hidden_layers=text_config.tiny_num_layers, num_attention_heads=text_config.tiny_num_heads,
+            intermediate_size=4 * hidden, max_position_embeddings=MAX_TEXT_TOKENS + 2, type_vocab_size=1,
+            layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+        )
+    if not pretrained and text_config.name in KNOWN_TEXT_CONFIGS:
+        return RobertaConfig(**KNOWN_TEXT_CONFIGS[text_config.name])
+    return AutoConfig.from_pretrained(text_config.name)
+
+
+class TextEncoder(nn.Module):
+    """Token states of a Hugging Face encoder: ``forward(input_ids, attention_mask) -> (states, mask)``.
+
+    input_ids, attention_mask: (B, T_L), attention_mask bool or 0/1, True = keep (RoBERTa's right padding).
+    Returns states (B, T_L, output_dim) — zero at padded tokens — and the bool mask (B, T_L).
+
+    ``pretrained``: load the checkpoint's weights (real names only; "tiny" is always random).
+    ``frozen``: requires_grad False, kept in eval mode (dropout off) whatever ``.train()`` says, and run under
+    ``torch.no_grad()``; then its states can as well come from a cache (``SERModel(text_states=...)``).
+    """
+
+    def __init__(self, text_config: TextEncoderConfig, *, frozen: bool = False, pretrained: bool = True) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        self.frozen = frozen
+        hf_config = build_text_encoder_config(text_config, pretrained=pretrained)
+        load = pretrained and text_config.name != TINY_ENCODER
+        # No pooler: it is unused here, and DDP refuses parameters that get no gradient.
+        extra = {"add_pooling_layer": False} if hf_config.model_type in ("roberta", "bert", "xlm-roberta") else {}
+        if load:
+            self.encoder = AutoModel.from_pretrained(text_config.name, **extra)
+        else:
+            self.encoder = AutoModel.from_config(hf_config, **extra)
+        self.output_dim = int(self.encoder.config.hidden_size)
+        if frozen:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        super().train(mode)
+        if self.frozen:
+            self.encoder.eval()  # a frozen encoder is a fixed feature extractor: no dropout, ever
+        return self
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        mask = attention_mask.bool()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            states = self.encoder(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
+        return states * mask.unsqueeze(-1).to(states.dtype), mask
