@@ -1,0 +1,234 @@
+"""Sweeps: Ray Tune + Optuna over the loss, every trial on every fold, MLflow parent/trial/fold runs, resume.
+
+One local Ray instance for the whole module. The main test runs the real ``train_folds`` (tiny corpus, tiny
+model, 1 epoch, 5 folds, 2 Optuna trials); the grid and resume tests swap in ``standin_train_folds`` (same
+signature, numbers computed from the config by a formula, fold runs logged like ``train_folds`` does) so they
+exercise Tune's and MLflow's bookkeeping in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from ser_platform.config import load_config
+from ser_platform.sweep import PAPER_GRID, run_sweep, search_space, trial_overrides
+from ser_platform.tables import TABLE2_ROWS
+
+pytestmark = pytest.mark.ray
+TESTS_DIR = Path(__file__).resolve().parent
+CALLS_ENV = "SER_TEST_SWEEP_CALLS"  # file the stand-in appends each call's trial id to
+BLOCK_ENV = "SER_TEST_SWEEP_BLOCK"  # set: the stand-in hangs on the second trial (to be killed there)
+
+
+# --- a stand-in for ray_train.train_folds (same signature) ------------------------------------------------------
+
+def standin_scores(alpha: float, beta: float, fold: int) -> dict[str, float]:
+    """Per-fold scores as a known formula of the configuration, so the tables can be checked against it."""
+    test_ua = 0.40 + 0.20 * alpha - 0.05 * beta + 0.01 * fold
+    return {"val_wa": test_ua + 0.03, "val_ua": test_ua + 0.02, "test_wa": test_ua + 0.01, "test_ua": test_ua}
+
+
+def standin_train_folds(config, *, run_name, storage_path, parent_run_id=None, tags=None):
+    from mlflow import MlflowClient
+
+    trial_id = (tags or {}).get("ser.trial_id", run_name)
+    calls = os.environ.get(CALLS_ENV)
+    if calls:
+        with open(calls, "a") as handle:
+            handle.write(trial_id + "\n")
+        seen = Path(calls).read_text().split()
+        if os.environ.get(BLOCK_ENV) and len(set(seen)) >= 2:
+            time.sleep(600)  # the test kills the sweep's driver here
+    client = MlflowClient(config.tracking.mlflow_uri)
+    experiment_id = client.get_experiment_by_name(config.tracking.experiment).experiment_id
+    per_fold = {}
+    for fold in config.data.folds:
+        scores = standin_scores(config.loss.alpha, config.loss.beta, fold)
+        per_fold[fold] = SimpleNamespace(fold=fold, best_epoch=1, confusion=[[1]], **scores)
+        run = client.create_run(experiment_id, run_name=f"fold {fold}",
+                                tags={"mlflow.parentRunId": parent_run_id, **(tags or {})})
+        client.log_metric(run.info.run_id, "test_ua", scores["test_ua"])
+        client.set_terminated(run.info.run_id)
+    summary = {}
+    for key in ("val_wa", "val_ua", "test_wa", "test_ua"):
+        values = np.array([getattr(per_fold[f], key) for f in per_fold])
+        summary[f"{key}_mean"], summary[f"{key}_std"] = float(values.mean()), float(values.std())
+    return SimpleNamespace(per_fold=per_fold, summary=summary)
+
+
+# --- fixtures ---------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_address():
+    import ray
+
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", num_cpus=2, include_dashboard=False,
+             log_to_driver=False)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test file
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+def _config(tmp: Path, **overrides):
+    base = {"data.dataset": str(tmp), "tracking.mlflow_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+            "tracking.storage": str(tmp / "runs"), "tracking.experiment": "test_sweep"}
+    return load_config("demo", overrides={**base, **overrides})
+
+
+def _runs(uri: str, experiment: str, filter_string: str = "", view=None):
+    from mlflow import MlflowClient
+    from mlflow.entities import ViewType
+
+    client = MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    return client.search_runs([experiment_id], filter_string, run_view_type=view or ViewType.ACTIVE_ONLY,
+                              max_results=1000)
+
+
+# --- tests ------------------------------------------------------------------------------------------------------
+
+def test_search_space_is_the_dotted_loss_keys():
+    space = search_space()
+    assert set(space) == {"loss.alpha", "loss.beta", "loss.margin", "loss.space"}
+    config = load_config("demo")
+    for key in space:  # every searched key is a real config key: the trial's overrides apply
+        config.replace({key: {"loss.space": "text"}.get(key, 0.5)})
+    variant, overrides = trial_overrides(PAPER_GRID, {"variant": "alpha=1 beta=0.5"})
+    assert (variant, overrides) == ("alpha=1 beta=0.5", {"loss.alpha": 1.0, "loss.beta": 0.5})
+
+
+def test_paper_grid_runs_exactly_table2_points(ray_address, tmp_path):
+    config = _config(tmp_path, **{"sweep.grid": "paper"})
+    result = run_sweep(config, name="grid", train_fn=standin_train_folds, verbose=False)
+    assert result.status == "FINISHED" and result.errors == 0
+    trials = _runs(result.mlflow_uri, "test_sweep", "tags.`ser.role` = 'trial'")
+    points = sorted((float(r.data.params["loss.alpha"]), float(r.data.params["loss.beta"])) for r in trials)
+    assert points == sorted((alpha, beta) for _, alpha, beta, _, _ in TABLE2_ROWS)
+    for run in trials:  # three levels: sweep -> trial -> fold, and the trial's summary is the folds' mean
+        assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
+        assert run.data.params["table"] == "2" and run.data.params["protocol"] == "loso5"
+        folds = _runs(result.mlflow_uri, "test_sweep", f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+        assert len(folds) == 5
+        expected = [standin_scores(float(run.data.params["loss.alpha"]), float(run.data.params["loss.beta"]), f)
+                    for f in (1, 2, 3, 4, 5)]
+        assert run.data.metrics["test_ua_mean"] == pytest.approx(np.mean([e["test_ua"] for e in expected]))
+        assert run.data.metrics["folds_completed"] == 5
+    table = result.tables[0]
+    assert table.number == "2" and [row[:3] for row in table.rows] == [
+        ["CE Loss", "0", "1"], ["Joint Loss", "0.5", "1"], ["Joint Loss", "1", "0.5"], ["Joint Loss", "1", "1"]]
+    # Each row: mean ± std over folds of the formula, computed here independently of the sweep and tables.
+    for row, (_, alpha, beta, paper_wa, paper_ua) in zip(table.rows, TABLE2_ROWS):
+        ua = np.array([standin_scores(alpha, beta, f)["test_ua"] for f in (1, 2, 3, 4, 5)])
+        assert row[4] == f"{ua.mean():.3f} ± {ua.std():.3f}"
+        assert row[-2:] == [f"{paper_wa:.3f}", f"{paper_ua:.3f}"]
+
+
+def _tune_trials(sweep_dir: Path) -> dict[str, str]:
+    """trial id -> status, from Tune's experiment state file (what a restore will read)."""
+    states = sorted(sweep_dir.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+    except json.JSONDecodeError:  # caught mid-write
+        return {}
+    trials = [json.loads(entry[0]) for entry in data["trial_data"]]
+    return {t["trial_id"]: t["status"] for t in trials}
+
+
+DRIVER = textwrap.dedent("""
+    import json, os, sys
+    import ray
+    sys.path.insert(0, {tests_dir!r})
+    import test_sweep
+    from ser_platform.config import from_dict
+    from ser_platform.sweep import run_sweep
+
+    # The cluster's workers do not see this process's environment: hand the stand-in's switches over explicitly.
+    env_vars = {{k: v for k, v in os.environ.items() if k in ({calls_env!r}, {block_env!r})}}
+    ray.init(address={address!r}, log_to_driver=False, runtime_env={{"env_vars": env_vars}})
+    ray.cloudpickle.register_pickle_by_value(test_sweep)
+    config = from_dict(json.loads(open({config!r}).read()))
+    result = run_sweep(config, name="resumable", resume={resume}, train_fn=test_sweep.standin_train_folds,
+                       verbose=False)
+    print("RESULT " + json.dumps({{"status": result.status, "parent": result.parent_run_id,
+                                   "trials": [t["trial_id"] for t in result.trials]}}))
+""")
+
+
+def _driver(tmp: Path, address: str, config_file: Path, resume: bool, env: dict) -> subprocess.Popen:
+    script = tmp / f"driver_{int(resume)}.py"
+    script.write_text(DRIVER.format(tests_dir=str(TESTS_DIR), address=address, config=str(config_file),
+                                    resume=resume, calls_env=CALLS_ENV, block_env=BLOCK_ENV))
+    return subprocess.Popen([sys.executable, str(script)], cwd=tmp, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_killed_sweep_resumes_without_redoing_finished_trials(ray_address, tmp_path):
+    import optuna
+
+    config = _config(tmp_path, **{"sweep.trials": 3, "sweep.seed": 3})
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps(config.to_dict()))
+    calls = tmp_path / "calls.txt"
+    env = {**os.environ, CALLS_ENV: str(calls), "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONUNBUFFERED": "1"}
+    first = _driver(tmp_path, ray_address, config_file, False, {**env, BLOCK_ENV: "1"})
+    sweep_dir = tmp_path / "runs" / "resumable"
+    deadline = time.monotonic() + 240
+    try:
+        # Kill once Tune's saved state has the first trial finished and the second one inside its training.
+        while time.monotonic() < deadline:
+            states = sorted(_tune_trials(sweep_dir).values())
+            training = set(calls.read_text().split()) if calls.exists() else set()
+            if states == ["RUNNING", "TERMINATED"] and len(training) == 2:
+                break
+            assert first.poll() is None, f"sweep exited early:\n{first.stdout.read()}"
+            time.sleep(0.5)
+        else:
+            pytest.fail(f"the first trial never finished in Tune's saved state: {_tune_trials(sweep_dir)}")
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    killed_trial_runs = _runs(config.tracking.mlflow_uri, "test_sweep", "tags.`ser.role` = 'trial'")
+    assert sorted(r.info.status for r in killed_trial_runs) == ["FINISHED", "RUNNING"]
+
+    second = _driver(tmp_path, ray_address, config_file, True, env)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out
+    result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
+    assert result["status"] == "FINISHED" and len(result["trials"]) == 3
+
+    seen = calls.read_text().split()
+    finished_first, interrupted = killed_trial_runs[0].data.tags["ser.trial_id"], None
+    for run in killed_trial_runs:
+        if run.info.status == "RUNNING":
+            interrupted = run.data.tags["ser.trial_id"]
+        else:
+            finished_first = run.data.tags["ser.trial_id"]
+    assert seen.count(finished_first) == 1  # not redone
+    assert seen.count(interrupted) == 2  # restarted from its start
+    assert len(set(seen)) == 3 and len(seen) == 4
+
+    parents = _runs(config.tracking.mlflow_uri, "test_sweep", "tags.`ser.role` = 'sweep'")
+    assert [p.info.run_id for p in parents] == [result["parent"]]  # one parent, the same across the restart
+    trial_runs = _runs(config.tracking.mlflow_uri, "test_sweep", "tags.`ser.role` = 'trial'")
+    assert len(trial_runs) == 3 and {r.info.status for r in trial_runs} == {"FINISHED"}
+    assert sorted(r.data.tags["ser.trial_id"] for r in trial_runs) == sorted(result["trials"])
+    for run in trial_runs:  # the interrupted attempt's fold runs are gone: each trial has its 5 folds once
+        folds = _runs(config.tracking.mlflow_uri, "test_sweep", f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
+        assert len(folds) == 5
+    study = optuna.load_study(study_name="resumable", storage=f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
