@@ -333,3 +333,18 @@ def test_flex_attention_matches_eager_on_cuda(focus_attention):
     torch.testing.assert_close(flex_output, eager_output, rtol=1e-4, atol=1e-5)
     for name in eager_grads:
         torch.testing.assert_close(flex_grads[name], eager_grads[name], rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
+def test_bfloat16_runs_and_stays_close_to_float32(attn_implementation):
+    module = _module(embed_dim=16, num_heads=4, attn_implementation=attn_implementation)
+    hidden_states, key_value_states = torch.randn(2, 5, 16), torch.randn(2, 301, 16)
+    masks = (_masks([5, 3], 5), _masks([301, 257], 301))
+    expected, expected_focal = module(hidden_states, key_value_states, *masks, output_focal=True)
+    module = module.to(torch.bfloat16)
+    output, focal = module(hidden_states.bfloat16(), key_value_states.bfloat16(), *masks, output_focal=True)
+    output.float().sum().backward()
+    assert output.dtype == torch.bfloat16 and focal.key_positions.dtype == torch.float32
+    assert focal.key_positions[0, 300] == 300 and focal.key_lengths.tolist() == [301.0, 257.0]
+    torch.testing.assert_close(focal.mu_tilde, expected_focal.mu_tilde, rtol=0.05, atol=0.5)
+    torch.testing.assert_close(output.float(), expected, rtol=0.05, atol=0.05)

@@ -61,18 +61,17 @@ def key_summary(key_value_states: Tensor, key_attention_mask: Optional[Tensor]) 
     """G of eq. (1)-(2): mean of the valid key states, and each sample's true key length T_k.
 
     key_value_states: (B, T_k, D); key_attention_mask: (B, T_k) bool, True = keep, or None (all valid).
-    Returns G: (B, D) and key_lengths: (B,) in the states' dtype. A sample with no valid key gets G = 0
-    (its attention output is zero anyway) instead of 0/0.
+    Returns G: (B, D) in the states' dtype and key_lengths: (B,) float32 (exact counts even when the states are
+    bf16). A sample with no valid key gets G = 0 (its attention output is zero anyway) instead of 0/0.
     """
     batch_size, key_len, _ = key_value_states.shape
     if key_attention_mask is None:
-        lengths = key_value_states.new_full((batch_size,), float(key_len))
+        lengths = torch.full((batch_size,), float(key_len), device=key_value_states.device)
         return key_value_states.mean(dim=1), lengths
-    keep = key_attention_mask.to(key_value_states.dtype)
-    lengths = keep.sum(dim=1)
+    lengths = key_attention_mask.sum(dim=1, dtype=torch.float32)
     # (B, 1, T_k) @ (B, T_k, D) -> (B, 1, D): the masked sum without a (B, T_k, D) temporary.
-    total = torch.bmm(keep.unsqueeze(1), key_value_states).squeeze(1)
-    return total / lengths.clamp(min=1.0).unsqueeze(1), lengths
+    total = torch.bmm(key_attention_mask.to(key_value_states.dtype).unsqueeze(1), key_value_states).squeeze(1)
+    return total / lengths.clamp(min=1.0).to(total.dtype).unsqueeze(1), lengths
 
 
 def focal_centre_and_scope(
@@ -207,7 +206,7 @@ def eager_attention_forward(
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # (B, H, T_q, T_k)
     attn_bias = _materialised_bias(focal)
     if attn_bias is not None:
-        scores = scores + attn_bias.unsqueeze(1)
+        scores = scores + attn_bias.to(scores.dtype).unsqueeze(1)
     has_keys = None
     if key_attention_mask is not None:
         keep, has_keys = _attendable_keys(key_attention_mask)
@@ -236,7 +235,8 @@ def sdpa_attention_forward(
     keep, has_keys = (None, None) if key_attention_mask is None else _attendable_keys(key_attention_mask)
     attn_mask = None
     if focal is not None:
-        attn_mask = focal_attn_mask(focal.mu_tilde, focal.sigma_tilde, focal.key_positions, keep).unsqueeze(1)
+        attn_mask = focal_attn_mask(focal.mu_tilde, focal.sigma_tilde, focal.key_positions, keep)
+        attn_mask = attn_mask.to(query.dtype).unsqueeze(1)  # computed in float32, SDPA wants the query dtype
     elif keep is not None:
         attn_mask = keep[:, None, None, :]
     output = F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout, scale=scale)
@@ -407,18 +407,21 @@ class FocusAttention(nn.Module):
     def focal_parameters(
         self, hidden_states: Tensor, key_value_states: Tensor, key_attention_mask: Optional[Tensor]
     ) -> FocalParameters:
-        """Eq. (1)-(4) for every query: raw and length-scaled centre and scope, plus the key positions P_j."""
+        """Eq. (1)-(4) for every query: raw and length-scaled centre and scope, plus the key positions P_j.
+
+        μ̃, σ̃ and P are float32 whatever the states' dtype: bf16 cannot tell position 601 from 600.
+        """
         key_mean, key_lengths = key_summary(key_value_states, key_attention_mask)
         mu, sigma = focal_centre_and_scope(
             hidden_states, key_mean, self.w_p.weight, self.w_g.weight, self.u_c, self.u_d
         )
+        mu, sigma = mu.float(), sigma.float()
         if key_attention_mask is None:
-            key_positions = torch.arange(
-                key_value_states.shape[1], device=key_value_states.device, dtype=key_value_states.dtype
-            ).expand(key_value_states.shape[0], -1)
+            key_positions = torch.arange(key_value_states.shape[1], device=key_value_states.device,
+                                         dtype=torch.float32).expand(key_value_states.shape[0], -1)
         else:
             # Rank among the valid keys: P_j = j under right padding, and still the true position otherwise.
-            key_positions = (key_attention_mask.cumsum(dim=1) - 1).to(key_value_states.dtype)
+            key_positions = (key_attention_mask.cumsum(dim=1) - 1).float()
         return FocalParameters(
             mu=mu,
             sigma=sigma,
