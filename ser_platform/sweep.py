@@ -15,7 +15,9 @@ MLflow: a parent run per sweep, a child run per trial (params ``table``, ``varia
 metrics the fold summary), a grandchild run per fold (made by ``train_folds``). The sweep's parent run id, its
 configuration and where its Optuna study lives are kept in ``<storage>/<name>/ser_sweep.json``, so ``--resume``
 continues the same sweep under the same parent run: Tune restores its experiment state, finished trials are kept,
-unfinished ones restart from their first fold (their partial fold runs are deleted, so no fold is counted twice).
+unfinished ones run again under their own trial id and MLflow run. Tune restarts such a trial function from its
+start; ``train_folds`` is then called with the same Train run name (``trial=<id>``) and storage, so Ray Train
+continues from the last epoch checkpoint and the fold runs are found again by their tags, not duplicated.
 
 No early stopping (ASHA and friends): a trial reports once, after all its folds, because a table row is only
 comparable to another when both cover every fold; stopping on the first folds would rank configurations by
@@ -48,12 +50,14 @@ REPORTED_METRICS = ("val_ua_mean", "val_ua_std", "val_wa_mean", "val_wa_std", "t
 @dataclass(frozen=True)
 class Experiment:
     """What a sweep varies: an Optuna search (``variants is None``) or a grid over named variants, each a set of
-    dotted config overrides, and which of the paper's tables its trials fill."""
+    dotted config overrides, and which of the paper's tables its trials fill. ``defaults`` are overrides an
+    experiment script applies to the preset before the user's own (``--set`` wins)."""
 
     key: str
     table: str
     title: str
     variants: Mapping[str, Mapping[str, Any]] | None = None
+    defaults: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def is_search(self) -> bool:
@@ -67,11 +71,13 @@ PAPER_GRID = Experiment("grid", "2", "Table 2: the paper's (alpha, beta) points"
     "alpha=1 beta=0.5": {"loss.alpha": 1.0, "loss.beta": 0.5},
     "alpha=1 beta=1": {"loss.alpha": 1.0, "loss.beta": 1.0},
 })
+# The paper's Table 1 "Full model" scores (.774/.777) are its Table 3 "Speech Embedding" row: its full model puts
+# the metric loss on the speech embedding, so the ablation starts from there (alpha 0.5, beta 1 as in Table 2).
 ABLATION = Experiment("ablation", "1", "Table 1: ablation", variants={
     "Full model": {},
     "without FA": {"model.focus_attention": False},
     "without metric loss": {"loss.alpha": 0.0},
-})
+}, defaults={"loss.space": "speech"})
 EMBEDDING_SPACE = Experiment("embedding_space", "3", "Table 3: embedding space of the metric loss", variants={
     space: {"loss.space": space} for space in EMBEDDING_SPACES
 })
@@ -144,8 +150,9 @@ class TrialContext:
     train_fn: Callable[..., Any] | None = None  # None: ser_platform.ray_train.train_folds
 
 
-def _trial_run(client: Any, ctx: TrialContext, trial_id: str, params: dict[str, str], variant: str) -> Any:
-    """The trial's MLflow run: the one a previous attempt of this trial left (a restarted trial), else a new one."""
+def open_trial_run(client: Any, ctx: TrialContext, trial_id: str, config: Config, variant: str) -> Any:
+    """The trial's MLflow run (child of the sweep's run): the one a previous attempt of this trial left (a
+    restarted trial), else a new one carrying the trial's params (:func:`trial_params`)."""
     from mlflow.entities import Param
 
     found = client.search_runs(
@@ -159,8 +166,23 @@ def _trial_run(client: Any, ctx: TrialContext, trial_id: str, params: dict[str, 
     run = client.create_run(ctx.mlflow_experiment_id, run_name=name, tags={
         PARENT_TAG: ctx.parent_run_id, ROLE_TAG: "trial", SWEEP_TAG: ctx.sweep_name, TRIAL_ID_TAG: trial_id,
         "table": ctx.experiment.table, "variant": variant})
+    params = trial_params(config, ctx.experiment, variant, trial_id)
     client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
     return run
+
+
+def log_trial_result(client: Any, run_id: str, result: Any) -> dict[str, float]:
+    """Log a ``TrialResult`` on the trial run (summary at step 0, per-fold series at step = fold), mark it
+    FINISHED, return the summary."""
+    from mlflow.entities import Metric
+
+    summary, series = trial_metrics(result)
+    now = int(time.time() * 1000)
+    metrics = [Metric(k, v, now, 0) for k, v in summary.items()]
+    metrics += [Metric(key, value, now, fold) for key, values in series.items() for fold, value in values.items()]
+    client.log_batch(run_id, metrics=metrics)
+    client.set_terminated(run_id, "FINISHED")
+    return summary
 
 
 def _logged_summary(run: Any, folds_expected: int) -> dict[str, float] | None:
@@ -171,35 +193,23 @@ def _logged_summary(run: Any, folds_expected: int) -> dict[str, float] | None:
     return None
 
 
-def _restart_cleanup(client: Any, ctx: TrialContext, run: Any) -> None:
-    """An interrupted attempt of this trial left fold runs: delete them (MLflow keeps deleted runs restorable), since
-    the trial trains every fold again and a fold must not appear twice under one trial."""
-    stale = client.search_runs([ctx.mlflow_experiment_id],
-                               filter_string=f"tags.`{PARENT_TAG}` = '{run.info.run_id}'", max_results=1000)
-    for child in stale:
-        client.delete_run(child.info.run_id)
-    if stale:
-        print(f"trial run {run.info.run_name}: restarted, {len(stale)} fold run(s) of the interrupted attempt deleted")
-    client.update_run(run.info.run_id, status="RUNNING")
-
-
 def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
     """One Tune trial: the configuration of ``params`` on every fold, reported once as the mean/std over folds."""
     from mlflow import MlflowClient
-    from mlflow.entities import Metric
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
     variant, overrides = trial_overrides(ctx.experiment, params)
     config = from_dict(ctx.base_config).replace(overrides)
     client = MlflowClient(tracking_uri=ctx.mlflow_uri)
-    run = _trial_run(client, ctx, trial_id, trial_params(config, ctx.experiment, variant, trial_id), variant)
+    run = open_trial_run(client, ctx, trial_id, config, variant)
     run_id = run.info.run_id
     done = _logged_summary(run, len(config.data.folds))
     if done is not None:
         tune.report({**done, "trial_run_id": run_id})
         return
-    _restart_cleanup(client, ctx, run)
+    if run.info.status != "RUNNING":  # an earlier attempt of this trial failed or was killed: it runs again
+        client.update_run(run_id, status="RUNNING")
     if ctx.train_fn is None:
         from ser_platform.ray_train import train_folds as train_fn
     else:
@@ -208,15 +218,10 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         result = train_fn(config, run_name=f"trial={trial_id}", storage_path=ctx.train_storage,
                           parent_run_id=run_id, tags={SWEEP_TAG: ctx.sweep_name, TRIAL_ID_TAG: trial_id,
                                                       "table": ctx.experiment.table, "variant": variant})
-        summary, series = trial_metrics(result)
-        now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, 0) for k, v in summary.items()]
-        metrics += [Metric(key, value, now, fold) for key, values in series.items() for fold, value in values.items()]
-        client.log_batch(run_id, metrics=metrics)
+        summary = log_trial_result(client, run_id, result)
     except BaseException:
         client.set_terminated(run_id, "FAILED")
         raise
-    client.set_terminated(run_id, "FINISHED")
     tune.report({**summary, "trial_run_id": run_id})
 
 
@@ -338,6 +343,20 @@ def max_concurrent_trials(config: Config, resources: Mapping[str, float]) -> int
     if fit < config.sweep.max_concurrent:
         print(f"note: sweep.max_concurrent={config.sweep.max_concurrent} lowered to {fit}: that is what fits")
     return max(1, min(config.sweep.max_concurrent, fit))
+
+
+def open_sweep_run(client: Any, experiment_id: str, name: str, experiment: Experiment, config: Config) -> str:
+    """Create the sweep's parent run (params: the base config, the kind of sweep and its variants); its id."""
+    from mlflow.entities import Param
+
+    from ser_platform.tracking import config_params
+
+    run = client.create_run(experiment_id, run_name=name, tags={
+        ROLE_TAG: "sweep", SWEEP_TAG: name, KIND_TAG: experiment.key, "table": experiment.table})
+    params = config_params(config, {"table": experiment.table, "sweep.kind": experiment.key,
+                                    "sweep.variants": ";".join(experiment.variants or ()) or "optuna"})
+    client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+    return run.info.run_id
 
 
 def _trial_dirname(trial: Any) -> str:
@@ -506,16 +525,7 @@ def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str
     optuna_url = meta.get("optuna_storage") or _optuna_url(storage)
     parent_run_id = meta.get("parent_run_id")
     if parent_run_id is None:
-        from mlflow.entities import Param
-
-        from ser_platform.tracking import config_params
-
-        parent = client.create_run(experiment_id, run_name=name, tags={
-            ROLE_TAG: "sweep", SWEEP_TAG: name, KIND_TAG: experiment.key, "table": experiment.table})
-        parent_run_id = parent.info.run_id
-        params = config_params(config, {"table": experiment.table, "sweep.kind": experiment.key,
-                                        "sweep.variants": ";".join(experiment.variants or ()) or "optuna"})
-        client.log_batch(parent_run_id, params=[Param(k, v) for k, v in params.items()])
+        parent_run_id = open_sweep_run(client, experiment_id, name, experiment, config)
     else:
         client.update_run(parent_run_id, status="RUNNING")
     _write_meta(sweep_dir, {"name": name, "experiment": experiment.key, "config": config.to_dict(),

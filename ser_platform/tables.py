@@ -27,13 +27,14 @@ from urllib.parse import unquote, urlparse
 import numpy as np
 import scipy.stats
 
+from ser_platform.tracking import PARENT_RUN_TAG as PARENT_TAG
+from ser_platform.tracking import ROLE_TAG  # "sweep" on a sweep's parent run, "trial" on each trial run
+
 # --- the schema of logged runs (written by sweep.py, read here) -------------------------------------------
 
-ROLE_TAG = "ser.role"  # "sweep" on the parent run, "trial" on each trial run
 SWEEP_TAG = "ser.sweep"  # the sweep's name, on parent and trial runs
 TRIAL_ID_TAG = "ser.trial_id"  # Tune's trial id, on the trial run (how a restarted trial finds its run)
 KIND_TAG = "ser.kind"  # "search" | "grid" | "ablation" | "embedding_space", on the parent run
-PARENT_TAG = "mlflow.parentRunId"
 SEARCH_VARIANT = "search"
 
 # --- the paper's own numbers (WA, UA), from the paper's text, shown beside ours -------------------------------

@@ -56,8 +56,11 @@ def standin_train_folds(config, *, run_name, storage_path, parent_run_id=None, t
     for fold in config.data.folds:
         scores = standin_scores(config.loss.alpha, config.loss.beta, fold)
         per_fold[fold] = SimpleNamespace(fold=fold, best_epoch=1, confusion=[[1]], **scores)
-        run = client.create_run(experiment_id, run_name=f"fold {fold}",
-                                tags={"mlflow.parentRunId": parent_run_id, **(tags or {})})
+        # Like train_folds: a restarted trial finds its fold runs again by their tags instead of adding runs.
+        found = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+                                                     f"tags.`ser.fold` = '{fold}'")
+        run = found[0] if found else client.create_run(experiment_id, run_name=f"fold={fold}", tags={
+            "mlflow.parentRunId": parent_run_id, "ser.fold": str(fold), **(tags or {})})
         client.log_metric(run.info.run_id, "test_ua", scores["test_ua"])
         client.set_terminated(run.info.run_id)
     summary = {}
@@ -227,7 +230,7 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(ray_address, tmp_p
     trial_runs = _runs(config.tracking.mlflow_uri, "test_sweep", "tags.`ser.role` = 'trial'")
     assert len(trial_runs) == 3 and {r.info.status for r in trial_runs} == {"FINISHED"}
     assert sorted(r.data.tags["ser.trial_id"] for r in trial_runs) == sorted(result["trials"])
-    for run in trial_runs:  # the interrupted attempt's fold runs are gone: each trial has its 5 folds once
+    for run in trial_runs:  # the restarted trial found its fold runs again: each trial has its 5 folds once
         folds = _runs(config.tracking.mlflow_uri, "test_sweep", f"tags.`mlflow.parentRunId` = '{run.info.run_id}'")
         assert len(folds) == 5
     study = optuna.load_study(study_name="resumable", storage=f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}")
