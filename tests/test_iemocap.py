@@ -230,8 +230,9 @@ def test_handwritten_dialog_in_the_release_format(tmp_path):
 
 def test_hidden_files_beside_dialogs_are_ignored(tmp_path):
     write_corpus(tmp_path, [("Ses02M_impro03_F000", "sad", "Bye.")])
-    # macOS resource forks that copies of the release sometimes carry.
-    (tmp_path / "Session2/dialog/EmoEvaluation/._Ses02M_impro03.txt").write_bytes(b"\x00\x05\x16\x07\xff" * 20)
+    # A macOS resource fork, as copies of the release made on a Mac carry: binary, so it may hold "\n[".
+    fork = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        \x00\x02\x00\x00\x00\t\n[\x00\x00\x0e\xb0ATTR"
+    (tmp_path / "Session2/dialog/EmoEvaluation/._Ses02M_impro03.txt").write_bytes(fork)
     assert [u.id for u in parse_iemocap(tmp_path).utterances] == ["Ses02M_impro03_F000"]
 
 
@@ -259,6 +260,17 @@ def test_session_without_evaluations(synthetic_corpus, tmp_path):
     result = parse_iemocap(tmp_path, skip_bad=True)
     assert {u.session for u in result.utterances} == {1}
     assert [Path(s.path).name for s in result.skipped] == ["EmoEvaluation"]
+
+
+def test_session_folder_holding_another_sessions_dialogs(synthetic_corpus, tmp_path):
+    shutil.copytree(synthetic_corpus / "Session1", tmp_path / "Session3")  # a misnamed copy
+    shutil.copytree(synthetic_corpus / "Session2", tmp_path / "Session2")
+    first = sorted((tmp_path / "Session3/dialog/EmoEvaluation").glob("*.txt"))[0]
+    with pytest.raises(DataError, match=f"{first.name}: dialog {first.stem} does not belong to Session3"):
+        parse_iemocap(tmp_path)
+    result = parse_iemocap(tmp_path, skip_bad=True)
+    assert {u.session for u in result.utterances} == {2}
+    assert len(result.skipped) == 4 and all("does not belong to Session3" in s.problem for s in result.skipped)
 
 
 @pytest.fixture
@@ -366,3 +378,18 @@ def test_utterance_filed_under_the_wrong_dialog(session1):
     u, dialog, emo, _, _ = victim(root, kept)
     edit_line(emo, f"\t{u.id}\t", lambda line: line.replace(u.id, u.id.replace(dialog, "Ses01F_impro99")))
     assert_strict_and_skipping(root, kept, {u.id}, emo.name, "is not of the form")
+
+
+def test_utterance_evaluated_twice(session1):
+    root, kept = session1
+    u, _, emo, _, _ = victim(root, kept)
+    first = edit_line(emo, f"\t{u.id}\t", lambda line: line)
+    category = emo.read_text().split("\n")[first - 1]
+    with emo.open("a") as f:
+        f.write(category + "\n")
+    repeat = len(emo.read_text().split("\n")) - 1
+    with pytest.raises(DataError, match=f"{emo.name}: line {repeat}: .*already evaluated at line {first}"):
+        parse_iemocap(root)
+    result = parse_iemocap(root, skip_bad=True)  # the first evaluation stands, the repeat is skipped
+    assert [x.id for x in result.utterances] == [x.id for x in kept]
+    assert [s.path for s in result.skipped] == [str(emo)]

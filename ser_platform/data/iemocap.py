@@ -225,6 +225,9 @@ def _read_evaluations(
     if "impro" not in dialog and "script" not in dialog:
         _fail_or_skip(result, skip_bad, emo_file, "dialog name has neither 'impro' nor 'script' in it")
         return []
+    if not dialog.startswith(f"Ses{session:02d}"):
+        _fail_or_skip(result, skip_bad, emo_file, f"dialog {dialog} does not belong to Session{session}")
+        return []
     evaluations = []
     first_seen = {}  # id -> line number; ids carry their dialog's name, so repeats can only be in this file
     for number, line in enumerate(_read_lines(emo_file), start=1):
@@ -248,8 +251,6 @@ def _read_evaluations(
         problem = None
         if head != dialog or _TURN.match(last) is None:
             problem = f"utterance id {utt_id!r} is not of the form {dialog}_F000 / {dialog}_M000"
-        elif not utt_id.startswith(f"Ses{session:02d}"):
-            problem = f"utterance id {utt_id!r} does not belong to Session{session}"
         elif utt_id in first_seen:
             problem = f"utterance id {utt_id!r} already evaluated at line {first_seen[utt_id]}"
         if problem:
