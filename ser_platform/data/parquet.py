@@ -13,6 +13,8 @@ string, ``label`` string (one of ``CLASSES``), ``raw_label`` string, ``transcrip
 list<float32> (mono, 16 kHz), ``duration`` float32 (seconds, of the stored audio); with ``features=True`` also
 ``mfcc`` list<float32> (row-major (num_frames, 40)), ``spectrogram`` list<float32> (row-major (num_frames,
 n_fft // 2 + 1)) and ``num_frames`` int32. The feature settings are in the summary (``feature_params``).
+The summary also holds ``transcript_overlap`` (``data/overlap.py``): per loso5 fold, the share of test
+transcripts that occur verbatim in training (IEMOCAP's scripted dialogs reuse their lines in every session).
 
 Adding columns (e.g. cached frozen-encoder states): declare the fields in a tuple beside ``ACOUSTIC_FIELDS``
 and add it in ``dataset_schema`` (or pass ``extra_fields``), then put a value under the same names in each row
@@ -57,6 +59,7 @@ import threadpoolctl
 from ser_platform.data.errors import DataError, SkippedInput
 from ser_platform.data.features import FeatureParams, features_from_power, power_spectrogram_librosa
 from ser_platform.data.iemocap import CLASSES, Utterance, parse_iemocap
+from ser_platform.data.overlap import format_overlap, transcript_overlap
 
 SAMPLE_RATE = 16000
 FORMAT_VERSION = 1
@@ -284,6 +287,8 @@ def _summary(*, source: Path, out: Path, utterances: list[Utterance], seconds: f
         "features": features,
         "feature_params": FeatureParams().to_dict() if features else None,
         "columns": schema.names,
+        # Scripted lines recur across sessions: how many test transcripts training has read, per loso5 fold.
+        "transcript_overlap": transcript_overlap(utterances, protocol="loso5"),
         "parts": parts,
         "rows_per_part": rows_per_part,
     }
@@ -339,6 +344,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append("resampled to 16 kHz: " + ", ".join(f"{n} from {r} Hz" for r, n in summary["resampled"].items()))
     if summary["downmixed"]:
         lines.append(f"downmixed (identical channels): {summary['downmixed']}")
+    if summary.get("transcript_overlap"):  # absent from summaries written before it was added
+        lines += format_overlap(summary["transcript_overlap"])
     skipped = summary["skipped"]
     lines.append(f"skipped inputs: {len(skipped)}" + (" (--skip-bad)" if skipped else ""))
     for item in skipped[:20]:
