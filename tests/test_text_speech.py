@@ -25,6 +25,16 @@ SPEECH = SpeechEncoderConfig(tiny_hidden_size=16, tiny_num_layers=1, tiny_num_he
                              cnn_channels=8, lstm_hidden=6)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine spinning OpenMP workers
+    slow them down several times. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tokenizer(TEXT)
@@ -81,9 +91,13 @@ def test_frozen_text_encoder_has_no_gradient_and_stays_in_eval(tokenizer):
 # --- speech -------------------------------------------------------------------------------------------------
 
 
-def conv_stack_frames(num_samples: int) -> int:
-    """wav2vec2-base's conv stack, one valid convolution at a time."""
-    for kernel, stride in zip((10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2)):
+BASE_STACK = ((10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2))  # wav2vec2-base (kernels, strides)
+TINY_STACK = ((20, 8, 4), (10, 8, 4))  # the tiny encoder's shorter stack, same 320-sample stride
+
+
+def conv_stack_frames(num_samples: int, stack=TINY_STACK) -> int:
+    """Frames out of a stack of valid (unpadded) convolutions, one layer at a time."""
+    for kernel, stride in zip(*stack):
         num_samples = (num_samples - kernel) // stride + 1
     return num_samples
 
@@ -104,9 +118,14 @@ def test_masked_standardize_uses_valid_steps_only():
 def test_tiny_wav2vec2_keeps_the_320_sample_stride_and_frame_mask():
     torch.manual_seed(0)
     encoder = SSLSpeechEncoder(SPEECH).eval()
+    config = encoder.encoder.config
+    assert (tuple(config.conv_kernel), tuple(config.conv_stride)) == TINY_STACK
+    assert math.prod(config.conv_stride) == 320
     lengths = torch.tensor([16000, 8000, 4321, 400])
     assert encoder.frame_lengths(lengths).tolist() == [conv_stack_frames(int(n)) for n in lengths]
-    assert conv_stack_frames(16000) == 49  # 20 ms frames
+    # 20 ms frames, as many as wav2vec2-base gives for 1 s and for 0.5 s.
+    assert conv_stack_frames(16000) == conv_stack_frames(16000, BASE_STACK) == 49
+    assert conv_stack_frames(8000) == conv_stack_frames(8000, BASE_STACK) == 24
     audio = torch.randn(4, 16000) * (torch.arange(16000)[None] < lengths[:, None])
     states, mask = encoder(audio, lengths)
     assert states.shape == (4, 49, 16)
@@ -246,6 +265,7 @@ def test_wav2vec2_base_architecture_matches_its_published_config():
     config = encoder.encoder.config
     assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.intermediate_size) == (
         768, 12, 12, 3072)
-    assert list(config.conv_dim) == [512] * 7 and math.prod(config.conv_stride) == 320
+    assert list(config.conv_dim) == [512] * 7
+    assert (tuple(config.conv_kernel), tuple(config.conv_stride)) == BASE_STACK
     assert config.feat_extract_norm == "group" and not encoder.pass_attention_mask
     assert 94e6 < sum(p.numel() for p in encoder.parameters()) < 96e6  # "95M" in the wav2vec 2.0 paper

@@ -1,0 +1,169 @@
+"""The full model of Figure 1: text and speech embedding networks -> crossmodal fusion with focus attention ->
+pooled, concatenated -> FC -> embedding F(x) -> 4-class classifier.
+
+``SEROutput`` exposes the three embedding spaces of Table 3 for the metric loss:
+
+* ``embedding``: F(x), the fused speech + text embedding (the output of the last FC layer, §2.3);
+* ``speech_embedding``: the speech embedding sequence X_A *before* it enters the crossmodal transformers (§3.3);
+* ``text_embedding``: the text embedding sequence X_L, likewise before fusion.
+
+Pooling: every sequence is summarised by its **masked mean** over valid positions only (padding never counts),
+not by a last step as MulT does: the crossmodal outputs have no causal order, and a padded batch's "last step"
+is padding. The text mean includes ``<s>`` and ``</s>``, which are valid tokens to RoBERTa.
+
+With ``model.encoders="frozen"``, nothing trainable lies below the text embedding (it is RoBERTa's output), so
+a metric loss on the ``text`` space is a constant there; it needs fine-tuned encoders, as in the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ser_platform.config import ModelConfig
+from ser_platform.models.crossmodal import CrossmodalFusion
+from ser_platform.models.speech import SpeechEncoder
+from ser_platform.models.text import TextEncoder
+
+__all__ = ["FOCAL_PARAMETER_NAMES", "SERModel", "SEROutput", "masked_mean", "model_summary", "parameter_counts"]
+
+FOCAL_PARAMETER_NAMES = frozenset({"w_p", "w_g", "u_c", "u_d"})  # eq. (1)-(2), in every FocusAttention
+
+
+def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
+    """Mean over the valid steps of each sample: (B, T, D), mask (B, T) bool -> (B, D); an empty sample gives 0."""
+    keep = mask.to(states.dtype)
+    # (B, 1, T) @ (B, T, D) -> (B, 1, D): the masked sum without a (B, T, D) temporary.
+    total = torch.bmm(keep.unsqueeze(1), states).squeeze(1)
+    return total / keep.sum(dim=1, keepdim=True).clamp(min=1.0)
+
+
+@dataclass
+class SEROutput:
+    logits: Tensor  # (B, num_classes)
+    embedding: Tensor  # (B, embedding_dim): F(x), fused
+    speech_embedding: Tensor  # (B, D_s): masked mean of X_A before fusion
+    text_embedding: Tensor  # (B, D_t): masked mean of X_L before fusion
+
+
+class SERModel(nn.Module):
+    """Crossmodal speech emotion recogniser of the paper, built from ``config.model`` alone.
+
+    ``pretrained``: load named checkpoints' weights (False builds the same architecture randomly initialised,
+    from ``KNOWN_*_CONFIGS`` when the name is known, e.g. on the meta device for ``model_summary``).
+    """
+
+    def __init__(self, model_config: ModelConfig, *, pretrained: bool = True) -> None:
+        super().__init__()
+        self.config = model_config
+        frozen = model_config.encoders == "frozen"
+        self.text_encoder = TextEncoder(model_config.text, frozen=frozen, pretrained=pretrained)
+        self.speech_encoder = SpeechEncoder(model_config.speech, frozen=frozen, pretrained=pretrained,
+                                            dropout=model_config.dropout)
+        self.fusion = CrossmodalFusion(
+            self.text_encoder.output_dim, self.speech_encoder.output_dim, model_config.embed_dim,
+            model_config.num_heads, model_config.num_layers,
+            attn_dropout=model_config.attn_dropout, relu_dropout=model_config.relu_dropout,
+            res_dropout=model_config.res_dropout, embed_dropout=model_config.embed_dropout,
+            focus_attention=model_config.focus_attention, attn_implementation=model_config.attn_implementation,
+            sigma_min=model_config.sigma_min,
+        )
+        self.dropout = nn.Dropout(model_config.dropout)
+        self.embedding_layer = nn.Linear(2 * model_config.embed_dim, model_config.embedding_dim)  # F(x)
+        self.classifier = nn.Linear(model_config.embedding_dim, model_config.num_classes)
+
+    def forward(
+        self,
+        input_values: Optional[Tensor],
+        audio_lengths: Tensor,
+        mfcc: Tensor,
+        spectrogram: Tensor,
+        feature_lengths: Tensor,
+        input_ids: Optional[Tensor],
+        attention_mask: Tensor,
+        text_states: Optional[Tensor] = None,
+        speech_ssl_states: Optional[Tensor] = None,
+    ) -> SEROutput:
+        """Shapes: input_values (B, S) zero-padded 16 kHz audio, audio_lengths (B,) valid samples; mfcc
+        (B, T, n_mfcc), spectrogram (B, T, n_freq), feature_lengths (B,) valid frames (10 ms hop); input_ids and
+        attention_mask (B, T_L) (True/1 = keep). ``text_states`` (B, T_L, D_t) / ``speech_ssl_states``
+        (B, T_w, D_w): precomputed frozen-encoder outputs that replace running RoBERTa / wav2vec2."""
+        if text_states is None:
+            if input_ids is None:
+                raise ValueError("SERModel needs input_ids unless text_states are given")
+            text_states, text_mask = self.text_encoder(input_ids, attention_mask)
+        else:
+            text_mask = attention_mask.bool()
+            text_states = text_states * text_mask.unsqueeze(-1).to(text_states.dtype)
+        speech = self.speech_encoder(input_values, audio_lengths, mfcc, spectrogram, feature_lengths,
+                                     ssl_states=speech_ssl_states)
+        fused = self.fusion(text_states, text_mask, speech.states, speech.mask)
+        pooled = torch.cat((masked_mean(fused.audio_from_text, speech.mask),
+                            masked_mean(fused.text_from_audio, text_mask)), dim=-1)  # (B, 2·embed_dim)
+        embedding = self.embedding_layer(self.dropout(pooled))
+        logits = self.classifier(self.dropout(F.relu(embedding)))
+        return SEROutput(
+            logits=logits,
+            embedding=embedding,
+            speech_embedding=masked_mean(speech.states, speech.mask),
+            text_embedding=masked_mean(text_states, text_mask),
+        )
+
+
+def _count(module: nn.Module) -> tuple[int, int]:
+    params = list(module.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def parameter_counts(model: SERModel) -> dict[str, tuple[int, int]]:
+    """(total, trainable) parameters per part of the model, the parts adding up to the whole."""
+    speech = model.speech_encoder
+    focal = [p for name, p in model.fusion.named_parameters() if FOCAL_PARAMETER_NAMES & set(name.split("."))]
+    parts = {
+        "text encoder": _count(model.text_encoder),
+        "speech: wav2vec2": _count(speech.ssl),
+        "speech: MFCC encoder": _count(speech.mfcc_encoder),
+        "speech: spectrogram encoder": _count(speech.spectrogram_encoder),
+        "speech: guided attention": tuple(a + b for a, b in zip(_count(speech.acoustic_projection),
+                                                                 _count(speech.guided_attention))),
+        "crossmodal fusion": _count(model.fusion),
+        "  of which focus attention": (sum(p.numel() for p in focal),
+                                       sum(p.numel() for p in focal if p.requires_grad)),
+        "head (F(x) + classifier)": tuple(a + b for a, b in zip(_count(model.embedding_layer),
+                                                                 _count(model.classifier))),
+        "total": _count(model),
+    }
+    return parts
+
+
+def model_summary(model_config: ModelConfig) -> str:
+    """Parameters (total and trainable) per part of the model ``model_config`` describes.
+
+    Built on the meta device without weights (named encoders from their published sizes in
+    ``KNOWN_TEXT_CONFIGS`` / ``KNOWN_SPEECH_CONFIGS``), so the 450M-parameter paper model costs no memory,
+    no download and well under a second.
+    """
+    with torch.device("meta"):
+        model = SERModel(model_config, pretrained=False)
+    counts = parameter_counts(model)
+    width = max(len(name) for name in counts)
+    lines = [
+        f"text encoder: {model_config.text.name} ({model.text_encoder.output_dim}-d); "
+        f"speech encoder: {model_config.speech.name} ({model.speech_encoder.output_dim}-d); "
+        f"encoders {model_config.encoders}",
+        f"crossmodal: {model_config.num_layers} layers x 2 directions, {model_config.embed_dim}-d, "
+        f"{model_config.num_heads} heads, focus attention {'on' if model_config.focus_attention else 'off'} "
+        f"({model_config.attn_implementation}); F(x) {model_config.embedding_dim}-d -> "
+        f"{model_config.num_classes} classes",
+        "",
+        f"{'part':<{width}}  {'parameters':>14}  {'trainable':>14}",
+    ]
+    for name, (total, trainable) in counts.items():
+        if name == "total":
+            lines.append("-" * (width + 32))
+        lines.append(f"{name:<{width}}  {total:>14,}  {trainable:>14,}")
+    return "\n".join(lines)

@@ -1,0 +1,239 @@
+"""The full model: shapes, padding invariance, ablation switches touching only their part, gradient routing of
+the metric loss to the chosen embedding space, focus-attention parameters learning, a tiny batch overfitted,
+frozen encoders and their cached states, and the parameter summary."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ser_platform.config import LossConfig, ModelConfig, SpeechEncoderConfig, TextEncoderConfig, preset
+from ser_platform.losses import JointLoss
+from ser_platform.models.ser_model import FOCAL_PARAMETER_NAMES, SERModel, masked_mean, model_summary
+
+TINY = ModelConfig(
+    text=TextEncoderConfig(tiny_hidden_size=16, tiny_num_layers=1, tiny_num_heads=2),
+    speech=SpeechEncoderConfig(tiny_hidden_size=16, tiny_num_layers=1, tiny_num_heads=2, tiny_conv_dim=8,
+                               cnn_channels=8, lstm_hidden=6),
+    embed_dim=8, num_heads=2, num_layers=1, embedding_dim=8,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine spinning OpenMP workers
+    made these tests several times slower; restore the setting afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(config: ModelConfig = TINY, seed: int = 0) -> SERModel:
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # wav2vec2's SpecAugment time masks (training mode) draw from numpy's global generator
+    return SERModel(config)
+
+
+def make_batch(seconds: list[float], tokens: list[int], seed: int = 0) -> dict:
+    """Zero-padded model inputs for utterances of the given lengths (random audio, features and token ids)."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = [int(s * 16000) for s in seconds]
+    frames = [1 + n // 160 for n in samples]  # 10 ms hop, centred frames
+    batch = len(samples)
+    inputs = {
+        "input_values": torch.zeros(batch, max(samples)),
+        "audio_lengths": torch.tensor(samples),
+        "mfcc": torch.zeros(batch, max(frames), 40),
+        "spectrogram": torch.zeros(batch, max(frames), 321),
+        "feature_lengths": torch.tensor(frames),
+        "input_ids": torch.ones(batch, max(tokens) + 2, dtype=torch.long),  # <pad> = 1
+        "attention_mask": torch.zeros(batch, max(tokens) + 2, dtype=torch.bool),
+    }
+    for b, (n, t, k) in enumerate(zip(samples, frames, tokens)):
+        inputs["input_values"][b, :n] = 0.1 * torch.randn(n, generator=generator)
+        inputs["mfcc"][b, :t] = torch.randn(t, 40, generator=generator)
+        inputs["spectrogram"][b, :t] = torch.randn(t, 321, generator=generator)
+        inputs["input_ids"][b, : k + 2] = torch.cat((torch.tensor([0]), torch.randint(5, 261, (k,), generator=generator),
+                                                    torch.tensor([2])))
+        inputs["attention_mask"][b, : k + 2] = True
+    return inputs
+
+
+def take(inputs: dict, index: int) -> dict:
+    """Sample ``index`` alone, cropped to its own lengths (no padding)."""
+    n, t = int(inputs["audio_lengths"][index]), int(inputs["feature_lengths"][index])
+    k = int(inputs["attention_mask"][index].sum())
+    return {
+        "input_values": inputs["input_values"][index:index + 1, :n], "audio_lengths": inputs["audio_lengths"][index:index + 1],
+        "mfcc": inputs["mfcc"][index:index + 1, :t], "spectrogram": inputs["spectrogram"][index:index + 1, :t],
+        "feature_lengths": inputs["feature_lengths"][index:index + 1], "input_ids": inputs["input_ids"][index:index + 1, :k],
+        "attention_mask": inputs["attention_mask"][index:index + 1, :k],
+    }
+
+
+def grad_norm(module: torch.nn.Module) -> float:
+    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
+
+
+def test_masked_mean_matches_a_loop():
+    states = torch.randn(3, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    out = masked_mean(states, mask)
+    assert torch.allclose(out[0], states[0].mean(0), atol=1e-6)
+    assert torch.allclose(out[1], (states[1, 0] + states[1, 1]) / 2, atol=1e-6)
+    assert torch.all(out[2] == 0)
+
+
+def test_output_shapes():
+    model = make_model().eval()
+    out = model(**make_batch([0.5, 0.8, 0.6], [4, 9, 1]))
+    assert out.logits.shape == (3, 4)
+    assert out.embedding.shape == (3, TINY.embedding_dim)
+    assert out.speech_embedding.shape == (3, TINY.speech.tiny_hidden_size)
+    assert out.text_embedding.shape == (3, TINY.text.tiny_hidden_size)
+    assert all(torch.isfinite(t).all() for t in (out.logits, out.embedding, out.speech_embedding, out.text_embedding))
+
+
+@pytest.mark.parametrize("focus_attention", [True, False])
+def test_a_sample_gives_the_same_output_alone_and_batched_with_longer_ones(focus_attention):
+    model = make_model(ModelConfig(**{**TINY.__dict__, "focus_attention": focus_attention})).eval()
+    batch = make_batch([0.5, 1.0, 0.9], [3, 17, 11], seed=1)
+    with torch.no_grad():
+        batched = model(**batch)
+        alone = model(**take(batch, 0))
+    for field in ("logits", "embedding", "speech_embedding", "text_embedding"):
+        assert torch.allclose(getattr(alone, field)[0], getattr(batched, field)[0], atol=1e-5), field
+
+
+def test_without_focus_attention_only_the_focal_parameters_go():
+    with_fa = make_model()
+    without = make_model(ModelConfig(**{**TINY.__dict__, "focus_attention": False}))
+    names_fa = set(with_fa.state_dict())
+    names = set(without.state_dict())
+    focal = {n for n in names_fa if FOCAL_PARAMETER_NAMES & set(n.split("."))}
+    # Eq. (1)-(2) in each FocusAttention of both directions: W_p, W_g (weights), U_c, U_d.
+    assert len(focal) == 4 * 2 * TINY.num_layers
+    assert names == names_fa - focal
+    result = without.load_state_dict(with_fa.state_dict(), strict=False)
+    assert not result.missing_keys and set(result.unexpected_keys) == focal
+
+
+def test_gradients_reach_the_focus_attention_parameters():
+    model = make_model().train()
+    batch = make_batch([0.5, 0.7, 0.6, 0.5], [5, 8, 3, 6])
+    loss = JointLoss(LossConfig())(model(**batch), torch.tensor([0, 0, 1, 1])).loss
+    loss.backward()
+    focal = {n: p for n, p in model.named_parameters() if FOCAL_PARAMETER_NAMES & set(n.split("."))}
+    assert len(focal) == 8
+    for name, parameter in focal.items():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_alpha_zero_loss_is_the_models_cross_entropy():
+    model = make_model().eval()
+    labels = torch.tensor([0, 1, 2])
+    out = model(**make_batch([0.5, 0.6, 0.7], [3, 4, 5]))
+    loss = JointLoss(LossConfig(alpha=0.0, beta=1.0))(out, labels)
+    assert torch.equal(loss.loss, F.cross_entropy(out.logits, labels))
+
+
+@pytest.mark.parametrize("space, reached, untouched", [
+    ("text", ["text_encoder"], ["speech_encoder", "fusion", "embedding_layer", "classifier"]),
+    ("speech", ["speech_encoder"], ["text_encoder", "fusion", "embedding_layer", "classifier"]),
+    ("fused", ["fusion", "embedding_layer", "speech_encoder", "text_encoder"], ["classifier"]),
+])
+def test_metric_loss_trains_only_what_lies_below_its_embedding_space(space, reached, untouched):
+    model = make_model().eval()  # eval: no dropout, same graph; gradients still flow
+    batch = make_batch([0.5, 0.6, 0.55, 0.7, 0.5, 0.65], [4, 6, 5, 3, 7, 4], seed=2)
+    # beta = 0 isolates the triplet term; a large margin keeps every hinge active.
+    loss = JointLoss(LossConfig(alpha=1.0, beta=0.0, margin=100.0, space=space))
+    loss(model(**batch), torch.tensor([0, 0, 1, 1, 2, 2])).loss.backward()
+    for part in reached:
+        assert grad_norm(getattr(model, part)) > 0, part
+    for part in untouched:
+        assert grad_norm(getattr(model, part)) == 0, part
+
+
+def test_eager_and_sdpa_attention_give_the_same_model_output():
+    sdpa = make_model().eval()
+    eager = make_model(ModelConfig(**{**TINY.__dict__, "attn_implementation": "eager"})).eval()
+    eager.load_state_dict(sdpa.state_dict())
+    batch = make_batch([0.5, 0.9], [4, 12], seed=3)
+    with torch.no_grad():
+        assert torch.allclose(sdpa(**batch).logits, eager(**batch).logits, atol=1e-5)
+
+
+def test_the_tiny_model_overfits_a_tiny_batch():
+    model = make_model(seed=1)
+    batch = make_batch([0.5] * 8, [6] * 8, seed=4)
+    labels = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    loss_fn = JointLoss(LossConfig())
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    accuracy = 0.0
+    for step in range(200):
+        model.train()
+        optimizer.zero_grad()
+        loss_fn(model(**batch), labels).loss.backward()
+        optimizer.step()
+        if step % 10 == 9:
+            model.eval()
+            with torch.no_grad():
+                accuracy = float((model(**batch).logits.argmax(1) == labels).float().mean())
+            if accuracy == 1.0:
+                break
+    assert accuracy == 1.0, f"train accuracy {accuracy} after {step + 1} steps"
+
+
+def test_frozen_encoders_take_cached_states_and_do_not_train():
+    config = ModelConfig(**{**TINY.__dict__, "encoders": "frozen"})
+    model = make_model(config)
+    model.train()
+    assert not model.text_encoder.encoder.training and not model.speech_encoder.ssl.encoder.training
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert "text_encoder" not in trainable and "fusion" in trainable
+    assert not any(p.requires_grad for p in model.speech_encoder.ssl.parameters())
+
+    model.eval()
+    batch = make_batch([0.5, 0.8], [5, 9], seed=5)
+    with torch.no_grad():
+        text_states, _ = model.text_encoder(batch["input_ids"], batch["attention_mask"])
+        ssl_states, _ = model.speech_encoder.ssl(batch["input_values"], batch["audio_lengths"])
+        direct = model(**batch)
+        cached = model(**{**batch, "input_values": None, "input_ids": None}, text_states=text_states,
+                       speech_ssl_states=ssl_states)
+    assert torch.allclose(direct.logits, cached.logits, atol=1e-6)
+    with pytest.raises(ValueError, match="input_ids"):
+        model(**{**batch, "input_ids": None})
+
+
+def summary_rows(text: str) -> dict[str, tuple[int, int]]:
+    rows = {}
+    for line in text.splitlines():
+        match = re.match(r"^(.+?)\s{2,}([\d,]+)\s+([\d,]+)$", line)
+        if match:
+            rows[match.group(1).strip()] = (int(match.group(2).replace(",", "")), int(match.group(3).replace(",", "")))
+    return rows
+
+
+@pytest.mark.parametrize("name", ["demo", "paper"])
+def test_model_summary_parts_add_up(name):
+    model_config = preset(name).model
+    rows = summary_rows(model_summary(model_config))
+    parts = [k for k in rows if k != "total" and not k.startswith("of which")]
+    assert sum(rows[k][0] for k in parts) == rows["total"][0]
+    if name == "paper":
+        assert rows["text encoder"][0] > 350e6 and rows["speech: wav2vec2"][0] > 94e6
+    else:
+        # The demo model is small enough to build for real: the summary counts what training will hold.
+        assert rows["total"][0] == sum(p.numel() for p in SERModel(model_config).parameters())
+
+
+def test_model_summary_shows_frozen_encoders_as_not_trainable():
+    rows = summary_rows(model_summary(ModelConfig(**{**TINY.__dict__, "encoders": "frozen"})))
+    assert rows["text encoder"][1] == 0 and rows["speech: wav2vec2"][1] == 0
+    assert rows["total"][1] == rows["total"][0] - rows["text encoder"][0] - rows["speech: wav2vec2"][0]
