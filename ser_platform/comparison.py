@@ -21,7 +21,8 @@ The verdict (``PairedComparison.verdict``) needs both checks to agree, at level 
 ``"borderline"``    they disagree. With 5 pairs this is common: a bootstrap interval from 5 values is too
                     narrow (it uses the spread of the 5 differences as if it were known, where the t-test widens
                     it by Student's t with 4 degrees of freedom), so it can exclude 0 while p is above alpha;
-``"no difference"`` every difference is exactly 0;
+``"no difference"`` every difference is 0 (within ``FLOAT_TOLERANCE``); a constant non-zero shift has zero
+                    spread, t = ±inf, p = 0, a one-point interval, and is "beyond noise";
 ``"cannot tell"``   one pair: no spread, no test.
 
 Pairs of one fold with different seeds share their test speakers, so they are not independent: the tests treat
