@@ -152,8 +152,9 @@ def experiment_id(uri: str, name: str) -> str:
 # --- what identifies a run's inputs -----------------------------------------------------------------------
 
 def git_commit(repo_dir: str | Path | None = None) -> str:
-    """``git rev-parse HEAD`` of the package's checkout, ``-dirty`` appended if tracked files changed;
-    ``"unknown"`` outside a git checkout (e.g. an installed wheel)."""
+    """``git rev-parse HEAD`` of the package's checkout, ``-dirty`` appended if tracked files changed. Outside a
+    git checkout (an installed wheel, or a ``ray job submit --working-dir .`` upload, which leaves ``.git`` out):
+    ``$SER_GIT_COMMIT`` if set (cluster/README.md passes it with the job), else ``"unknown"``."""
     where = Path(repo_dir) if repo_dir is not None else Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
@@ -161,7 +162,7 @@ def git_commit(repo_dir: str | Path | None = None) -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("SER_GIT_COMMIT") or "unknown"
     return commit + ("-dirty" if dirty else "")
 
 
@@ -298,3 +299,46 @@ def log_confusion(run: MlflowRun, confusion: Sequence[Sequence[int]], class_name
     matrix = [[int(v) for v in row] for row in confusion]
     run.log_dict({"classes": list(class_names), "matrix": matrix}, f"{name}.json")
     run.log_figure(confusion_figure(matrix, class_names), f"{name}.png")
+
+
+# --- the selected model of a fold run (what `ser predict` loads) --------------------------------------------
+
+MODEL_ARTIFACT_DIR = "model"
+MODEL_WEIGHTS_FILE = "state_dict.pt"  # torch.save of the plain model's state dict (CPU tensors)
+MODEL_CONFIG_FILE = "config.json"  # the resolved config, Config.to_dict()
+MODEL_INFO_FILE = "info.json"  # fold, selected epoch, validation scores, classes, which weights were left out
+MODEL_FORMAT_VERSION = 1
+
+
+def frozen_encoder_keys(state_dict: Mapping[str, Any], config: Config) -> list[str]:
+    """Keys of the frozen encoders' own weights (``model.encoders="frozen"``): a pretrained checkpoint or a
+    "tiny" encoder drawn from its ``tiny_seed``, so rebuilt exactly from the config and not worth storing."""
+    if config.model.encoders != "frozen":
+        return []
+    prefixes = ("text_encoder.encoder.", "speech_encoder.ssl.encoder.")
+    return [k for k in state_dict if k.startswith(prefixes)]
+
+
+def log_model(run: MlflowRun, state_dict: Mapping[str, Any], config: Config,
+              info: Mapping[str, Any] | None = None) -> int:
+    """Log a fold's selected (best-validation) weights and its resolved config as artifacts ``model/`` of the
+    fold run: ``state_dict.pt`` (frozen encoders' weights left out, see :func:`frozen_encoder_keys`),
+    ``config.json`` and ``info.json`` (``info`` plus the format version and what was left out).
+    Returns the size of ``state_dict.pt`` in bytes."""
+    import tempfile
+
+    import torch
+
+    left_out = set(frozen_encoder_keys(state_dict, config))
+    weights = {k: v.detach().to("cpu") for k, v in state_dict.items() if k not in left_out}
+    with tempfile.TemporaryDirectory(prefix="ser-model-") as tmp:
+        folder = Path(tmp) / MODEL_ARTIFACT_DIR
+        folder.mkdir()
+        torch.save(weights, folder / MODEL_WEIGHTS_FILE)
+        (folder / MODEL_CONFIG_FILE).write_text(json.dumps(config.to_dict(), indent=1, default=list))
+        size = (folder / MODEL_WEIGHTS_FILE).stat().st_size
+        (folder / MODEL_INFO_FILE).write_text(json.dumps({
+            **dict(info or {}), "format_version": MODEL_FORMAT_VERSION, "weights_bytes": size,
+            "frozen_encoders_left_out": bool(left_out)}, indent=1, default=str))
+        run.client.log_artifacts(run.run_id, str(folder), MODEL_ARTIFACT_DIR)
+    return size

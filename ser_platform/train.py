@@ -43,6 +43,7 @@ from ser_platform.metrics import classification_scores, summarize_folds
 
 MODEL_INPUTS = ("input_values", "audio_lengths", "mfcc", "spectrogram", "feature_lengths", "input_ids",
                 "attention_mask")
+CACHED_INPUTS = ("text_states", "speech_ssl_states")  # frozen-encoder states, when the collate adds them
 SUBSETS = ("improvised", "scripted")
 STATE_VERSION = 1
 
@@ -80,17 +81,45 @@ class FoldResult:
 
 @dataclass
 class TrialResult:
-    """All folds of one configuration and their summary (mean and std over folds)."""
+    """All folds of one configuration and their summary (mean and std over folds, × seeds with ``train.seeds``).
+
+    ``per_fold``: fold -> result of the first seed (``train.seed``); ``per_seed``: seed -> fold -> result for
+    every seed (``ray_train.train_folds`` always fills it; empty in a result built elsewhere: one seed)."""
 
     per_fold: dict[int, FoldResult]
     summary: dict[str, float]
+    per_seed: dict[int, dict[int, FoldResult]] = field(default_factory=dict)
+
+    def runs(self) -> dict[tuple[int, int], FoldResult]:
+        """(fold, seed) -> result, every run of the trial (seed 0 stands for the one seed of ``per_fold``
+        when ``per_seed`` is empty): the keys ``comparison.paired_comparison`` pairs on."""
+        if not self.per_seed:
+            return {(fold, 0): r for fold, r in self.per_fold.items()}
+        return {(fold, seed): r for seed, folds in self.per_seed.items() for fold, r in folds.items()}
 
 
-def summarize_trial(per_fold: Mapping[int, FoldResult]) -> dict[str, float]:
-    """Mean and sample std (ddof=1, `metrics.summarize_folds`) over folds: ``val_ua_mean``, ``val_ua_std``, ``test_wa_mean``, ... and the
-    same for each test subset (``test_ua_improvised_mean``, ...) present in every fold."""
-    results = [per_fold[k] for k in sorted(per_fold)]
-    summary: dict[str, float] = {"num_folds": float(len(results))}
+def summarize_trial(per_fold: Mapping[int, FoldResult],
+                    per_seed: Mapping[int, Mapping[int, FoldResult]] | None = None) -> dict[str, float]:
+    """Mean and sample std (ddof=1, `metrics.summarize_folds`) over folds: ``val_ua_mean``, ``val_ua_std``,
+    ``test_wa_mean``, ... and the same for each test subset (``test_ua_improvised_mean``, ...) present in every fold.
+
+    With ``per_seed`` (seed -> fold -> result) of more than one seed, mean and std are over every fold × seed run,
+    ``num_seeds`` counts the seeds, and the spread over seeds within a fold is given per fold
+    (``test_ua_seed_std_fold<k>``, likewise ``test_wa``) and averaged over folds (``test_ua_seed_std``)."""
+    if per_seed and len(per_seed) > 1:
+        results = [per_seed[s][k] for s in sorted(per_seed) for k in sorted(per_seed[s])]
+    else:
+        results = [per_fold[k] for k in sorted(per_fold)]
+    summary: dict[str, float] = {"num_folds": float(len({r.fold for r in results})),
+                                 "num_seeds": float(len(per_seed) if per_seed else 1)}
+    if per_seed and len(per_seed) > 1:
+        for key in ("test_wa", "test_ua"):
+            spreads = []
+            for fold in sorted({r.fold for r in results}):
+                values = [getattr(per_seed[s][fold], key) for s in sorted(per_seed) if fold in per_seed[s]]
+                spreads.append(summarize_folds(values)["std"])
+                summary[f"{key}_seed_std_fold{fold}"] = float(spreads[-1])
+            summary[f"{key}_seed_std"] = float(np.mean(spreads))
     columns: dict[str, list[float]] = {
         "val_wa": [r.val_wa for r in results], "val_ua": [r.val_ua for r in results],
         "test_wa": [r.test_wa for r in results], "test_ua": [r.test_ua for r in results],
@@ -125,6 +154,10 @@ class Hooks:
                      state_fn: Callable[[], dict]) -> None:
         pass
 
+    def on_model_selected(self, fold: int, result: FoldResult, weights_fn: Callable[[], dict]) -> None:
+        """Just before ``on_fold_end``: ``weights_fn()`` copies the selected (best-validation) weights that
+        scored the test split, the plain model's state dict on the CPU (``ser predict`` loads them)."""
+
     def on_fold_end(self, fold: int, result: FoldResult, state_fn: Callable[[], dict]) -> None:
         pass
 
@@ -151,8 +184,10 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
 
 def model_inputs(batch: Mapping[str, Any], features: nn.Module) -> dict[str, Any]:
     """The keyword arguments of ``SERModel.forward``; MFCC/spectrogram computed on the batch's device with
-    ``AcousticFeatures`` when the dataset did not store them."""
+    ``AcousticFeatures`` when the dataset did not store them; cached frozen-encoder states when the batch has
+    them (``data.encoder_cache``)."""
     inputs = {k: batch.get(k) for k in MODEL_INPUTS}
+    inputs.update({k: batch[k] for k in CACHED_INPUTS if batch.get(k) is not None})
     if inputs["mfcc"] is None:
         with torch.no_grad():
             inputs["mfcc"], inputs["spectrogram"], inputs["feature_lengths"] = features(
@@ -185,11 +220,15 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opt
                 batches: Iterable[Mapping[str, Any]], *, config: Config, features: nn.Module,
                 device: torch.device, world_size: int = 1, where: str = "") -> dict[str, float]:
     """One pass over this rank's training batches; returns the sample-weighted mean of each loss term
-    (eq. 9 ``loss``, eq. 8 ``metric``, eq. 10 ``ce``) over all ranks, and ``num_samples``."""
+    (eq. 9 ``loss``, eq. 8 ``metric``, eq. 10 ``ce``) over all ranks, ``num_samples``, and ``step_time_s``:
+    this rank's seconds in the steps themselves (device copy, forward, loss, backward, clipping, optimizer step,
+    up to the loss values read back), i.e. the epoch's time minus waiting for the next batch."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     sums = [0.0, 0.0, 0.0, 0.0]  # loss, metric, ce (each * batch size), samples
+    step_time = 0.0
     for step, batch in enumerate(batches):
+        step_started = time.perf_counter()
         batch = to_device(batch, device)
         labels = batch["labels"]
         with _autocast(config, device):
@@ -206,12 +245,13 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opt
         size = float(labels.shape[0])
         sums[0] += float(losses.loss.detach()) * size
         sums[1] += float(losses.metric.detach()) * size
-        sums[2] += float(losses.ce.detach()) * size
+        sums[2] += float(losses.ce.detach()) * size  # float(): waits for the device, so the step is timed whole
         sums[3] += size
+        step_time += time.perf_counter() - step_started
     total = _all_reduce_sum(sums, device, world_size)
     count = max(total[3], 1.0)
     return {"loss": total[0] / count, "metric_loss": total[1] / count, "ce_loss": total[2] / count,
-            "num_samples": total[3]}
+            "num_samples": total[3], "step_time_s": step_time}
 
 
 @torch.no_grad()
@@ -274,7 +314,8 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 def _default_model(config: Config) -> nn.Module:
     from ser_platform.models.ser_model import SERModel
 
-    return SERModel(config.model)
+    # With data.encoder_cache the frozen encoders' states come with each batch: the encoders are not built.
+    return SERModel(config.model, cached_encoder_states=bool(config.data.encoder_cache))
 
 
 def _default_loss(config: Config) -> nn.Module:
@@ -385,7 +426,7 @@ def _fit_fold(config: Config, fold: int, batches_for: BatchesFor, *, device: tor
         metrics = {"train_loss": train["loss"], "train_metric_loss": train["metric_loss"],
                    "train_ce_loss": train["ce_loss"], "val_loss": val_pred["loss"], "val_wa": val["wa"],
                    "val_ua": val["ua"], "epoch_time_s": epoch_time, "train_time_s": train_time,
-                   "train_samples": train["num_samples"]}
+                   "train_step_time_s": train["step_time_s"], "train_samples": train["num_samples"]}
         history.append({"epoch": float(epoch), **metrics})
         say(f"fold {fold} epoch {epoch}/{train_cfg.epochs} | train loss {train['loss']:.4f} "
             f"(triplet {train['metric_loss']:.4f}, ce {train['ce_loss']:.4f}) | val UA {val['ua']:.3f} "
@@ -410,5 +451,6 @@ def _fit_fold(config: Config, fold: int, batches_for: BatchesFor, *, device: tor
     say(f"fold {fold}: best epoch {result.best_epoch} (val UA {result.val_ua:.3f}) -> test WA {result.test_wa:.3f} "
         f"UA {result.test_ua:.3f} on {result.num_test} utterances")
     finished[fold] = result.to_dict()
+    hooks.on_model_selected(fold, result, lambda: _cpu_state(module))
     hooks.on_fold_end(fold, result, state_fn(len(history), include_training=False))
     return result

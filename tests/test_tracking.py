@@ -138,3 +138,11 @@ def test_git_commit_is_the_checkout_head():
     commit = tracking.git_commit(repo)
     assert commit.removesuffix("-dirty") == head.stdout.strip()
     assert tracking.git_commit("/") == "unknown"
+
+
+def test_git_commit_outside_a_checkout_comes_from_the_job_env(monkeypatch, tmp_path):
+    # `ray job submit --working-dir .` uploads no .git: the submitter passes the commit in SER_GIT_COMMIT.
+    monkeypatch.setenv("SER_GIT_COMMIT", "0123abc")
+    assert tracking.git_commit(tmp_path) == "0123abc"
+    repo = Path(tracking.__file__).resolve().parents[1]
+    assert tracking.git_commit(repo) != "0123abc"  # a real checkout wins

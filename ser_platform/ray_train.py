@@ -1,0 +1,562 @@
+"""Ray Train around the plain-torch loop of ``train.py``: fold data in Ray Data, DDP workers, checkpoints, MLflow.
+
+    train_folds(config, run_name=..., storage_path=...) -> TrialResult
+
+1. In the driver: the tracking store is created/probed (fails fast), each fold's train/val/test splits are
+   read from Parquet and filtered by speaker (``data/loader.fold_datasets``), the leakage guard runs on the
+   actual rows, and the splits are materialised in Ray's object store (``config.data.materialize``).
+   With ``data.encoder_cache`` the cache is checked here too (``frozen_encoders.open_encoder_cache``: a stale
+   one stops the run before any trainer starts); each worker then loads its entries into memory, its collate
+   adds the cached states to every batch, and the model is built without RoBERTa/wav2vec2.
+2. ``config.train.trainer_scope``: "trial" = one ``TorchTrainer`` runs every fold in turn (datasets
+   ``train_1, val_1, test_1, ...``), paying Ray Train's start-up once; "fold" = one ``TorchTrainer`` per fold
+   (a finer unit of restart). Both run the same per-worker function over a list of folds.
+3. On every worker: ``get_dataset_shard(...)`` -> batches (training split sharded over workers, reshuffled per
+   epoch; evaluation splits read whole, each rank scoring every world_size-th batch), ``prepare_model`` (DDP:
+   gloo on CPU, nccl on GPU), ``train.fit_folds``. Each epoch ends with a checkpoint (fold, epoch, model and
+   optimizer state, best-so-far weights, finished folds' results) reported to ``RunConfig(storage_path)``;
+   ``FailureConfig(max_failures)`` restarts failed workers, which continue from that checkpoint. Running
+   ``train_folds`` again with the same ``run_name`` and ``storage_path`` continues an interrupted run too
+   (Ray Train V2 restores a run of the same name from its storage).
+4. Rank 0 logs to MLflow: a run per fold (found again, not duplicated, after a restart) nested under
+   ``parent_run_id`` or under a run this function creates. Per-fold results come back through the train
+   function's return value (``Result.return_value``: Ray Train V2 returns rank 0's value). At fold end the
+   selected weights and the resolved config go to the fold run as artifacts ``model/`` (``ser predict``).
+5. ``config.train.seeds`` > 1: steps 2-4 again per seed (seed, seed+1, ...), Train runs ``<run_name>/seed=S``
+   and a fold run per (fold, seed); the summary is over every fold × seed run (``train.summarize_trial``).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from ser_platform.cluster import TRIAL_CPU
+from ser_platform.config import Config, from_dict
+from ser_platform.train import FoldResult, Hooks, TrialResult, summarize_trial
+
+CHECKPOINT_FILE = "state.pt"
+SEED_TAG = "ser.seed"  # on a fold run: its training seed (train.seeds > 1 gives a fold one run per seed)
+FAULT_ENV = "SER_TEST_KILL_WORKER"  # "FOLD:EPOCH:PID_FILE": tests only, see _FaultInjection
+DEFAULT_STORAGE = "runs"
+
+__all__ = ["FoldResult", "TrialResult", "init_ray", "train_command", "train_folds", "worker_cpus"]
+
+
+# --- Ray ---------------------------------------------------------------------------------------------------
+
+def init_ray(address: str | None = None, **kwargs: Any) -> None:
+    """Connect to ``address`` / ``$RAY_ADDRESS``, else start a fresh local instance ("local": never attach to
+    some other process's cluster). Does nothing when Ray is already initialised."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")  # one copy of lines that every worker prints
+    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", **kwargs)
+
+
+def _quiet_ray() -> None:
+    """Readable output: no Ray Data progress bars or per-execution INFO lines (they would interleave with the
+    per-epoch lines), no INFO from Ray Train (e.g. a line per ``report``)."""
+    from ray.data import DataContext
+    from ray.util.debug import log_once
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    log_once("ray_data_progress_manager_disabled")  # Ray Data's one-time "progress bars disabled" notice
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    # Train V2 logs a line per report (the whole metrics dict) under a logger named by its file path, not its
+    # module, so "ray.train" above does not reach it.
+    from ray.train.v2._internal.execution import context as train_context
+
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
+def worker_cpus(config: Config, cluster_cpus: float) -> float:
+    """CPUs per Ray Train worker: ``config.train.cpus_per_worker``, lowered when the workers would otherwise
+    take every CPU of the cluster while Ray Data still has read tasks to run (``data.materialize=False``).
+    ``cpus_per_worker = 0`` ("auto") shares the cluster's CPUs among ``sweep.max_concurrent`` trials (each
+    holding ``TRIAL_CPU`` for itself) and their workers.
+
+    FACTS: two 1-CPU workers on 2 CPUs fed a streaming dataset hung silently (the read tasks never got a CPU).
+    Streaming keeps one CPU free; materialised splits need none during training.
+    """
+    wanted = float(config.train.cpus_per_worker)
+    if wanted == 0:
+        per_trial = cluster_cpus / config.sweep.max_concurrent - TRIAL_CPU
+        wanted = max(int(per_trial / config.train.num_workers * 100) / 100, 0.01)
+    if config.data.materialize:
+        return wanted
+    spare = max(cluster_cpus - 1.0, 0.0)
+    fits = spare / config.train.num_workers
+    if wanted <= fits:
+        return wanted
+    if fits < 0.01:
+        raise ValueError(f"data.materialize=false streams Parquet during training and needs a CPU for Ray Data "
+                         f"beside {config.train.num_workers} worker(s), but the cluster has {cluster_cpus:g} CPU(s); "
+                         "set data.materialize=true or add CPUs")
+    return round(int(fits * 100) / 100, 2)
+
+
+# --- fold data ---------------------------------------------------------------------------------------------
+
+def resolve_dataset(config: Config) -> str:
+    """``config.data.dataset``, or the embedded synthetic demo dataset when it is ""."""
+    if config.data.dataset:
+        return config.data.dataset
+    from ser_platform.demo import ensure_demo_dataset
+
+    return ensure_demo_dataset()
+
+
+def _rows(ds: Any) -> dict[str, list]:
+    table = ds.select_columns(["id", "speaker", "session"]).to_pandas()
+    return {c: table[c].tolist() for c in ("id", "speaker", "session")}
+
+
+def prepare_fold_data(dataset: str, specs: Mapping[int, Any], *, materialize: bool,
+                      progress: bool = True) -> dict[int, dict[str, Any]]:
+    """Each fold's ``{"train", "val", "test"}`` Ray Datasets, checked for leakage on their actual rows.
+
+    Raises ``FoldLeakageError`` before any training if a test utterance, speaker or held-out session reaches
+    training (``folds.assert_no_leakage``), or a validation speaker is also a training speaker; ``ValueError``
+    if a fold has no training, validation or test rows.
+    """
+    from tqdm.auto import tqdm
+
+    from ser_platform.data.folds import FoldLeakageError, assert_no_leakage
+    from ser_platform.data.loader import fold_datasets, read_dataset
+
+    base = read_dataset(dataset, materialize=materialize)
+    out: dict[int, dict[str, Any]] = {}
+    for fold, spec in tqdm(sorted(specs.items()), desc="fold data", unit="fold", disable=not progress):
+        splits = fold_datasets(base, spec, materialize=materialize)
+        rows = {name: _rows(ds) for name, ds in splits.items()}
+        for name, split_rows in rows.items():
+            if not split_rows["id"]:
+                raise ValueError(f"{dataset}: fold {fold} ({spec.name}) has no {name} rows "
+                                 f"(speakers {sorted(getattr(spec, name + '_speakers'))})")
+        train_and_val = {c: rows["train"][c] + rows["val"][c] for c in rows["train"]}
+        assert_no_leakage(train_and_val, rows["test"], spec)
+        assert_no_leakage(rows["train"], rows["val"])
+        overlap = sorted(set(rows["train"]["speaker"]) & set(rows["val"]["speaker"]))
+        if overlap:
+            raise FoldLeakageError(f"{spec.name}: validation speaker(s) {overlap} also in training")
+        out[fold] = splits
+    return out
+
+
+# --- the per-worker function ---------------------------------------------------------------------------------
+
+class _FaultInjection:
+    """Tests only (env ``SER_TEST_KILL_WORKER=FOLD:EPOCH:PID_FILE``): at the start of that fold's epoch, rank 0
+    writes its PID to PID_FILE once and waits to be killed there, so the kill lands mid-epoch, after the
+    previous epoch's checkpoint. A restarted worker finds the file and trains on.
+
+    Ray Train V2's controller collects a worker's reports when it polls the workers (every
+    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default): a worker killed before that poll loses the reports
+    since the last one, and the restart begins from the checkpoint before. So the worker waits 2.5 poll
+    intervals before announcing itself, as a real epoch would have taken."""
+
+    def __init__(self, spec: str | None):
+        self.target = None
+        if spec:
+            fold, epoch, path = spec.split(":", 2)
+            self.target = (int(fold), int(epoch), Path(path))
+
+    def maybe_wait_for_kill(self, fold: int, epoch: int, rank: int) -> None:
+        if self.target is None or rank != 0 or (fold, epoch) != self.target[:2] or self.target[2].exists():
+            return
+        time.sleep(2.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")))
+        partial = self.target[2].with_suffix(".tmp")
+        partial.write_text(str(os.getpid()))
+        partial.rename(self.target[2])
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+        raise RuntimeError(f"{FAULT_ENV}: expected to be killed at fold {fold} epoch {epoch}")
+
+
+class _RayHooks(Hooks):
+    """Checkpoints to Ray Train storage at every epoch and fold end (all ranks report; rank 0 saves) and
+    MLflow logging from rank 0."""
+
+    def __init__(self, *, rank: int, logger: "_FoldLogger | None", fault: _FaultInjection):
+        self.rank = rank
+        self.logger = logger
+        self.fault = fault
+
+    def on_fold_start(self, fold: int) -> None:
+        if self.logger is not None:
+            self.logger.start(fold)
+
+    def on_epoch_start(self, fold: int, epoch: int) -> None:
+        self.fault.maybe_wait_for_kill(fold, epoch, self.rank)
+
+    def on_epoch_end(self, fold, epoch, metrics, state_fn) -> None:
+        if self.logger is not None:
+            self.logger.epoch(fold, epoch, metrics)
+        self._report(dict(metrics), state_fn, f"fold{fold:02d}-epoch{epoch:03d}")
+
+    def on_model_selected(self, fold, result, weights_fn) -> None:
+        if self.logger is not None and self.logger.config.tracking.log_model:
+            self.logger.log_model(fold, result, weights_fn())
+
+    def on_fold_end(self, fold, result, state_fn) -> None:
+        if self.logger is not None:
+            self.logger.finish(fold, result)
+        metrics = {"fold": float(fold), "epoch": float(result.epochs_run), "test_wa": result.test_wa,
+                   "test_ua": result.test_ua, "val_ua": result.val_ua, "fold_done": 1.0}
+        self._report(metrics, state_fn, f"fold{fold:02d}-done")
+
+    def _report(self, metrics: dict, state_fn, name: str) -> None:
+        import ray.train
+        import torch
+
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint=None)  # a barrier: every rank reports as often as rank 0
+            return
+        with tempfile.TemporaryDirectory(prefix="ser-ckpt-") as tmp:
+            torch.save(state_fn(), Path(tmp) / CHECKPOINT_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+
+
+class _FoldLogger:
+    """MLflow from rank 0: one run per fold nested under ``parent_run_id``, found again (by tags) after a
+    restart so a fold never gets two runs."""
+
+    def __init__(self, config: Config, info: Mapping[str, Any]):
+        self.config = config
+        self.info = info
+        self.runs: dict[int, Any] = {}
+
+    def _run(self, fold: int):
+        from mlflow import MlflowClient
+
+        from ser_platform import tracking
+
+        if fold in self.runs:
+            return self.runs[fold], False
+        uri, exp = self.info["tracking_uri"], self.info["experiment_id"]
+        found = MlflowClient(uri).search_runs(
+            [exp], max_results=5, filter_string=(
+                f"tags.`{tracking.PARENT_RUN_TAG}` = '{self.info['parent_run_id']}' and "
+                f"tags.`{tracking.TRAIN_RUN_TAG}` = '{self.info['run_name']}' and "
+                f"tags.`{tracking.FOLD_TAG}` = '{fold}'"))
+        if found:
+            run, created = tracking.MlflowRun(uri, found[0].info.run_id), False
+        else:
+            spec = self.info["specs"][fold]
+            tags = {**self.info["tags"], tracking.ROLE_TAG: "fold", tracking.FOLD_TAG: fold,
+                    tracking.TRAIN_RUN_TAG: self.info["run_name"], "protocol": self.config.data.protocol,
+                    "test_speakers": ",".join(sorted(spec.test_speakers)),
+                    "val_speakers": ",".join(sorted(spec.val_speakers)), SEED_TAG: self.config.train.seed}
+            name = f"fold={fold}" + (f" seed={self.config.train.seed}" if self.info.get("num_seeds", 1) > 1 else "")
+            run = tracking.start_run(uri, exp, run_name=name, parent_run_id=self.info["parent_run_id"], tags=tags)
+            run.log_config(self.config, {**self.info["params"], "fold": fold})
+            created = True
+        self.runs[fold] = run
+        return run, created
+
+    def start(self, fold: int) -> None:
+        self._run(fold)
+
+    def epoch(self, fold: int, epoch: int, metrics: Mapping[str, float]) -> None:
+        run, _ = self._run(fold)
+        run.log_metrics({k: v for k, v in metrics.items() if k not in ("fold", "epoch")}, step=epoch)
+
+    def log_model(self, fold: int, result: FoldResult, weights: Mapping[str, Any]) -> None:
+        """The selected weights + resolved config as artifacts ``model/`` of the fold run (``ser predict``)."""
+        from ser_platform import tracking
+        from ser_platform.data.iemocap import CLASSES
+
+        run, _ = self._run(fold)
+        tracking.log_model(run, weights, self.config, info={
+            "fold": fold, "seed": self.config.train.seed, "best_epoch": result.best_epoch,
+            "val_ua": result.val_ua, "test_ua": result.test_ua, "classes": list(CLASSES),
+            "train_run": self.info["run_name"]})
+
+    def finish(self, fold: int, result: FoldResult, *, with_history: bool = False) -> None:
+        from ser_platform import tracking
+        from ser_platform.data.iemocap import CLASSES
+
+        run, _ = self._run(fold)
+        if with_history:
+            for entry in result.history:
+                run.log_metrics({k: v for k, v in entry.items() if k != "epoch"}, step=int(entry["epoch"]))
+        final = {"test_wa": result.test_wa, "test_ua": result.test_ua, "best_epoch": float(result.best_epoch),
+                 "best_val_wa": result.val_wa, "best_val_ua": result.val_ua, "epochs_run": float(result.epochs_run),
+                 "num_test": float(result.num_test)}
+        for subset, scores in result.subsets.items():
+            if scores.get("n", 0) > 0:
+                final.update({f"test_wa_{subset}": scores["wa"], f"test_ua_{subset}": scores["ua"],
+                              f"num_test_{subset}": float(scores["n"])})
+        run.log_metrics(final, step=result.epochs_run)
+        if result.resumed_from:
+            run.set_tags({"ser.resumed_from_epochs": ",".join(str(e) for e in result.resumed_from)})
+        tracking.log_confusion(run, result.confusion, CLASSES)
+        run.log_dict(result.to_dict(), "fold_result.json")
+        run.finish("FINISHED")
+
+    def ensure_finished(self, fold: int, result: FoldResult) -> None:
+        """A fold restored as finished from a checkpoint: make sure its run holds the result (an interrupted
+        earlier attempt may have died before logging it, or its run may have been deleted)."""
+        run, created = self._run(fold)
+        if created or run.client.get_run(run.run_id).info.status != "FINISHED":
+            self.finish(fold, result, with_history=True)
+
+
+def _load_checkpoint_state(checkpoint: Any) -> dict | None:
+    import torch
+
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as directory:
+        return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def train_loop_per_worker(loop_config: dict) -> dict[int, dict]:
+    """The Ray Train worker function: Ray Data shards -> ``train.fit_folds`` -> ``{fold: FoldResult dict}``."""
+    import ray.train
+    import ray.train.torch
+
+    from ser_platform.data.features import FeatureParams
+    from ser_platform.data.loader import eval_batches, make_collate, train_batches
+    from ser_platform.models.text import build_tokenizer
+    from ser_platform.train import derive_seed, fit_folds
+
+    import math
+
+    import torch
+
+    _quiet_ray()
+    # Ray sets OMP_NUM_THREADS from the integer part of a worker's CPUs (1 for 1.99): use what was granted.
+    torch.set_num_threads(max(1, math.ceil(float(loop_config.get("cpus", 1.0)) - 0.05)))
+    config = from_dict(loop_config["config"])
+    folds = [int(f) for f in loop_config["folds"]]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    tokenizer = build_tokenizer(config.model.text)
+    collate = make_collate(tokenizer, max_text_tokens=config.data.max_text_tokens,
+                           max_audio_samples=int(round(config.data.max_audio_seconds * config.data.sample_rate)),
+                           feature_params=FeatureParams.from_speech_config(config.model.speech,
+                                                                           config.data.sample_rate))
+    if loop_config.get("encoder_cache"):  # {modality: entry path}, checked by the driver
+        from ser_platform.frozen_encoders import cached_collate
+
+        collate = cached_collate(collate, loop_config["encoder_cache"])
+    per_worker_batch = max(1, config.train.batch_size // world_size)
+
+    def batches_for(fold: int, split: str, epoch: int):
+        shard = ray.train.get_dataset_shard(f"{split}_{fold}")
+        if split == "train":
+            return train_batches(shard, collate, batch_size=per_worker_batch,
+                                 seed=derive_seed(config.train.seed, fold, epoch, rank),
+                                 samples_per_class=config.train.samples_per_class,
+                                 bucket_by_length=config.data.bucket_by_length)
+        return eval_batches(shard, collate, batch_size=config.train.batch_size, rank=rank, world_size=world_size)
+
+    logger = _FoldLogger(config, loop_config["mlflow"]) if rank == 0 else None
+    hooks = _RayHooks(rank=rank, logger=logger, fault=_FaultInjection(loop_config.get("fault")))
+    resume_state = _load_checkpoint_state(ray.train.get_checkpoint())
+    if resume_state is not None and logger is not None:
+        for fold, values in resume_state.get("finished", {}).items():
+            if int(fold) in folds:
+                logger.ensure_finished(int(fold), FoldResult.from_dict(values))
+
+    def wrap(model):
+        return ray.train.torch.prepare_model(model)
+
+    # Through a logger, not print: Ray Train tees a worker's print to its log and to the console (twice).
+    results = fit_folds(config, folds, batches_for, device=device, rank=rank, world_size=world_size,
+                        wrap_model=wrap, hooks=hooks, resume_state=resume_state,
+                        log=logging.getLogger("ser_platform.train").info)
+    return {fold: result.to_dict() for fold, result in results.items()}
+
+
+# --- the driver ----------------------------------------------------------------------------------------------
+
+def _storage_root(storage_path: str) -> str:
+    return storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
+
+
+def _fit(config: Config, *, name: str, storage_path: str, folds: list[int], datasets: dict[str, Any],
+         loop_config: dict, cluster_cpus: float) -> dict[int, FoldResult]:
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": worker_cpus(config, cluster_cpus)}
+    if config.train.use_gpu:
+        resources["GPU"] = config.train.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={**loop_config, "folds": folds, "cpus": resources["CPU"]},
+        torch_config=TorchConfig(backend="nccl" if config.train.use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=storage_path,
+            failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+            # The latest checkpoint carries everything a restart needs (best weights included).
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+        ),
+        datasets=datasets,
+        # Training splits are sharded over workers; evaluation splits go whole to every worker (each scores
+        # its share of batches), in a fixed order so a seed gives the same batches every run.
+        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k.startswith("train_")],
+                                            execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    result = trainer.fit()
+    returned = result.return_value or {}
+    missing = [f for f in folds if f not in returned]
+    if missing:
+        raise RuntimeError(f"Ray Train run {name!r} finished without results for fold(s) {missing}")
+    return {f: FoldResult.from_dict(returned[f]) for f in folds}
+
+
+def train_folds(config: Config, *, run_name: str, storage_path: str, parent_run_id: str | None = None,
+                tags: dict | None = None) -> TrialResult:
+    """Train and test ``config`` on every fold of ``config.data.folds`` with Ray Train (module docstring).
+
+    ``run_name`` names the Ray Train run(s) under ``storage_path`` (checkpoints; the same name continues an
+    interrupted run) and tags the MLflow runs. MLflow: fold runs nest under ``parent_run_id`` when given (e.g.
+    a Tune trial's run), else under a run created here (params: config, git commit, dataset fingerprint;
+    metrics: the summary over folds). Returns per-fold results and their mean/std.
+    """
+    import ray
+
+    from ser_platform import tracking
+    from ser_platform.data.folds import fold_spec
+
+    init_ray()
+    _quiet_ray()
+    tags = dict(tags or {})
+    dataset = resolve_dataset(config)
+    uri = tracking.ensure_store(tracking.resolve_tracking_uri(config))
+    exp = tracking.experiment_id(uri, config.tracking.experiment)
+    try:
+        from ser_platform.data.parquet import read_summary
+
+        summary = read_summary(dataset)
+    except (ImportError, ValueError, OSError):
+        summary = None
+    params = {"git_commit": tracking.git_commit(), "dataset_path": dataset,
+              "dataset_fingerprint": tracking.dataset_fingerprint(dataset, summary)}
+    if summary and summary.get("features") and summary.get("feature_params"):
+        _check_feature_params(config, dataset, summary["feature_params"])
+    encoder_cache = None
+    if config.data.encoder_cache:
+        from ser_platform.frozen_encoders import open_encoder_cache
+
+        # Before any trainer starts: a stale or mismatched cache fails here, naming what differs.
+        encoder_cache = open_encoder_cache(config, dataset)
+
+    own_run = None
+    if parent_run_id is None:
+        own_run = tracking.find_or_start_run(uri, exp, run_name=run_name, tags={
+            **tags, tracking.ROLE_TAG: "train", tracking.TRAIN_RUN_TAG: run_name})
+        own_run.log_config(config, params)
+    parent = parent_run_id or own_run.run_id
+    try:
+        specs = {k: fold_spec(k, config.data.protocol) for k in config.data.folds}
+        fold_data = prepare_fold_data(dataset, specs, materialize=config.data.materialize)
+        storage = _storage_root(storage_path)
+        loop_config = {
+            "config": config.to_dict(),
+            "fault": os.environ.get(FAULT_ENV) or None,
+            "encoder_cache": encoder_cache,
+            "mlflow": {"tracking_uri": uri, "experiment_id": exp, "parent_run_id": parent, "run_name": run_name,
+                       "tags": tags, "params": params, "specs": specs},
+        }
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 1))
+        # train.seeds: the folds again with seed, seed+1, ...: one Train run (or one per fold) per seed, named
+        # ".../seed=S"; one seed keeps the plain name, so runs from before train.seeds existed resume as they were.
+        seeds = [config.train.seed + i for i in range(config.train.seeds)]
+        per_seed: dict[int, dict[int, FoldResult]] = {}
+        for seed in seeds:
+            seed_config = config if len(seeds) == 1 else config.replace({"train.seed": seed})
+            seed_name = run_name if len(seeds) == 1 else f"{run_name}/seed={seed}"
+            seed_loop = {**loop_config, "config": seed_config.to_dict(),
+                         "mlflow": {**loop_config["mlflow"], "run_name": seed_name, "num_seeds": len(seeds)}}
+            per_fold: dict[int, FoldResult] = {}
+            if config.train.trainer_scope == "trial":
+                datasets = {f"{split}_{k}": ds for k, splits in fold_data.items() for split, ds in splits.items()}
+                per_fold = _fit(seed_config, name=seed_name, storage_path=storage, folds=list(config.data.folds),
+                                datasets=datasets, loop_config=seed_loop, cluster_cpus=cluster_cpus)
+            else:
+                for k in config.data.folds:
+                    datasets = {f"{split}_{k}": ds for split, ds in fold_data[k].items()}
+                    per_fold.update(_fit(seed_config, name=f"{seed_name}/fold={k}", storage_path=storage, folds=[k],
+                                         datasets=datasets, loop_config=seed_loop, cluster_cpus=cluster_cpus))
+            per_seed[seed] = per_fold
+        result = TrialResult(per_fold=per_seed[seeds[0]], summary=summarize_trial(per_seed[seeds[0]], per_seed),
+                             per_seed=per_seed)
+    except BaseException:
+        if own_run is not None:
+            own_run.finish("FAILED")
+        raise
+    if own_run is not None:
+        own_run.log_metrics(result.summary)
+        own_run.finish("FINISHED")
+    return result
+
+
+def _check_feature_params(config: Config, dataset: str, stored: Mapping[str, Any]) -> None:
+    from ser_platform.data.features import FeatureParams
+
+    wanted = FeatureParams.from_speech_config(config.model.speech, config.data.sample_rate).to_dict()
+    differ = {k: (stored.get(k), v) for k, v in wanted.items() if k in stored and stored.get(k) != v}
+    if differ:
+        raise ValueError(f"{dataset}: stored features were computed with other settings than the config asks "
+                         f"for (stored, wanted): {differ}; re-run `ser prepare --features` or prepare without them")
+
+
+def format_result(result: TrialResult) -> str:
+    """A table of the folds (× seeds) and their mean ± std, for the terminal."""
+    seeds = len(result.per_seed) > 1
+    lines = [f"{'fold':>4}  " + (f"{'seed':>4}  " if seeds else "")
+             + f"{'best ep':>7}  {'val UA':>6}  {'test WA':>7}  {'test UA':>7}  {'impro UA':>8}  {'script UA':>9}"]
+    for (fold, seed), r in sorted(result.runs().items()):
+        impro = r.subsets.get("improvised", {}).get("ua", float("nan"))
+        script = r.subsets.get("scripted", {}).get("ua", float("nan"))
+        lines.append(f"{fold:>4}  " + (f"{seed:>4}  " if seeds else "")
+                     + f"{r.best_epoch:>7}  {r.val_ua:>6.3f}  {r.test_wa:>7.3f}  {r.test_ua:>7.3f}  "
+                     f"{impro:>8.3f}  {script:>9.3f}")
+    s = result.summary
+    over = (f"{len(result.per_fold)} fold(s) × {len(result.per_seed)} seeds" if seeds
+            else f"{len(result.per_fold)} fold(s), 1 seed")
+    lines.append(f"mean ± std over {over}: test WA {s['test_wa_mean']:.3f} ± "
+                 f"{s['test_wa_std']:.3f}, test UA {s['test_ua_mean']:.3f} ± {s['test_ua_std']:.3f} "
+                 f"(val UA {s['val_ua_mean']:.3f} ± {s['val_ua_std']:.3f})")
+    if seeds:
+        spread = ", ".join(f"fold {f} {s[f'test_ua_seed_std_fold{f}']:.3f}" for f in sorted(result.per_fold))
+        lines.append(f"spread over seeds (std of test UA within a fold): {spread}; mean {s['test_ua_seed_std']:.3f}")
+    return "\n".join(lines)
+
+
+def train_command(config: Config, ray_address: str | None = None) -> int:
+    """``ser train``: one configuration on ``config.data.folds``; prints each fold and the mean ± std."""
+    from ser_platform import tracking
+
+    # Fail on an unusable tracking store before Ray starts (seconds, not minutes).
+    tracking.ensure_store(tracking.resolve_tracking_uri(config))
+    init_ray(ray_address)
+    run_name = "train-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    storage = config.tracking.storage or DEFAULT_STORAGE
+    started = time.perf_counter()
+    result = train_folds(config, run_name=run_name, storage_path=storage)
+    print(format_result(result))
+    print(f"{len(result.per_fold)} fold(s) in {time.perf_counter() - started:.0f} s; MLflow experiment "
+          f"{config.tracking.experiment!r} at {tracking.resolve_tracking_uri(config)}, run {run_name!r}")
+    return 0
