@@ -87,6 +87,8 @@ def select_embedding(output: "SEROutput", space: str) -> Tensor:
     spaces = {"fused": output.embedding, "speech": output.speech_embedding, "text": output.text_embedding}
     if space not in spaces:
         raise ValueError(f"loss.space={space!r}: expected one of {sorted(spaces)}")
+    if spaces[space] is None:  # a single-modality baseline (model.fusion); Config rejects the pair up front
+        raise ValueError(f"loss.space={space!r}: this model has no {space} embedding (model.fusion)")
     return spaces[space]
 
 

@@ -123,9 +123,12 @@ def _wav_truncation(path: Path) -> str | None:
     return None
 
 
-def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> tuple[np.ndarray, dict[str, Any]]:
+def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, *,
+               mix_channels: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode ``path`` to a mono float32 signal at ``sample_rate``; raise ``DataError`` naming the file.
 
+    ``mix_channels``: average channels that differ instead of refusing them (``ser predict`` on a user's own
+    recording; corpora keep refusing, see the module docstring).
     Returns the signal and what was done to it: ``{"source_rate": int, "resampled": bool, "downmixed": bool}``.
     """
     path = Path(path)
@@ -142,7 +145,9 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> tuple[np.nda
         raise DataError(path, "zero-length audio (no samples)")
     downmixed = False
     if audio.shape[1] > 1:
-        if not np.all(audio == audio[:, :1]):
+        if mix_channels:
+            audio = audio.mean(axis=1, keepdims=True)
+        elif not np.all(audio == audio[:, :1]):
             raise DataError(path, f"{audio.shape[1]} channels with different content; expected mono (averaging "
                                   "two microphones would mix the other actor in)")
         downmixed = True

@@ -13,6 +13,14 @@ is padding. The text mean includes ``<s>`` and ``</s>``, which are valid tokens 
 
 With ``model.encoders="frozen"``, nothing trainable lies below the text embedding (it is RoBERTa's output), so
 a metric loss on the ``text`` space is a constant there; it needs fine-tuned encoders, as in the paper.
+
+``model.fusion`` picks the baselines of Table 4 with every other part unchanged (same encoders, pooling, dropout,
+F(x) and classifier; only what sits between the pooled embeddings and F(x) differs):
+
+* ``"crossmodal"``: the paper's model (with ``focus_attention=False``: crossmodal without FA);
+* ``"early"``: no crossmodal transformer; [masked mean of X_A ; masked mean of X_L] -> FC -> F(x);
+* ``"speech_only"`` / ``"text_only"``: the other embedding network is not built (its inputs are ignored and
+  its embedding is ``None``); masked mean of X_A (or X_L) -> FC -> F(x).
 """
 
 from __future__ import annotations
@@ -46,8 +54,8 @@ def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
 class SEROutput:
     logits: Tensor  # (B, num_classes)
     embedding: Tensor  # (B, embedding_dim): F(x), fused
-    speech_embedding: Tensor  # (B, D_s): masked mean of X_A before fusion
-    text_embedding: Tensor  # (B, D_t): masked mean of X_L before fusion
+    speech_embedding: Optional[Tensor]  # (B, D_s): masked mean of X_A before fusion; None if text_only
+    text_embedding: Optional[Tensor]  # (B, D_t): masked mean of X_L before fusion; None if speech_only
 
 
 class SERModel(nn.Module):
@@ -55,25 +63,40 @@ class SERModel(nn.Module):
 
     ``pretrained``: load named checkpoints' weights (False builds the same architecture randomly initialised,
     from ``KNOWN_*_CONFIGS`` when the name is known, e.g. on the meta device for ``model_summary``).
+    ``cached_encoder_states``: the frozen encoders' states always come with the batch (``text_states``,
+    ``speech_ssl_states``, from ``data.encoder_cache``), so RoBERTa and wav2vec2 are not built at all.
     """
 
-    def __init__(self, model_config: ModelConfig, *, pretrained: bool = True) -> None:
+    def __init__(self, model_config: ModelConfig, *, pretrained: bool = True,
+                 cached_encoder_states: bool = False) -> None:
         super().__init__()
         self.config = model_config
+        mode = model_config.fusion
         frozen = model_config.encoders == "frozen"
-        self.text_encoder = TextEncoder(model_config.text, frozen=frozen, pretrained=pretrained)
-        self.speech_encoder = SpeechEncoder(model_config.speech, frozen=frozen, pretrained=pretrained,
-                                            dropout=model_config.dropout)
-        self.fusion = CrossmodalFusion(
-            self.text_encoder.output_dim, self.speech_encoder.output_dim, model_config.embed_dim,
-            model_config.num_heads, model_config.num_layers,
-            attn_dropout=model_config.attn_dropout, relu_dropout=model_config.relu_dropout,
-            res_dropout=model_config.res_dropout, embed_dropout=model_config.embed_dropout,
-            focus_attention=model_config.focus_attention, attn_implementation=model_config.attn_implementation,
-            sigma_min=model_config.sigma_min,
-        )
+        # Absent parts are None (not built: no parameters, no compute), so state dicts say what a baseline has.
+        self.text_encoder: Optional[TextEncoder] = None
+        self.speech_encoder: Optional[SpeechEncoder] = None
+        self.fusion: Optional[CrossmodalFusion] = None
+        if mode != "speech_only":
+            self.text_encoder = TextEncoder(model_config.text, frozen=frozen, pretrained=pretrained,
+                                            cached=cached_encoder_states)
+        if mode != "text_only":
+            self.speech_encoder = SpeechEncoder(model_config.speech, frozen=frozen, pretrained=pretrained,
+                                                dropout=model_config.dropout, cached=cached_encoder_states)
+        if mode == "crossmodal":
+            self.fusion = CrossmodalFusion(
+                self.text_encoder.output_dim, self.speech_encoder.output_dim, model_config.embed_dim,
+                model_config.num_heads, model_config.num_layers,
+                attn_dropout=model_config.attn_dropout, relu_dropout=model_config.relu_dropout,
+                res_dropout=model_config.res_dropout, embed_dropout=model_config.embed_dropout,
+                focus_attention=model_config.focus_attention, attn_implementation=model_config.attn_implementation,
+                sigma_min=model_config.sigma_min,
+            )
+            pooled_dim = 2 * model_config.embed_dim
+        else:
+            pooled_dim = sum(part.output_dim for part in (self.speech_encoder, self.text_encoder) if part is not None)
         self.dropout = nn.Dropout(model_config.dropout)
-        self.embedding_layer = nn.Linear(2 * model_config.embed_dim, model_config.embedding_dim)  # F(x)
+        self.embedding_layer = nn.Linear(pooled_dim, model_config.embedding_dim)  # F(x)
         self.classifier = nn.Linear(model_config.embedding_dim, model_config.num_classes)
 
     def forward(
@@ -92,26 +115,30 @@ class SERModel(nn.Module):
         (B, T, n_mfcc), spectrogram (B, T, n_freq), feature_lengths (B,) valid frames (10 ms hop); input_ids and
         attention_mask (B, T_L) (True/1 = keep). ``text_states`` (B, T_L, D_t) / ``speech_ssl_states``
         (B, T_w, D_w): precomputed frozen-encoder outputs that replace running RoBERTa / wav2vec2."""
-        if text_states is None:
-            if input_ids is None:
-                raise ValueError("SERModel needs input_ids unless text_states are given")
-            text_states, text_mask = self.text_encoder(input_ids, attention_mask)
-        else:
-            text_mask = attention_mask.bool()
-            text_states = text_states * text_mask.unsqueeze(-1).to(text_states.dtype)
-        speech = self.speech_encoder(input_values, audio_lengths, mfcc, spectrogram, feature_lengths,
-                                     ssl_states=speech_ssl_states)
-        fused = self.fusion(text_states, text_mask, speech.states, speech.mask)
-        pooled = torch.cat((masked_mean(fused.audio_from_text, speech.mask),
-                            masked_mean(fused.text_from_audio, text_mask)), dim=-1)  # (B, 2·embed_dim)
+        text_embedding = speech_embedding = None
+        if self.text_encoder is not None:
+            if text_states is None:
+                if input_ids is None:
+                    raise ValueError("SERModel needs input_ids unless text_states are given")
+                text_states, text_mask = self.text_encoder(input_ids, attention_mask)
+            else:
+                text_mask = attention_mask.bool()
+                text_states = text_states * text_mask.unsqueeze(-1).to(text_states.dtype)
+            text_embedding = masked_mean(text_states, text_mask)
+        if self.speech_encoder is not None:
+            speech = self.speech_encoder(input_values, audio_lengths, mfcc, spectrogram, feature_lengths,
+                                         ssl_states=speech_ssl_states)
+            speech_embedding = masked_mean(speech.states, speech.mask)
+        if self.fusion is not None:
+            fused = self.fusion(text_states, text_mask, speech.states, speech.mask)
+            pooled = torch.cat((masked_mean(fused.audio_from_text, speech.mask),
+                                masked_mean(fused.text_from_audio, text_mask)), dim=-1)  # (B, 2·embed_dim)
+        else:  # early fusion or one modality: the pooled embeddings themselves, (B, D_s + D_t) / (B, D_s) / (B, D_t)
+            pooled = torch.cat([e for e in (speech_embedding, text_embedding) if e is not None], dim=-1)
         embedding = self.embedding_layer(self.dropout(pooled))
         logits = self.classifier(self.dropout(F.relu(embedding)))
-        return SEROutput(
-            logits=logits,
-            embedding=embedding,
-            speech_embedding=masked_mean(speech.states, speech.mask),
-            text_embedding=masked_mean(text_states, text_mask),
-        )
+        return SEROutput(logits=logits, embedding=embedding, speech_embedding=speech_embedding,
+                         text_embedding=text_embedding)
 
 
 def _count(module: nn.Module) -> tuple[int, int]:
@@ -120,23 +147,28 @@ def _count(module: nn.Module) -> tuple[int, int]:
 
 
 def parameter_counts(model: SERModel) -> dict[str, tuple[int, int]]:
-    """(total, trainable) parameters per part of the model, the parts adding up to the whole."""
+    """(total, trainable) parameters per part of the model, the parts adding up to the whole; parts that a
+    baseline (``model.fusion``) does not build are left out."""
+    parts: dict[str, tuple[int, int]] = {}
+    if model.text_encoder is not None:
+        parts["text encoder"] = _count(model.text_encoder)
     speech = model.speech_encoder
-    focal = [p for name, p in model.fusion.named_parameters() if FOCAL_PARAMETER_NAMES & set(name.split("."))]
-    parts = {
-        "text encoder": _count(model.text_encoder),
-        "speech: wav2vec2": _count(speech.ssl),
-        "speech: MFCC encoder": _count(speech.mfcc_encoder),
-        "speech: spectrogram encoder": _count(speech.spectrogram_encoder),
-        "speech: guided attention": tuple(a + b for a, b in zip(_count(speech.acoustic_projection),
-                                                                 _count(speech.guided_attention))),
-        "crossmodal fusion": _count(model.fusion),
-        "  of which focus attention": (sum(p.numel() for p in focal),
-                                       sum(p.numel() for p in focal if p.requires_grad)),
-        "head (F(x) + classifier)": tuple(a + b for a, b in zip(_count(model.embedding_layer),
-                                                                 _count(model.classifier))),
-        "total": _count(model),
-    }
+    if speech is not None:
+        parts.update({
+            "speech: wav2vec2": _count(speech.ssl),
+            "speech: MFCC encoder": _count(speech.mfcc_encoder),
+            "speech: spectrogram encoder": _count(speech.spectrogram_encoder),
+            "speech: guided attention": tuple(a + b for a, b in zip(_count(speech.acoustic_projection),
+                                                                     _count(speech.guided_attention))),
+        })
+    if model.fusion is not None:
+        focal = [p for name, p in model.fusion.named_parameters() if FOCAL_PARAMETER_NAMES & set(name.split("."))]
+        parts["crossmodal fusion"] = _count(model.fusion)
+        parts["  of which focus attention"] = (sum(p.numel() for p in focal),
+                                               sum(p.numel() for p in focal if p.requires_grad))
+    parts["head (F(x) + classifier)"] = tuple(a + b for a, b in zip(_count(model.embedding_layer),
+                                                                     _count(model.classifier)))
+    parts["total"] = _count(model)
     return parts
 
 
@@ -144,21 +176,27 @@ def model_summary(model_config: ModelConfig) -> str:
     """Parameters (total and trainable) per part of the model ``model_config`` describes.
 
     Built on the meta device without weights (named encoders from their published sizes in
-    ``KNOWN_TEXT_CONFIGS`` / ``KNOWN_SPEECH_CONFIGS``), so the 450M-parameter paper model costs no memory,
+    ``KNOWN_TEXT_CONFIGS`` / ``KNOWN_SPEECH_CONFIGS``), so the ~457M-parameter paper model costs no memory,
     no download and well under a second.
     """
     with torch.device("meta"):
         model = SERModel(model_config, pretrained=False)
     counts = parameter_counts(model)
     width = max(len(name) for name in counts)
+    encoders = [f"{kind} encoder: {name} ({part.output_dim}-d)" for kind, name, part in (
+        ("text", model_config.text.name, model.text_encoder), ("speech", model_config.speech.name,
+                                                               model.speech_encoder)) if part is not None]
+    if model_config.fusion == "crossmodal":
+        fusion = (f"crossmodal: {model_config.num_layers} layers x 2 directions, {model_config.embed_dim}-d, "
+                  f"{model_config.num_heads} heads, focus attention {'on' if model_config.focus_attention else 'off'} "
+                  f"({model_config.attn_implementation})")
+    else:
+        fusion = {"early": "early fusion: pooled speech and text embeddings concatenated",
+                  "speech_only": "speech only (no text encoder)",
+                  "text_only": "text only (no speech encoder)"}[model_config.fusion]
     lines = [
-        f"text encoder: {model_config.text.name} ({model.text_encoder.output_dim}-d); "
-        f"speech encoder: {model_config.speech.name} ({model.speech_encoder.output_dim}-d); "
-        f"encoders {model_config.encoders}",
-        f"crossmodal: {model_config.num_layers} layers x 2 directions, {model_config.embed_dim}-d, "
-        f"{model_config.num_heads} heads, focus attention {'on' if model_config.focus_attention else 'off'} "
-        f"({model_config.attn_implementation}); F(x) {model_config.embedding_dim}-d -> "
-        f"{model_config.num_classes} classes",
+        "; ".join(encoders) + f"; encoders {model_config.encoders}",
+        f"{fusion}; F(x) {model_config.embedding_dim}-d -> {model_config.num_classes} classes",
         "",
         f"{'part':<{width}}  {'parameters':>14}  {'trainable':>14}",
     ]

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ser_platform.config import TINY_ENCODER, SpeechEncoderConfig
+from ser_platform.models.text import check_layer
 
 __all__ = [
     "KNOWN_SPEECH_CONFIGS",
@@ -136,50 +137,92 @@ def build_speech_encoder_config(speech_config: SpeechEncoderConfig, *, pretraine
 class SSLSpeechEncoder(nn.Module):
     """wav2vec2-style frame states: ``forward(input_values (B,S), audio_lengths (B,)) -> (states, mask)``.
 
-    states (B, T_w, output_dim), zero at padded frames; mask (B, T_w) bool from ``frame_lengths``.
-    ``frozen``: requires_grad False, always in eval mode, run under ``torch.no_grad()``.
+    states (B, T_w, output_dim), zero at padded frames; mask (B, T_w) bool from ``frame_lengths``. The states
+    are layer ``speech_config.layer`` (-1 = the encoder's output ``last_hidden_state``; L = ``hidden_states[L]``);
+    :meth:`layer_states` gives several layers from one pass.
+    ``frozen``: requires_grad False, always in eval mode, run under ``torch.no_grad()``; random weights of a
+    frozen encoder ("tiny", or ``pretrained=False``) come from ``speech_config.tiny_seed`` alone (a fixed
+    feature extractor, the same in every fold, so it can be cached like a checkpoint).
+    ``cached``: states come from the frozen-encoder cache; no encoder is built (its config gives the sizes and
+    ``frame_lengths``) and ``forward`` raises. Requires ``frozen``.
     """
 
-    def __init__(self, speech_config: SpeechEncoderConfig, *, frozen: bool = False, pretrained: bool = True) -> None:
+    def __init__(self, speech_config: SpeechEncoderConfig, *, frozen: bool = False, pretrained: bool = True,
+                 cached: bool = False) -> None:
         super().__init__()
         from transformers import AutoModel
 
+        if cached and not frozen:
+            raise ValueError("an SSLSpeechEncoder served from the encoder cache must be frozen "
+                             "(model.encoders='frozen')")
         self.frozen = frozen
+        self.layer = int(speech_config.layer)
         hf_config = build_speech_encoder_config(speech_config, pretrained=pretrained)
-        if pretrained and speech_config.name != TINY_ENCODER:
+        self.hf_config = hf_config
+        self.num_layers = int(hf_config.num_hidden_layers)
+        check_layer(self.layer, self.num_layers, "model.speech.layer")
+        self.encoder: nn.Module | None = None
+        if cached:
+            if not (hasattr(hf_config, "conv_kernel") and hasattr(hf_config, "conv_stride")):
+                raise ValueError(f"model.speech.name={speech_config.name!r}: its config has no conv_kernel/"
+                                 "conv_stride, so it is not a wav2vec2-style encoder")
+        elif pretrained and speech_config.name != TINY_ENCODER:
             self.encoder = AutoModel.from_pretrained(speech_config.name, layerdrop=0.0)
+        elif frozen:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(speech_config.tiny_seed)
+                self.encoder = AutoModel.from_config(hf_config)
         else:
             self.encoder = AutoModel.from_config(hf_config)
-        if not hasattr(self.encoder, "_get_feat_extract_output_lengths"):
+        if self.encoder is not None and not hasattr(self.encoder, "_get_feat_extract_output_lengths"):
             raise ValueError(f"model.speech.name={speech_config.name!r}: {type(self.encoder).__name__} is not a "
                              "wav2vec2-style encoder (no _get_feat_extract_output_lengths)")
-        self.output_dim = int(self.encoder.config.hidden_size)
-        self.num_heads = int(self.encoder.config.num_attention_heads)
+        self.output_dim = int(hf_config.hidden_size)
+        self.num_heads = int(hf_config.num_attention_heads)
         # Hugging Face's rule: checkpoints whose conv stack uses GroupNorm (wav2vec2-base) take no attention mask.
-        self.pass_attention_mask = getattr(self.encoder.config, "feat_extract_norm", "layer") == "layer"
-        if frozen:
+        self.pass_attention_mask = getattr(hf_config, "feat_extract_norm", "layer") == "layer"
+        if self.encoder is not None and frozen:
             self.encoder.requires_grad_(False)
             self.encoder.eval()
 
     def train(self, mode: bool = True) -> "SSLSpeechEncoder":
         super().train(mode)
-        if self.frozen:
+        if self.frozen and self.encoder is not None:
             self.encoder.eval()
         return self
 
     def frame_lengths(self, audio_lengths: Tensor) -> Tensor:
         """Valid frames per sample: the conv stack's output length for each number of valid samples."""
-        return self.encoder._get_feat_extract_output_lengths(audio_lengths).clamp(min=0)
+        if self.encoder is not None:
+            return self.encoder._get_feat_extract_output_lengths(audio_lengths).clamp(min=0)
+        # No encoder (cached): Hugging Face's formula, floor((L - kernel) / stride) + 1 per conv layer.
+        if getattr(self.hf_config, "add_adapter", False):
+            raise ValueError("frame_lengths of a cached encoder with an adapter (add_adapter) is not supported")
+        lengths = audio_lengths
+        for kernel, stride in zip(self.hf_config.conv_kernel, self.hf_config.conv_stride):
+            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
+        return lengths.clamp(min=0)
 
-    def forward(self, input_values: Tensor, audio_lengths: Tensor) -> tuple[Tensor, Tensor]:
+    def layer_states(self, input_values: Tensor, audio_lengths: Tensor,
+                     layers: Sequence[int]) -> tuple[list[Tensor], Tensor]:
+        """The frame states of each of ``layers`` from one pass, zero at padded frames; the frame mask."""
+        if self.encoder is None:
+            raise ValueError("this SSLSpeechEncoder serves states from the encoder cache (data.encoder_cache) and "
+                             "has no encoder to run: pass speech_ssl_states")
+        for layer in layers:
+            check_layer(layer, self.num_layers, "speech layer")
         sample_mask = lengths_to_mask(audio_lengths, input_values.shape[1])
         waveform = masked_standardize(input_values, sample_mask)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            states = self.encoder(
-                waveform, attention_mask=sample_mask.long() if self.pass_attention_mask else None
-            ).last_hidden_state
-        mask = lengths_to_mask(self.frame_lengths(audio_lengths), states.shape[1])
-        return states * mask.unsqueeze(-1).to(states.dtype), mask
+            out = self.encoder(waveform, attention_mask=sample_mask.long() if self.pass_attention_mask else None,
+                               output_hidden_states=any(layer != -1 for layer in layers))
+        states = [out.last_hidden_state if layer == -1 else out.hidden_states[layer] for layer in layers]
+        mask = lengths_to_mask(self.frame_lengths(audio_lengths), states[0].shape[1])
+        return [s * mask.unsqueeze(-1).to(s.dtype) for s in states], mask
+
+    def forward(self, input_values: Tensor, audio_lengths: Tensor) -> tuple[Tensor, Tensor]:
+        states, mask = self.layer_states(input_values, audio_lengths, [self.layer])
+        return states[0], mask
 
 
 class AcousticFeatureEncoder(nn.Module):
@@ -278,12 +321,13 @@ class SpeechEncoder(nn.Module):
     forward(input_values (B, S), audio_lengths (B,), mfcc (B, T, n_mfcc), spectrogram (B, T, n_freq),
     feature_lengths (B,), ssl_states=None) -> SpeechEncoderOutput. ``ssl_states`` (B, T_w, D): precomputed
     frozen wav2vec2 states (then ``input_values`` may be None; ``audio_lengths`` still gives the frame mask).
+    ``cached=True``: the wav2vec2 states always come that way (from ``data.encoder_cache``): no wav2vec2 is built.
     """
 
     def __init__(self, speech_config: SpeechEncoderConfig, *, frozen: bool = False, pretrained: bool = True,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, cached: bool = False) -> None:
         super().__init__()
-        self.ssl = SSLSpeechEncoder(speech_config, frozen=frozen, pretrained=pretrained)
+        self.ssl = SSLSpeechEncoder(speech_config, frozen=frozen, pretrained=pretrained, cached=cached)
         self.n_mfcc = speech_config.n_mfcc
         self.n_freq = spectrogram_bins(speech_config)
         self.mfcc_encoder = AcousticFeatureEncoder(self.n_mfcc, speech_config.cnn_channels,

@@ -19,7 +19,7 @@ the Hub.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,7 @@ __all__ = [
     "build_text_encoder_config",
     "build_tokenizer",
     "byte_level_tokenizer",
+    "check_layer",
 ]
 
 # RoBERTa's special tokens in RoBERTa's id order (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4).
@@ -120,39 +121,80 @@ class TextEncoder(nn.Module):
     """Token states of a Hugging Face encoder: ``forward(input_ids, attention_mask) -> (states, mask)``.
 
     input_ids, attention_mask: (B, T_L), attention_mask bool or 0/1, True = keep (RoBERTa's right padding).
-    Returns states (B, T_L, output_dim) — zero at padded tokens — and the bool mask (B, T_L).
+    Returns states (B, T_L, output_dim) — zero at padded tokens — and the bool mask (B, T_L). The states are
+    layer ``text_config.layer`` (-1 = the encoder's output ``last_hidden_state``; L = ``hidden_states[L]``,
+    0 = the embeddings); :meth:`layer_states` gives several layers from one pass.
 
     ``pretrained``: load the checkpoint's weights (real names only; "tiny" is always random).
     ``frozen``: requires_grad False, kept in eval mode (dropout off) whatever ``.train()`` says, and run under
-    ``torch.no_grad()``; then its states can as well come from a cache (``SERModel(text_states=...)``).
+    ``torch.no_grad()``; then its states can as well come from a cache (``SERModel(text_states=...)``). Random
+    weights of a frozen encoder (name "tiny", or ``pretrained=False``) are drawn from ``text_config.tiny_seed``
+    alone, not from the caller's RNG: a frozen random encoder is a fixed feature extractor, the same in every
+    fold, so its states can be cached (``ser cache``) like a checkpoint's.
+    ``cached``: the states come from the frozen-encoder cache (``data.encoder_cache``), so no encoder is built
+    (only its config is read, for ``output_dim``); ``forward`` then raises. Requires ``frozen``.
     """
 
-    def __init__(self, text_config: TextEncoderConfig, *, frozen: bool = False, pretrained: bool = True) -> None:
+    def __init__(self, text_config: TextEncoderConfig, *, frozen: bool = False, pretrained: bool = True,
+                 cached: bool = False) -> None:
         super().__init__()
         from transformers import AutoModel
 
+        if cached and not frozen:
+            raise ValueError("a TextEncoder served from the encoder cache must be frozen (model.encoders='frozen')")
         self.frozen = frozen
+        self.layer = int(text_config.layer)
         hf_config = build_text_encoder_config(text_config, pretrained=pretrained)
+        self.num_layers = int(hf_config.num_hidden_layers)
+        check_layer(self.layer, self.num_layers, "model.text.layer")
         load = pretrained and text_config.name != TINY_ENCODER
         # No pooler: it is unused here, and DDP refuses parameters that get no gradient.
         extra = {"add_pooling_layer": False} if hf_config.model_type in ("roberta", "bert", "xlm-roberta") else {}
-        if load:
+        self.encoder: nn.Module | None = None
+        if cached:
+            pass
+        elif load:
             self.encoder = AutoModel.from_pretrained(text_config.name, **extra)
+        elif frozen:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(text_config.tiny_seed)
+                self.encoder = AutoModel.from_config(hf_config, **extra)
         else:
             self.encoder = AutoModel.from_config(hf_config, **extra)
-        self.output_dim = int(self.encoder.config.hidden_size)
-        if frozen:
+        self.output_dim = int(hf_config.hidden_size)
+        if self.encoder is not None and frozen:
             self.encoder.requires_grad_(False)
             self.encoder.eval()
 
     def train(self, mode: bool = True) -> "TextEncoder":
         super().train(mode)
-        if self.frozen:
+        if self.frozen and self.encoder is not None:
             self.encoder.eval()  # a frozen encoder is a fixed feature extractor: no dropout, ever
         return self
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def layer_states(self, input_ids: Tensor, attention_mask: Tensor,
+                     layers: Sequence[int]) -> tuple[list[Tensor], Tensor]:
+        """The states of each of ``layers`` (see the class docstring) from one pass, zero at padding; the mask."""
+        if self.encoder is None:
+            raise ValueError("this TextEncoder serves states from the encoder cache (data.encoder_cache) and has no "
+                             "encoder to run: pass text_states")
+        for layer in layers:
+            check_layer(layer, self.num_layers, "text layer")
         mask = attention_mask.bool()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            states = self.encoder(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
-        return states * mask.unsqueeze(-1).to(states.dtype), mask
+            out = self.encoder(input_ids=input_ids, attention_mask=mask.long(),
+                               output_hidden_states=any(layer != -1 for layer in layers))
+        keep = mask.unsqueeze(-1)
+        states = [out.last_hidden_state if layer == -1 else out.hidden_states[layer] for layer in layers]
+        return [s * keep.to(s.dtype) for s in states], mask
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+        states, mask = self.layer_states(input_ids, attention_mask, [self.layer])
+        return states[0], mask
+
+
+def check_layer(layer: int, num_layers: int, key: str) -> None:
+    """-1 (the encoder's output) or a hidden-state index 0..num_layers (0 = embeddings); else ValueError."""
+    if not -1 <= int(layer) <= num_layers:
+        raise ValueError(f"{key}={layer!r}: expected -1 (the encoder's output) or a hidden-state index 0..{num_layers} "
+                         f"(0 = embeddings; this encoder has {num_layers} layers)")
