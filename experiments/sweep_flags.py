@@ -1,4 +1,5 @@
-"""Flags shared by the experiment scripts (sweep_loss_weights.py, ablation.py, embedding_space.py).
+"""Flags shared by the experiment scripts (sweep_loss_weights.py, ablation.py, embedding_space.py,
+compare_models.py).
 
 The same names as ``ser sweep`` (``--preset``, ``--config``, ``--set``, ``--dataset``, ``--mlflow-uri``, ...) plus
 the resources of one trial. Configs are built the way ``ser`` builds them: preset -> YAML -> the experiment's own
@@ -31,6 +32,8 @@ def build_parser(description: str, *, grid: bool = False) -> argparse.ArgumentPa
     config.add_argument("--epochs", type=int, help="training epochs per fold")
     config.add_argument("--folds", help="comma-separated folds (default: all five sessions of loso5)")
     config.add_argument("--seed", type=int, help="training seed, and the Optuna sampler's seed")
+    config.add_argument("--seeds", type=int, help="run every fold of a trial with N training seeds (seed, seed+1, "
+                                                  "...); tables show mean ± std over folds × seeds (default 1)")
     sweep = parser.add_argument_group("sweep")
     sweep.add_argument("--trials", type=int, help="Optuna trials (configurations), each over every fold")
     sweep.add_argument("--max-concurrent", type=int, help="trials at once (capped by what the cluster fits)")
@@ -62,6 +65,7 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         "data.folds": args.folds,
         "train.epochs": args.epochs,
         "train.seed": args.seed,
+        "train.seeds": args.seeds,
         "sweep.seed": args.seed,
         "sweep.trials": args.trials,
         "sweep.max_concurrent": args.max_concurrent,

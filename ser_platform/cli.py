@@ -3,9 +3,11 @@
     ser synth OUT                      write a synthetic corpus in IEMOCAP's layout
     ser prepare --source DIR --out DS  IEMOCAP (real or synthetic) -> one Parquet dataset
     ser model-summary --preset P       parameters per part of the model
+    ser cache --dataset DS ...         frozen encoders' hidden states, computed once, stored beside DS
     ser train --dataset DS ...         train one configuration on leave-one-session-out folds (Ray Train)
     ser sweep --dataset DS ...         Ray Tune + Optuna over the loss weights, margin and metric-loss space
     ser tables --experiment NAME       the paper's tables from logged MLflow runs
+    ser predict --run RUN_ID ...       class probabilities of new utterances from a fold run's selected model
 """
 
 from __future__ import annotations
@@ -69,6 +71,28 @@ def _cmd_model_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_layers(text: str | None) -> tuple[int, ...] | None:
+    if not text:
+        return None
+    try:
+        layers = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--layers={text!r}: expected comma-separated integers, e.g. -1 or -1,6,12") from None
+    if not layers or any(layer < -1 for layer in layers):
+        raise ConfigError(f"--layers={text!r}: expected -1 (the encoder's output) or hidden-state indices >= 0")
+    return layers
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    layers = _parse_layers(args.layers)
+    config = build_config(args, {"model.text.name": args.text_encoder, "model.speech.name": args.speech_encoder,
+                                 "model.encoders": "frozen", "data.encoder_cache": ""})
+    from ser_platform.frozen_encoders import cache_command
+
+    return cache_command(config, args.dataset, root=args.out, batch_size=args.batch_size, device=args.device,
+                         force=args.force, layers={"text": layers, "speech": layers} if layers else None)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     config = build_config(args, {
         "data.dataset": args.dataset,
@@ -77,6 +101,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         "train.use_gpu": True if args.gpu else None,
         "train.epochs": args.epochs,
         "train.seed": args.seed,
+        "train.seeds": args.seeds,
     })
     from ser_platform.ray_train import train_command
 
@@ -100,6 +125,13 @@ def _cmd_tables(args: argparse.Namespace) -> int:
     from ser_platform.tables import tables_command
 
     return tables_command(experiment=args.experiment, mlflow_uri=args.mlflow_uri, compare=args.compare)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from ser_platform.predict import predict_command
+
+    return predict_command(args.run, wav=args.wav, text=args.text, csv_path=args.csv, fold=args.fold,
+                           mlflow_uri=args.mlflow_uri, as_json=args.json)
 
 
 # --- parser ------------------------------------------------------------------------------------------------
@@ -130,6 +162,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_model_summary)
 
+    p = sub.add_parser("cache", help="compute the frozen encoders' hidden states once and store them beside the "
+                                     "dataset (DATASET.cache), for model.encoders=frozen + data.encoder_cache=auto")
+    _add_config_args(p)
+    p.add_argument("--dataset", required=True, help="Parquet dataset from `ser prepare` (a local folder)")
+    p.add_argument("--text-encoder", help="text encoder name or path (default: the config's model.text.name)")
+    p.add_argument("--speech-encoder", help="speech encoder name or path (default: the config's model.speech.name)")
+    p.add_argument("--layers", help="comma-separated layers to store for both encoders: -1 = the encoder's output, "
+                                    "L = hidden_states[L], 0 = embeddings; write --layers=-1,6 when the list starts "
+                                    "with -1 (default: the config's model.text.layer / model.speech.layer)")
+    p.add_argument("--batch-size", type=int, default=16, help="utterances per encoder batch (default 16)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is a GPU, else cpu")
+    p.add_argument("--out", help="cache folder (default: DATASET.cache beside the dataset)")
+    p.add_argument("--force", action="store_true", help="recompute entries that are already up to date")
+    p.set_defaults(func=_cmd_cache)
+
     p = sub.add_parser("train", help="train one configuration on leave-one-session-out folds (Ray Train DDP)")
     _add_config_args(p)
     p.add_argument("--dataset", help="Parquet dataset from `ser prepare` (local, s3:// or gs://)")
@@ -138,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl")
     p.add_argument("--epochs", type=int)
     p.add_argument("--seed", type=int)
+    p.add_argument("--seeds", type=int, help="run every fold with N seeds (seed, seed+1, ...); mean ± std over "
+                                             "folds × seeds (default 1)")
     p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
     p.set_defaults(func=_cmd_train)
 
@@ -158,6 +207,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", help="MLflow tracking URI")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="paired comparison of two runs")
     p.set_defaults(func=_cmd_tables)
+
+    p = sub.add_parser("predict", help="class probabilities of new utterances from a finished fold run's model")
+    p.add_argument("--run", required=True, metavar="RUN_ID",
+                   help="MLflow run: a fold run, or a train/trial run (then --fold picks one; default the first), "
+                        "or a sweep (its best trial)")
+    p.add_argument("--fold", type=int, help="which fold's model when --run is a train, trial or sweep run")
+    p.add_argument("--wav", help="a wav file (any rate, mono or multi-channel: mixed to mono, resampled to 16 kHz)")
+    p.add_argument("--text", help="its transcript (with --wav)")
+    p.add_argument("--csv", help="CSV with columns wav,text (relative wav paths: relative to the CSV's folder)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_predict)
     return parser
 
 

@@ -4,7 +4,8 @@ trained and scored on every fold of the protocol.
 * ``search`` (``sweep_loss_weights.py``, ``ser sweep``): Optuna TPE (seeded) over the dotted config keys
   ``loss.alpha``, ``loss.beta``, ``loss.margin`` and ``loss.space`` (where the metric loss sits).
 * ``grid`` (``--grid paper``): exactly Table 2's (alpha, beta) points, through Tune's grid search.
-* ``ablation`` (Table 1) and ``embedding_space`` (Table 3): a grid over named variants.
+* ``ablation`` (Table 1), ``embedding_space`` (Table 3) and ``compare_models`` (Table 4's baselines): a grid over
+  named variants.
 
 Each trial calls ``train_folds`` (Ray Train, every fold of ``config.data.folds``) and reports once, with the mean
 and std over folds. The objective is ``config.sweep.metric``, by default ``val_ua_mean``: UA, as the issue asks,
@@ -35,13 +36,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
+
+from ser_platform.cluster import TRIAL_CPU
 from ser_platform.config import EMBEDDING_SPACES, Config, ConfigError, from_dict
 from ser_platform.tables import (KIND_TAG, PARENT_TAG, ROLE_TAG, SEARCH_VARIANT, SWEEP_TAG,
                                  TRIAL_ID_TAG, Table, collect_sweeps, format_table, log_tables, sweep_tables)
 
 META_FILE = "ser_sweep.json"
 DEFAULT_STORAGE = "runs"
-TRIAL_CPU = 0.01  # the trial itself only waits on its TorchTrainer, whose workers get their own placement group
 # What a trial reports (the objective must be one of these); test_* would let the search see the test sessions.
 REPORTED_METRICS = ("val_ua_mean", "val_ua_std", "val_wa_mean", "val_wa_std", "test_wa_mean", "test_wa_std",
                     "test_ua_mean", "test_ua_std")
@@ -81,7 +84,17 @@ ABLATION = Experiment("ablation", "1", "Table 1: ablation", variants={
 EMBEDDING_SPACE = Experiment("embedding_space", "3", "Table 3: embedding space of the metric loss", variants={
     space: {"loss.space": space} for space in EMBEDDING_SPACES
 })
-EXPERIMENTS = {e.key: e for e in (SEARCH, PAPER_GRID, ABLATION, EMBEDDING_SPACE)}
+# Table 4's runnable rows: each modality alone, early fusion, crossmodal without and with focus attention. The
+# metric loss sits on F(x) for all five (the one embedding every variant has), so only the fusion differs.
+COMPARE_MODELS = Experiment("compare_models", "4", "Table 4: baselines (one modality, early fusion, crossmodal)",
+                            variants={
+    "Speech only": {"model.fusion": "speech_only"},
+    "Text only": {"model.fusion": "text_only"},
+    "Early fusion": {"model.fusion": "early"},
+    "Crossmodal without FA": {"model.focus_attention": False},
+    "Full model": {},
+}, defaults={"loss.space": "fused"})
+EXPERIMENTS = {e.key: e for e in (SEARCH, PAPER_GRID, ABLATION, EMBEDDING_SPACE, COMPARE_MODELS)}
 
 
 def search_space() -> dict[str, Any]:
@@ -117,22 +130,30 @@ def trial_params(config: Config, experiment: Experiment, variant: str, trial_id:
 
     return config_params(config, {
         "table": experiment.table, "variant": variant, "protocol": config.data.protocol,
-        "folds": config.data.folds, "seed": config.train.seed, "sweep.kind": experiment.key, "trial_id": trial_id})
+        "folds": config.data.folds, "seed": config.train.seed, "seeds": config.train.seeds,
+        "sweep.kind": experiment.key, "trial_id": trial_id})
 
 
 def trial_metrics(result: Any) -> tuple[dict[str, float], dict[str, dict[int, float]]]:
-    """(fold summary, per-fold series) of a ``TrialResult``: the summary of ``train_folds`` (mean and std over folds)
-    and the number of folds that completed; the series are logged with step = fold number."""
+    """(fold summary, per-fold series) of a ``TrialResult``: the summary of ``train_folds`` (mean and std over folds,
+    × seeds) and the number of folds that completed; the series are logged with step = fold number.
+
+    With several seeds (``result.per_seed``) each ``fold_*`` series holds the fold's mean over its seeds (so a
+    paired comparison by fold compares seed-averaged scores, the stricter choice, see ``comparison.py``), and
+    ``fold_test_wa.seed<S>`` / ``fold_test_ua.seed<S>`` hold every (fold, seed) score."""
     folds = sorted(result.per_fold)
     summary = {key: float(value) for key, value in result.summary.items() if isinstance(value, (int, float))}
     summary["folds_completed"] = float(len(folds))
-    series = {
-        "fold_val_ua": {f: float(result.per_fold[f].val_ua) for f in folds},
-        "fold_val_wa": {f: float(result.per_fold[f].val_wa) for f in folds},
-        "fold_test_wa": {f: float(result.per_fold[f].test_wa) for f in folds},
-        "fold_test_ua": {f: float(result.per_fold[f].test_ua) for f in folds},
-        "fold_best_epoch": {f: float(result.per_fold[f].best_epoch) for f in folds},
-    }
+    per_seed = getattr(result, "per_seed", None) or {0: result.per_fold}
+
+    def fold_means(key: str) -> dict[int, float]:
+        return {f: float(np.mean([getattr(runs[f], key) for runs in per_seed.values()])) for f in folds}
+
+    series = {f"fold_{key}": fold_means(key) for key in ("val_ua", "val_wa", "test_wa", "test_ua", "best_epoch")}
+    if len(per_seed) > 1:
+        for seed, runs in sorted(per_seed.items()):
+            for key in ("test_wa", "test_ua"):
+                series[f"fold_{key}.seed{seed}"] = {f: float(getattr(runs[f], key)) for f in folds}
     return summary, series
 
 
@@ -330,9 +351,13 @@ def max_concurrent_trials(config: Config, resources: Mapping[str, float]) -> int
     """How many trials fit at once: config.sweep.max_concurrent, capped by the cluster's CPUs (and GPUs) per trial.
     Without materialised datasets one CPU stays free for Ray Data's read tasks (FACTS: otherwise they starve)."""
     train = config.train
-    cpu_per_trial = train.num_workers * train.cpus_per_worker + TRIAL_CPU
     spare_cpu = 0.0 if config.data.materialize else 1.0
-    fit = math.floor((resources.get("CPU", 0.0) - spare_cpu) / cpu_per_trial)
+    if train.cpus_per_worker == 0:  # auto: every trial's workers take their share of the CPUs (worker_cpus)
+        cpu_per_trial = TRIAL_CPU + 0.01 * train.num_workers
+        fit = config.sweep.max_concurrent if resources.get("CPU", 0.0) - spare_cpu >= cpu_per_trial else 0
+    else:
+        cpu_per_trial = train.num_workers * train.cpus_per_worker + TRIAL_CPU
+        fit = math.floor((resources.get("CPU", 0.0) - spare_cpu) / cpu_per_trial)
     if train.use_gpu:
         fit = min(fit, math.floor(resources.get("GPU", 0.0) / (train.num_workers * train.gpus_per_worker)))
     if fit < 1:
@@ -516,6 +541,11 @@ def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str
             raise FileExistsError(f"sweep {name!r} already exists in {storage}: pass --resume to continue it, "
                                   f"or choose another --name")
         config = resolve_config(config)
+        for variant, overrides in (experiment.variants or {}).items():  # a bad pair fails here, not in a trial
+            try:
+                config.replace(overrides)
+            except ConfigError as err:
+                raise ConfigError(f"variant {variant!r} of {experiment.key}: {err}") from None
         meta = {}
     sweep_dir = f"{storage}/{name}"
     uri = config.tracking.mlflow_uri

@@ -1,9 +1,10 @@
-"""The paper's Tables 1-3, generated from logged MLflow runs (never hand-typed), and paired run comparisons.
+"""The paper's Tables 1-4 (of Table 4 its runnable part), generated from logged MLflow runs (never hand-typed),
+and paired run comparisons.
 
 What a sweep logs (``ser_platform.sweep``) and these tables read back through ``MlflowClient``:
 
 * a parent run per sweep, tag ``ser.role = sweep``;
-* a child run per Tune trial, tag ``ser.role = trial``, params ``table`` ("1" | "2" | "3"), ``variant``
+* a child run per Tune trial, tag ``ser.role = trial``, params ``table`` ("1" .. "4"), ``variant``
   ("Full model", "without FA", ..., or "search" for an Optuna trial), ``protocol``, ``folds``, ``seed`` and every
   dotted config key (``loss.alpha``, ``loss.beta``, ``loss.margin``, ``loss.space``, ``model.focus_attention``...);
   metrics ``val_ua_mean``, ``test_wa_mean``, ``test_wa_std``, ``test_ua_mean``, ``test_ua_std``... (the fold
@@ -34,7 +35,7 @@ from ser_platform.tracking import ROLE_TAG  # "sweep" on a sweep's parent run, "
 
 SWEEP_TAG = "ser.sweep"  # the sweep's name, on parent and trial runs
 TRIAL_ID_TAG = "ser.trial_id"  # Tune's trial id, on the trial run (how a restarted trial finds its run)
-KIND_TAG = "ser.kind"  # "search" | "grid" | "ablation" | "embedding_space", on the parent run
+KIND_TAG = "ser.kind"  # "search" | "grid" | "ablation" | "embedding_space" | "compare_models", on the parent run
 SEARCH_VARIANT = "search"
 
 # --- the paper's own numbers (WA, UA), from the paper's text, shown beside ours -------------------------------
@@ -55,10 +56,21 @@ TABLE3_ROWS = (  # (loss.space, the paper's "Embedding Space" column, paper WA, 
     ("speech", "Speech Embedding", 0.774, 0.777),
     ("text", "Text Embedding", 0.756, 0.749),
 )
+TABLE4_ROWS = (  # (variant name as logged, the "Model" column, paper WA, paper UA): only "Ours" is the paper's
+    ("Speech only", "Speech only (no text encoder)", None, None),
+    ("Text only", "Text only (no speech encoder)", None, None),
+    ("Early fusion", "Early fusion (pooled speech ; text -> F(x))", None, None),
+    ("Crossmodal without FA", "Crossmodal transformer without FA", None, None),
+    ("Full model", "Ours (crossmodal + FA + joint loss)", 0.774, 0.777),
+)
+# The published models the paper's Table 4 compares against (not re-implemented here): (name, ref, WA, UA).
+TABLE4_PUBLISHED = (("LSTM+Attn", 11, 0.725, 0.709), ("KS-transformer", 14, 0.743, 0.753), ("WISE", 13, 0.759, 0.764),
+                    ("LM-MulT", 12, 0.768, 0.771), ("MHA-2", 7, 0.765, 0.776))
 TITLES = {
     "1": "Table 1: ablation of the framework's components",
     "2": "Table 2: weights of the metric (alpha) and cross-entropy (beta) losses",
     "3": "Table 3: where the metric loss is applied (embedding space)",
+    "4": "Table 4 (runnable part): the model against its own baselines, same encoders, loss and folds",
 }
 PAPER_NOTE = "paper: IEMOCAP, 5,531 utterances, 4 classes; its WA/UA beside ours for reference only"
 
@@ -200,7 +212,10 @@ def _caption(sweep: SweepRecord, records: Sequence[TrialRecord]) -> str:
 
     dataset = values("data.dataset")
     dataset = ", ".join(Path(d).name or d for d in dataset.split(", "))
-    return (f"Mean ± std over the folds of each configuration (one fold = one test session). "
+    seeds = sorted({int(r.params.get("train.seeds", "1")) for r in records}) or [1]  # absent: logged before seeds
+    over = "the folds" if seeds == [1] else "the folds × seeds"
+    count = "/".join(map(str, seeds)) + (" seed" if seeds == [1] else " seeds")
+    return (f"Mean ± std over {over} of each configuration (one fold = one test session; {count}). "
             f"Protocol {values('protocol')}; folds {values('folds')}; training seed(s) {values('seed')}; "
             f"dataset {dataset}; preset {values('preset')}; epochs {values('train.epochs')}; "
             f"model selection on {values('sweep.metric')} (validation speakers, never the test session). "
@@ -329,6 +344,27 @@ def table3(sweep: SweepRecord) -> Table:
                  _caption(sweep, records), data, _unmatched_notes(records, used))
 
 
+def table4(sweep: SweepRecord) -> Table:
+    """Table 4 (runnable part): one modality alone, early fusion, crossmodal without FA, the full model."""
+    records = [t for t in sweep.trials if t.table == "4"]
+    rows, picked, used = [], [], set()
+    for variant, label, paper_wa, paper_ua in TABLE4_ROWS:
+        matching = [r for r in records if r.variant == variant]
+        best = _latest_complete(matching)
+        if best is not None:
+            used.add(best.run_id)
+        rows.append([label, _mean_std(best, "test_wa"), _mean_std(best, "test_ua"),
+                     _mean_std(best, "val_ua") if best else _pending_state(matching),
+                     _paper(paper_wa), _paper(paper_ua)])
+        picked.append((best, paper_wa, paper_ua))
+    data = {"variant": [r[0] for r in TABLE4_ROWS], "model": [r[1] for r in TABLE4_ROWS], **_columns(picked)}
+    published = "; ".join(f"{name} [{ref}] {wa:.3f}/{ua:.3f}" for name, ref, wa, ua in TABLE4_PUBLISHED)
+    notes = [f"paper's Table 4 also lists published models (WA/UA), not re-implemented here: {published}",
+             *_unmatched_notes(records, used)]
+    return Table("4", TITLES["4"], ["Model", "WA", "UA", "val UA", "paper WA", "paper UA"], rows,
+                 _caption(sweep, records), data, notes)
+
+
 def sweep_tables(sweep: SweepRecord) -> list[Table]:
     """Every table a sweep's trials fill, in table order."""
     tables = []
@@ -341,7 +377,29 @@ def sweep_tables(sweep: SweepRecord) -> list[Table]:
         tables.append(table2_search(sweep))
     if ("3", False) in kinds:
         tables.append(table3(sweep))
+    if ("4", False) in kinds:
+        tables.append(table4(sweep))
+    for table in tables:
+        table.notes += _seed_spread_notes(table, sweep)
     return tables
+
+
+def _seed_spread_notes(table: Table, sweep: SweepRecord) -> list[str]:
+    """Per row run with several seeds (``train.seeds``): the spread over seeds within each fold (std of test UA,
+    logged by ``train.summarize_trial`` as ``test_ua_seed_std_fold<k>``)."""
+    by_id = {t.run_id: t for t in sweep.trials}
+    notes = []
+    for run_id in table.data.get("run_id", []):
+        record = by_id.get(run_id)
+        if record is None or "test_ua_seed_std" not in record.metrics:
+            continue
+        prefix = "test_ua_seed_std_fold"
+        folds = sorted(int(k[len(prefix):]) for k in record.metrics if k.startswith(prefix))
+        per_fold = ", ".join(f"fold {f} {record.metrics[f'{prefix}{f}']:.3f}" for f in folds)
+        name = record.variant or record.run_name
+        notes.append(f"spread over {int(record.metrics.get('num_seeds', 0))} seeds, {name}: std of test UA within "
+                     f"a fold: {per_fold} (mean {record.metrics['test_ua_seed_std']:.3f})")
+    return notes
 
 
 # --- rendering ------------------------------------------------------------------------------------------------
@@ -498,7 +556,7 @@ def latest_tables(sweeps: Sequence[SweepRecord]) -> list[tuple[SweepRecord, Tabl
 
 def tables_command(*, experiment: str, mlflow_uri: str | None = None,
                    compare: Sequence[str] | None = None) -> int:
-    """``ser tables``: print Tables 1-3 of an MLflow experiment and log them on their sweeps' parent runs."""
+    """``ser tables``: print Tables 1-4 of an MLflow experiment and log them on their sweeps' parent runs."""
     from mlflow import MlflowClient
 
     from ser_platform.config import Config, TrackingConfig
@@ -516,8 +574,8 @@ def tables_command(*, experiment: str, mlflow_uri: str | None = None,
     sweeps = collect_sweeps(client, experiment_id)
     pairs = latest_tables(sweeps)
     if not pairs:
-        raise TablesError(f"experiment {experiment!r} at {uri} has no sweep with trial runs; run "
-                          f"experiments/sweep_loss_weights.py, ablation.py or embedding_space.py first")
+        raise TablesError(f"experiment {experiment!r} at {uri} has no sweep with trial runs; run experiments/"
+                          f"sweep_loss_weights.py, ablation.py, embedding_space.py or compare_models.py first")
     for sweep, table in pairs:
         print(format_table(table))
         older = [s.name for s in sweeps if s.start_time < sweep.start_time

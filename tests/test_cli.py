@@ -7,7 +7,7 @@ import pytest
 
 from ser_platform.cli import build_parser, main
 
-COMMANDS = ["synth", "prepare", "model-summary", "train", "sweep", "tables"]
+COMMANDS = ["synth", "prepare", "model-summary", "cache", "train", "sweep", "tables", "predict"]
 
 
 def test_top_level_help_lists_every_command():

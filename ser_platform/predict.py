@@ -1,0 +1,267 @@
+"""`ser predict`: class probabilities for new utterances, from the selected weights of a finished fold run.
+
+    load_fold_model(run_id, tracking_uri, fold=None) -> FoldModel   (model in eval mode, its config and info)
+    predict_proba(fold_model, [(wav, text), ...])   -> (N, num_classes) numpy probabilities
+    predict_command(run_id, wav=..., text=... | csv=..., fold=None, mlflow_uri=None, as_json=False) -> 0
+
+What is loaded: every fold run logs, at fold end, the weights that were selected on validation (the ones that
+scored the test split) and the resolved config as artifacts ``model/state_dict.pt``, ``model/config.json`` and
+``model/info.json`` (``tracking.log_model``, called from ``ray_train``). Frozen encoders' weights are not stored
+(a pretrained checkpoint or a "tiny" encoder drawn from its seed): they are rebuilt from the config here, which
+for a named checkpoint means a download from the Hugging Face hub, once.
+
+Which run: ``run_id`` may name a fold run; or a ``ser train`` run or a sweep's trial run, whose fold runs are its
+children: then ``fold`` picks one (default: the lowest fold number, with a note on stderr); or a sweep's parent
+run, which stands for its best trial (tag ``best_trial_run_id``).
+
+Preprocessing is training's own: the wav is decoded by ``data.parquet.load_audio`` (mono — channels averaged —,
+resampled to ``data.sample_rate`` with soxr, DataError naming the file for a missing, empty or corrupt file), then
+the training collate (crop to ``data.max_audio_seconds``, tokenizer, padding) and the same MFCC/spectrogram.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ser_platform.config import Config, from_dict
+
+BATCH_SIZE = 16
+
+
+class PredictError(ValueError):
+    """The run cannot serve predictions (not found, no model logged, ...); the message says which and why."""
+
+
+@dataclass
+class FoldModel:
+    """A fold's selected model, ready to score: ``model`` (eval mode, CPU), its ``config`` and ``info``."""
+
+    run_id: str
+    config: Config
+    info: dict[str, Any]
+    model: Any
+    classes: tuple[str, ...]
+
+
+# --- which run ----------------------------------------------------------------------------------------------
+
+def _check_store(uri: str) -> None:
+    if uri.startswith("sqlite:///"):
+        path = Path(uri[len("sqlite:///"):])
+        if str(path) != ":memory:" and not path.exists():
+            raise PredictError(f"no MLflow store at {uri} ({path} does not exist); pass --mlflow-uri")
+
+
+def _fold_runs(client: Any, run: Any) -> list[Any]:
+    from ser_platform import tracking
+
+    children = client.search_runs(
+        [run.info.experiment_id], max_results=1000,
+        filter_string=f"tags.`{tracking.PARENT_RUN_TAG}` = '{run.info.run_id}' and tags.`{tracking.ROLE_TAG}` = 'fold'")
+
+    def order(r: Any) -> tuple:
+        return (int(r.data.tags.get(tracking.FOLD_TAG, 0)), int(r.data.params.get("train.seed", 0)),
+                r.info.start_time or 0)
+
+    return sorted(children, key=order)
+
+
+def resolve_fold_run(client: Any, run_id: str, fold: int | None = None, *, say=None) -> Any:
+    """The fold run ``run_id`` stands for (module docstring); ``say`` gets a line when a choice was made."""
+    from mlflow.exceptions import MlflowException
+
+    from ser_platform import tracking
+
+    say = say or (lambda line: print(line, file=sys.stderr))
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise PredictError(f"--run {run_id}: no such MLflow run at {client.tracking_uri}") from None
+    role = run.data.tags.get(tracking.ROLE_TAG, "")
+    if role == "sweep":
+        best = run.data.tags.get("best_trial_run_id")
+        if not best:
+            raise PredictError(f"--run {run_id} is a sweep with no best trial (tag best_trial_run_id): pass one of "
+                               f"its trial runs or fold runs")
+        say(f"run {run_id} is a sweep: using its best trial run {best}")
+        run = client.get_run(best)
+        role = run.data.tags.get(tracking.ROLE_TAG, "")
+    if role == "fold":
+        if fold is not None and int(run.data.tags.get(tracking.FOLD_TAG, fold)) != fold:
+            raise PredictError(f"--run {run_id} is the run of fold {run.data.tags.get(tracking.FOLD_TAG)}, "
+                               f"not of --fold {fold}")
+        return run
+    folds = _fold_runs(client, run)
+    if not folds:
+        raise PredictError(f"--run {run.info.run_id} ({role or 'no ser.role tag'}) has no fold runs under it")
+    available = sorted({int(r.data.tags.get(tracking.FOLD_TAG, 0)) for r in folds})
+    if fold is None:
+        chosen = folds[0]
+        say(f"run {run.info.run_id} is a {role or 'parent'} run: using its fold "
+            f"{chosen.data.tags.get(tracking.FOLD_TAG)} (run {chosen.info.run_id}); folds there: "
+            f"{available} (pass --fold)")
+        return chosen
+    matching = [r for r in folds if int(r.data.tags.get(tracking.FOLD_TAG, 0)) == fold]
+    if not matching:
+        raise PredictError(f"--fold {fold}: run {run.info.run_id} has fold runs for folds {available} only")
+    return matching[0]
+
+
+# --- the model ----------------------------------------------------------------------------------------------
+
+def load_fold_model(run_id: str, tracking_uri: str, fold: int | None = None, *, say=None) -> FoldModel:
+    """Download the ``model/`` artifacts of the fold run ``run_id`` stands for and build the model from them."""
+    import mlflow.artifacts
+    import torch
+    from mlflow import MlflowClient
+
+    from ser_platform import tracking
+    from ser_platform.models.ser_model import SERModel
+
+    _check_store(tracking_uri)
+    client = MlflowClient(tracking_uri)
+    run = resolve_fold_run(client, run_id, fold, say=say)
+    fold_run_id = run.info.run_id
+    names = {a.path for a in client.list_artifacts(fold_run_id, tracking.MODEL_ARTIFACT_DIR)}
+    wanted = {f"{tracking.MODEL_ARTIFACT_DIR}/{n}" for n in (tracking.MODEL_WEIGHTS_FILE, tracking.MODEL_CONFIG_FILE)}
+    if not wanted <= names:
+        raise PredictError(f"fold run {fold_run_id} (status {run.info.status}) has no {sorted(wanted)} artifacts: "
+                           f"its fold did not finish, it ran with tracking.log_model=false, or it was logged "
+                           f"before fold runs kept their model")
+    with tempfile.TemporaryDirectory(prefix="ser-predict-") as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(run_id=fold_run_id, artifact_path=tracking.MODEL_ARTIFACT_DIR,
+                                                         dst_path=tmp, tracking_uri=tracking_uri))
+        config = from_dict(json.loads((local / tracking.MODEL_CONFIG_FILE).read_text()))
+        info_path = local / tracking.MODEL_INFO_FILE
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        state = torch.load(local / tracking.MODEL_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    frozen = config.model.encoders == "frozen"
+    # Fine-tuned encoders: the architecture only, every weight comes from the artifact. Frozen ones: their own
+    # weights (not stored), i.e. the checkpoint or the seeded "tiny" draw.
+    model = SERModel(config.model, pretrained=frozen)
+    result = model.load_state_dict(state, strict=False)
+    allowed = set(tracking.frozen_encoder_keys(model.state_dict(), config))
+    missing = [k for k in result.missing_keys if k not in allowed]
+    if missing or result.unexpected_keys:
+        raise PredictError(f"fold run {fold_run_id}: the logged weights do not fit the logged config (missing "
+                           f"{missing[:5]}, unexpected {result.unexpected_keys[:5]})")
+    model.eval()
+    from ser_platform.data.iemocap import CLASSES
+
+    classes = tuple(info.get("classes") or CLASSES)
+    return FoldModel(run_id=fold_run_id, config=config, info=info, model=model, classes=classes)
+
+
+# --- scoring ------------------------------------------------------------------------------------------------
+
+def predict_proba(fold_model: FoldModel, items: Sequence[tuple[str | Path, str]],
+                  batch_size: int = BATCH_SIZE) -> np.ndarray:
+    """Softmax probabilities (N, num_classes) for ``(wav path, transcript)`` pairs, in order."""
+    import torch
+
+    from ser_platform.data.features import AcousticFeatures, FeatureParams
+    from ser_platform.data.loader import make_collate
+    from ser_platform.data.parquet import load_audio
+    from ser_platform.models.text import build_tokenizer
+    from ser_platform.train import model_inputs
+
+    config = fold_model.config
+    rate = config.data.sample_rate
+    audio = [load_audio(path, rate, mix_channels=True)[0] for path, _ in items]  # every file checked first
+    params = FeatureParams.from_speech_config(config.model.speech, rate)
+    collate = make_collate(build_tokenizer(config.model.text), max_text_tokens=config.data.max_text_tokens,
+                           max_audio_samples=int(round(config.data.max_audio_seconds * rate)), feature_params=params)
+    features = AcousticFeatures(params)
+    out = []
+    for start in range(0, len(items), batch_size):
+        chunk = range(start, min(start + batch_size, len(items)))
+        signals = np.empty(len(chunk), dtype=object)
+        signals[:] = [audio[i] for i in chunk]
+        batch = collate({
+            "id": np.asarray([str(items[i][0]) for i in chunk], dtype=object),
+            # The collate wants a label per row; an unknown utterance has none, and this one is never read.
+            "label": np.asarray([fold_model.classes[0]] * len(chunk), dtype=object),
+            "transcript": np.asarray([str(items[i][1]) for i in chunk], dtype=object),
+            "audio": signals,
+        })
+        with torch.no_grad():
+            logits = fold_model.model(**model_inputs(batch, features)).logits.float()
+        out.append(torch.softmax(logits, dim=-1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, len(fold_model.classes)), dtype=np.float32)
+
+
+def read_csv_items(path: str | Path) -> list[tuple[Path, str]]:
+    """``(wav, text)`` rows of a CSV with columns ``wav`` and ``text``; relative wav paths are taken relative to the
+    CSV's folder. ``DataError`` naming the file (and row) for a missing file, missing columns or an empty list."""
+    from ser_platform.data.errors import DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "CSV file missing")
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        if "wav" not in columns or "text" not in columns:
+            raise DataError(path, f"expected columns 'wav' and 'text', found {columns}")
+        items = []
+        for line, row in enumerate(reader, start=2):
+            row = {k.strip(): v for k, v in row.items() if k is not None}
+            wav = (row.get("wav") or "").strip()
+            if not wav:
+                raise DataError(f"{path}, line {line}", "empty 'wav' cell")
+            wav_path = Path(wav).expanduser()
+            items.append((wav_path if wav_path.is_absolute() else path.parent / wav_path, row.get("text") or ""))
+    if not items:
+        raise DataError(path, "no rows")
+    return items
+
+
+def format_predictions(fold_model: FoldModel, items: Sequence[tuple[Any, str]], probs: np.ndarray) -> str:
+    """A table: one line per utterance, a column per class, the predicted class last."""
+    info = fold_model.info
+    head = (f"fold run {fold_model.run_id}: fold {info.get('fold', '?')}, seed {info.get('seed', '?')}, selected "
+            f"epoch {info.get('best_epoch', '?')} (val UA {info.get('val_ua', float('nan')):.3f}); "
+            f"model.fusion={fold_model.config.model.fusion}")
+    names = [str(p) for p, _ in items]
+    texts = [t if len(t) <= 40 else t[:37] + "..." for _, t in items]
+    wav_w, text_w = max(4, *map(len, names)), max(4, *map(len, texts))
+    widths = [max(6, len(c)) for c in fold_model.classes]
+    lines = [head, "  ".join([f"{'wav':<{wav_w}}", f"{'text':<{text_w}}",
+                              *(f"{c:>{w}}" for c, w in zip(fold_model.classes, widths)), "predicted"])]
+    for name, text, row in zip(names, texts, probs):
+        cells = [f"{p:>{w}.3f}" for p, w in zip(row, widths)]
+        lines.append("  ".join([f"{name:<{wav_w}}", f"{text:<{text_w}}", *cells,
+                                fold_model.classes[int(np.argmax(row))]]))
+    return "\n".join(lines)
+
+
+def predict_command(run_id: str, *, wav: str | None = None, text: str | None = None, csv_path: str | None = None,
+                    fold: int | None = None, mlflow_uri: str | None = None, as_json: bool = False) -> int:
+    """``ser predict``: print the class probabilities of one wav + transcript, or of every row of a CSV."""
+    from ser_platform.tracking import resolve_tracking_uri
+
+    if (wav is None) == (csv_path is None):
+        raise PredictError("pass either --wav FILE --text TEXT, or --csv FILE (columns wav,text)")
+    if wav is not None and text is None:
+        raise PredictError("--wav needs --text (the transcript; --text '' for none)")
+    items = read_csv_items(csv_path) if csv_path is not None else [(Path(wav), text)]
+    fold_model = load_fold_model(run_id, resolve_tracking_uri(cli_value=mlflow_uri), fold)
+    probs = predict_proba(fold_model, items)
+    if as_json:
+        print(json.dumps({"run_id": fold_model.run_id, "fold": fold_model.info.get("fold"),
+                          "classes": list(fold_model.classes),
+                          "predictions": [{"wav": str(p), "text": t, "probabilities": dict(zip(fold_model.classes,
+                                                                                                map(float, row))),
+                                           "predicted": fold_model.classes[int(np.argmax(row))]}
+                                          for (p, t), row in zip(items, probs)]}, indent=1))
+    else:
+        print(format_predictions(fold_model, items, probs))
+    return 0

@@ -1,0 +1,179 @@
+"""``train.seeds``: a configuration's folds repeated over seeds seed, seed+1, ...
+
+Truths: numpy over the (fold, seed) scores for the summary (mean ± sample std over every fold × seed run) and the
+per-fold spread over seeds; the trial's logged series (fold means, every (fold, seed) score); the tables' caption
+("1 seed" / "3 seeds") and the per-fold spread under a table; the flags; and one real Ray Train run with two seeds
+(two Train runs ``.../seed=S``, a fold run per (fold, seed) each holding its model).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from ser_platform.config import ConfigError, load_config
+from ser_platform.sweep import (COMPARE_MODELS, TrialContext, log_trial_result, open_sweep_run, open_trial_run,
+                                trial_metrics, trial_overrides)
+from ser_platform.tables import collect_sweeps, format_table, sweep_tables
+from ser_platform.tracking import ensure_store, experiment_id
+from ser_platform.train import FoldResult, TrialResult, summarize_trial
+
+FOLDS, SEEDS = (1, 2, 3), (4, 5, 6)
+
+
+def score(fold: int, seed: int, variant: float = 0.0) -> float:
+    return 0.5 + variant + 0.03 * fold + 0.011 * ((seed * 7 + fold * 3) % 5)
+
+
+def fold_result(fold: int, ua: float) -> FoldResult:
+    return FoldResult(fold=fold, best_epoch=2, val_wa=ua + 0.02, val_ua=ua + 0.01, test_wa=ua + 0.03, test_ua=ua,
+                      confusion=[[1]])
+
+
+def trial_result(variant: float = 0.0, seeds=SEEDS) -> TrialResult:
+    per_seed = {s: {f: fold_result(f, score(f, s, variant)) for f in FOLDS} for s in seeds}
+    return TrialResult(per_fold=per_seed[seeds[0]], summary=summarize_trial(per_seed[seeds[0]], per_seed),
+                       per_seed=per_seed)
+
+
+def test_the_summary_is_over_folds_times_seeds_with_the_spread_over_seeds_per_fold():
+    result = trial_result()
+    every = np.array([score(f, s) for s in SEEDS for f in FOLDS])
+    s = result.summary
+    assert s["num_folds"] == 3 and s["num_seeds"] == 3
+    assert s["test_ua_mean"] == pytest.approx(every.mean()) and s["test_ua_std"] == pytest.approx(every.std(ddof=1))
+    assert s["test_wa_mean"] == pytest.approx(every.mean() + 0.03)
+    spreads = [np.std([score(f, seed) for seed in SEEDS], ddof=1) for f in FOLDS]
+    for fold, spread in zip(FOLDS, spreads):
+        assert s[f"test_ua_seed_std_fold{fold}"] == pytest.approx(spread)
+    assert s["test_ua_seed_std"] == pytest.approx(np.mean(spreads))
+    assert set(result.runs()) == {(f, seed) for f in FOLDS for seed in SEEDS}
+
+
+def test_one_seed_summarises_exactly_as_before():
+    per_fold = {f: fold_result(f, score(f, 0)) for f in FOLDS}
+    plain, with_seed = summarize_trial(per_fold), summarize_trial(per_fold, {0: per_fold})
+    assert plain == with_seed and plain["num_seeds"] == 1 and "test_ua_seed_std" not in plain
+    values = [score(f, 0) for f in FOLDS]
+    assert plain["test_ua_std"] == pytest.approx(np.std(values, ddof=1))
+
+
+def test_the_trial_logs_fold_means_over_seeds_and_every_fold_seed_score():
+    summary, series = trial_metrics(trial_result())
+    assert summary["folds_completed"] == 3
+    for fold in FOLDS:
+        assert series["fold_test_ua"][fold] == pytest.approx(np.mean([score(fold, s) for s in SEEDS]))
+        for seed in SEEDS:
+            assert series[f"fold_test_ua.seed{seed}"][fold] == pytest.approx(score(fold, seed))
+    # One seed: the series are the fold scores themselves, no per-seed keys.
+    _, single = trial_metrics(trial_result(seeds=(0,)))
+    assert single["fold_test_ua"] == {f: score(f, 0) for f in FOLDS} and not any(".seed" in k for k in single)
+
+
+def test_tables_say_how_many_seeds_and_show_the_spread_per_fold(tmp_path):
+    uri = ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(uri)
+    exp = experiment_id(uri, "seeds")
+    tables = {}
+    for name, seeds in (("one-seed", (0,)), ("three-seeds", SEEDS)):
+        config = load_config("demo", overrides={"data.dataset": "/data/x.parquet", "tracking.mlflow_uri": uri,
+                                                "tracking.experiment": "seeds", "data.folds": FOLDS,
+                                                "train.seed": seeds[0], "train.seeds": len(seeds),
+                                                **COMPARE_MODELS.defaults})
+        parent = open_sweep_run(client, exp, name, COMPARE_MODELS, config)
+        ctx = TrialContext(base_config=config.to_dict(), experiment=COMPARE_MODELS, sweep_name=name, mlflow_uri=uri,
+                           mlflow_experiment_id=exp, parent_run_id=parent, train_storage="unused")
+        for i, variant in enumerate(COMPARE_MODELS.variants):
+            _, overrides = trial_overrides(COMPARE_MODELS, {"variant": variant})
+            run = open_trial_run(client, ctx, f"t{i}", config.replace(overrides), variant)
+            log_trial_result(client, run.info.run_id, trial_result(0.02 * i, seeds))
+        [sweep] = collect_sweeps(client, exp, parent)
+        [tables[name]] = sweep_tables(sweep)
+    one, three = tables["one-seed"], tables["three-seeds"]
+    assert one.number == three.number == "4"
+    assert "(one fold = one test session; 1 seed)" in one.caption and "folds × seeds" not in one.caption
+    assert "Mean ± std over the folds × seeds" in three.caption and "3 seeds" in three.caption
+    assert not any("spread over" in n for n in one.notes)
+    spread = [n for n in three.notes if n.startswith("spread over 3 seeds, Full model")]
+    expected = [np.std([score(f, s, 0.08) for s in SEEDS], ddof=1) for f in FOLDS]
+    assert spread == [f"spread over 3 seeds, Full model: std of test UA within a fold: "
+                      + ", ".join(f"fold {f} {v:.3f}" for f, v in zip(FOLDS, expected))
+                      + f" (mean {np.mean(expected):.3f})"]
+    full = three.rows[-1]
+    every = np.array([score(f, s, 0.08) for s in SEEDS for f in FOLDS])
+    assert full[2] == f"{every.mean():.3f} ± {every.std(ddof=1):.3f}"
+    assert "3 seeds" in format_table(three)
+
+
+def test_seeds_flags_and_validation():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import sweep_flags
+
+    args = sweep_flags.build_parser("x").parse_args(["--seeds", "3", "--seed", "2"])
+    config = sweep_flags.build_config(args)
+    assert config.train.seeds == 3 and config.train.seed == 2
+    from ser_platform.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--seeds", "2"])
+    assert args.seeds == 2
+    with pytest.raises(ConfigError, match="train.seeds=0"):
+        load_config("demo", overrides={"train.seeds": 0})
+
+
+# --- one real Ray Train run with two seeds --------------------------------------------------------------------
+
+TINY = {
+    "model.embed_dim": 8, "model.num_heads": 2, "model.num_layers": 1, "model.embedding_dim": 8,
+    "model.speech.tiny_hidden_size": 16, "model.speech.tiny_num_layers": 1, "model.speech.tiny_num_heads": 2,
+    "model.speech.tiny_conv_dim": 8, "model.speech.cnn_channels": 4, "model.speech.lstm_hidden": 4,
+    "model.text.tiny_hidden_size": 16, "model.text.tiny_num_layers": 1, "model.text.tiny_num_heads": 2,
+    "train.batch_size": 8, "train.samples_per_class": 2, "train.lr": 3e-3, "train.epochs": 1, "train.seed": 3,
+    "train.seeds": 2, "data.max_audio_seconds": 1.0, "data.folds": (1, 2), "tracking.experiment": "seeds-ray",
+}
+
+
+@pytest.mark.ray
+def test_train_folds_runs_every_fold_per_seed_and_logs_a_fold_run_each(tmp_path):
+    import ray
+
+    from ser_platform import tracking
+    from ser_platform.data.parquet import prepare_dataset
+    from ser_platform.data.synthetic import write_synthetic_corpus
+    from ser_platform.ray_train import format_result, train_folds
+
+    corpus = write_synthetic_corpus(tmp_path / "IEMOCAP_full_release", utterances_per_session=8, seed=1)
+    prepare_dataset(corpus, tmp_path / "parquet", progress=False)
+    uri = tracking.ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    config = load_config("demo", overrides={**TINY, "data.dataset": str(tmp_path / "parquet"),
+                                            "tracking.mlflow_uri": uri})
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        result = train_folds(config, run_name="seeds-test", storage_path=str(tmp_path / "runs"))
+    finally:
+        ray.shutdown()
+    assert sorted(result.per_seed) == [3, 4] and sorted(result.runs()) == [(1, 3), (1, 4), (2, 3), (2, 4)]
+    assert result.per_fold == result.per_seed[3]
+    # Different seeds, different models (the runs are not copies of each other).
+    assert result.per_seed[3][1].history[0]["train_loss"] != result.per_seed[4][1].history[0]["train_loss"]
+    every = [r.test_ua for r in result.runs().values()]
+    assert result.summary["test_ua_mean"] == pytest.approx(np.mean(every))
+    assert result.summary["num_seeds"] == 2
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()) == ["seeds-test"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "seeds-test").iterdir()) == ["seed=3", "seed=4"]
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("seeds-ray").experiment_id
+    folds = client.search_runs([exp], "tags.`ser.role` = 'fold'")
+    assert sorted((r.data.tags["ser.fold"], r.data.tags["ser.seed"]) for r in folds) == \
+        [("1", "3"), ("1", "4"), ("2", "3"), ("2", "4")]
+    for run in folds:
+        assert run.data.params["train.seed"] == run.data.tags["ser.seed"]
+        assert run.data.metrics["test_ua"] == pytest.approx(
+            result.per_seed[int(run.data.tags["ser.seed"])][int(run.data.tags["ser.fold"])].test_ua)
+        assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/state_dict.pt"}
+    text = format_result(result)
+    assert "2 fold(s) × 2 seeds" in text and "spread over seeds" in text
