@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,24 +41,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ser_platform.tracking import git_commit  # noqa: E402
+
 SIZES = {
     "mid": {"model.text.tiny_hidden_size": 512, "model.text.tiny_num_layers": 8, "model.text.tiny_num_heads": 8,
             "model.speech.tiny_hidden_size": 512, "model.speech.tiny_num_layers": 12,
             "model.speech.tiny_num_heads": 8, "model.speech.tiny_conv_dim": 512},
     "tiny": {},
 }
-
-
-def git_commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
 
 
 def in_process_batches(dataset: str, config, collate):

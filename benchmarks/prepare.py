@@ -20,7 +20,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -33,22 +32,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ser_platform.data.features import AcousticFeatures, FeatureParams, mfcc_librosa  # noqa: E402
+from ser_platform.tracking import git_commit  # noqa: E402
 from ser_platform.data.parquet import prepare_dataset  # noqa: E402
 from ser_platform.data.synthetic import write_synthetic_corpus  # noqa: E402
 
 STAGES = ("parse", "decode", "features", "write")
-
-
-def git_commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "ser_platform/data", "benchmarks/prepare.py"],
-                               cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
 
 
 def cpu_name() -> str:

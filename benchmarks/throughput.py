@@ -28,7 +28,6 @@ import argparse
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ser_platform.tracking import git_commit  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peak, FLOP/s, by a substring of torch.cuda.get_device_name(); first match
 # wins, so the more specific names come first. Sources: NVIDIA H100 and H200 datasheets ("BF16 Tensor Core
@@ -54,18 +55,6 @@ SMALL = {
     "model.text.name": "tiny", "model.speech.name": "tiny", "model.speech.cnn_channels": 8,
     "model.speech.lstm_hidden": 8, "model.embedding_dim": 16, "train.precision": "fp32",
 }
-
-
-def git_commit() -> str:
-    root = Path(__file__).resolve().parents[1]
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
 
 
 def cpu_attention_flops() -> dict:
