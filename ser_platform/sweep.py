@@ -603,7 +603,7 @@ def _finish(client: Any, result: SweepResult, config: Config, status: str, verbo
             client.set_terminated(trial.run_id, "KILLED")
     if any(t.status == "RUNNING" for t in (sweeps[0].trials if sweeps else ())):
         sweeps = collect_sweeps(client, result.mlflow_experiment_id, result.parent_run_id)
-    result.tables = sweep_tables(sweeps[0]) if sweeps else []
+    result.tables = sweep_tables(sweeps[0], client) if sweeps else []
     log_tables(client, result.parent_run_id, result.tables)
     plots = []
     if result.experiment.is_search:

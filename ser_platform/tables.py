@@ -14,6 +14,11 @@ What a sweep logs (``ser_platform.sweep``) and these tables read back through ``
 
 A table row takes only *complete* trials (status FINISHED and ``folds_completed`` equal to the number of folds the
 trial was configured with), so a table never mixes stopped and finished trials; the others are listed under it.
+Nor does it mix protocols: the protocol is a column, a sweep run under several gives one table per protocol, and a
+table built from runs of two protocols raises ``TablesError``.
+
+Paired comparisons (``ser tables --compare``, and under Tables 1 and 4) read the trials' per-fold series and hand
+them to ``ser_platform.comparison.paired_comparison``, which owns the statistics.
 """
 
 from __future__ import annotations
@@ -25,9 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 from urllib.parse import unquote, urlparse
 
-import numpy as np
-import scipy.stats
-
+from ser_platform.comparison import PairedComparison, format_comparison, paired_comparison
 from ser_platform.tracking import PARENT_RUN_TAG as PARENT_TAG
 from ser_platform.tracking import ROLE_TAG  # "sweep" on a sweep's parent run, "trial" on each trial run
 
@@ -184,16 +187,38 @@ class Table:
     caption: str
     data: dict[str, list[Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    protocol: str = ""  # the one protocol of its runs (a table never holds two)
+    split: bool = False  # the sweep ran this table under several protocols: one table each, the protocol in the slug
 
     @property
     def slug(self) -> str:
-        return f"table{self.number}" + ("_search" if "search" in self.title else "")
+        return (f"table{self.number}" + ("_search" if "search" in self.title else "")
+                + (f"_{self.protocol}" if self.split else ""))
 
 
 def _mean_std(record: TrialRecord | None, key: str) -> str:
     if record is None:
         return "—"
     return f"{record.metrics[f'{key}_mean']:.3f} ± {record.metrics.get(f'{key}_std', float('nan')):.3f}"
+
+
+def protocol_of(record: TrialRecord) -> str:
+    return record.params.get("protocol", "?")
+
+
+def _one_protocol(number: str, picked: Sequence[TrialRecord | None]) -> str:
+    """The protocol shared by a table's runs; a table refuses runs of different protocols (their folds are other
+    test sets, so their means are not comparable in one column)."""
+    protocols = {protocol_of(r): r for r in picked if r is not None}
+    if len(protocols) > 1:
+        runs = ", ".join(f"{r.run_name or r.run_id}: {p}" for p, r in sorted(protocols.items()))
+        raise TablesError(f"Table {number} would mix protocols ({runs}); build one table per protocol "
+                          f"(sweep_tables does)")
+    return next(iter(protocols), "")
+
+
+def _protocol_cell(record: TrialRecord | None) -> str:
+    return "—" if record is None else protocol_of(record)
 
 
 def _latest_complete(records: Iterable[TrialRecord]) -> TrialRecord | None:
@@ -263,12 +288,13 @@ def table1(sweep: SweepRecord) -> Table:
         if best is not None:
             used.add(best.run_id)
         rows.append([letter, method, _mean_std(best, "test_wa"), _mean_std(best, "test_ua"),
-                     _mean_std(best, "val_ua") if best else _pending_state(matching),
+                     _mean_std(best, "val_ua") if best else _pending_state(matching), _protocol_cell(best),
                      _paper(paper_wa), _paper(paper_ua)])
         picked.append((best, paper_wa, paper_ua))
+    protocol = _one_protocol("1", [r for r, _, _ in picked])
     data = {"model": [r[0] for r in TABLE1_ROWS], "method": [r[2] for r in TABLE1_ROWS], **_columns(picked)}
-    return Table("1", TITLES["1"], ["Model", "Method", "WA", "UA", "val UA", "paper WA", "paper UA"], rows,
-                 _caption(sweep, records), data, _unmatched_notes(records, used))
+    return Table("1", TITLES["1"], ["Model", "Method", "WA", "UA", "val UA", "protocol", "paper WA", "paper UA"],
+                 rows, _caption(sweep, records), data, _unmatched_notes(records, used), protocol)
 
 
 def _is_close(a: float, b: float) -> bool:
@@ -286,13 +312,14 @@ def table2(sweep: SweepRecord) -> Table:
         if best is not None:
             used.add(best.run_id)
         rows.append([loss, f"{alpha:g}", f"{beta:g}", _mean_std(best, "test_wa"), _mean_std(best, "test_ua"),
-                     _mean_std(best, "val_ua") if best else _pending_state(matching),
+                     _mean_std(best, "val_ua") if best else _pending_state(matching), _protocol_cell(best),
                      _paper(paper_wa), _paper(paper_ua)])
         picked.append((best, paper_wa, paper_ua))
+    protocol = _one_protocol("2", [r for r, _, _ in picked])
     data = {"loss": [r[0] for r in TABLE2_ROWS], "alpha": [r[1] for r in TABLE2_ROWS],
             "beta": [r[2] for r in TABLE2_ROWS], **_columns(picked)}
-    return Table("2", TITLES["2"], ["Loss", "α", "β", "WA", "UA", "val UA", "paper WA", "paper UA"], rows,
-                 _caption(sweep, records), data, _unmatched_notes(records, used))
+    return Table("2", TITLES["2"], ["Loss", "α", "β", "WA", "UA", "val UA", "protocol", "paper WA", "paper UA"],
+                 rows, _caption(sweep, records), data, _unmatched_notes(records, used), protocol)
 
 
 def _paper_table2(alpha: float, beta: float, space: str) -> tuple[float | None, float | None]:
@@ -314,15 +341,18 @@ def table2_search(sweep: SweepRecord, metric: str = "val_ua_mean") -> Table:
         paper_wa, paper_ua = _paper_table2(alpha, beta, space)
         rows.append(["CE Loss" if alpha == 0 else "Joint Loss", f"{alpha:.3f}", f"{beta:.3f}",
                      f"{r.param_float('loss.margin'):.3f}", space, _mean_std(r, "val_ua"),
-                     _mean_std(r, "test_wa"), _mean_std(r, "test_ua"), _paper(paper_wa), _paper(paper_ua)])
+                     _mean_std(r, "test_wa"), _mean_std(r, "test_ua"), _protocol_cell(r), _paper(paper_wa),
+                     _paper(paper_ua)])
         picked.append((r, paper_wa, paper_ua))
     data = {"alpha": [r.param_float("loss.alpha") for r in complete],
             "beta": [r.param_float("loss.beta") for r in complete],
             "margin": [r.param_float("loss.margin") for r in complete],
             "space": [r.params.get("loss.space") for r in complete], **_columns(picked)}
+    protocol = _one_protocol("2", complete)
     title = "Table 2 (search): Optuna TPE over alpha, beta, the margin M and the metric-loss space, best first"
-    return Table("2", title, ["Loss", "α", "β", "M", "space", "val UA (objective)", "WA", "UA", "paper WA",
-                              "paper UA"], rows, _caption(sweep, records), data, _unmatched_notes(records, set()))
+    return Table("2", title, ["Loss", "α", "β", "M", "space", "val UA (objective)", "WA", "UA", "protocol",
+                              "paper WA", "paper UA"], rows, _caption(sweep, records), data,
+                 _unmatched_notes(records, set()), protocol)
 
 
 def table3(sweep: SweepRecord) -> Table:
@@ -335,13 +365,14 @@ def table3(sweep: SweepRecord) -> Table:
         if best is not None:
             used.add(best.run_id)
         rows.append([label, _mean_std(best, "test_wa"), _mean_std(best, "test_ua"),
-                     _mean_std(best, "val_ua") if best else _pending_state(matching),
+                     _mean_std(best, "val_ua") if best else _pending_state(matching), _protocol_cell(best),
                      _paper(paper_wa), _paper(paper_ua)])
         picked.append((best, paper_wa, paper_ua))
+    protocol = _one_protocol("3", [r for r, _, _ in picked])
     data = {"embedding_space": [r[1] for r in TABLE3_ROWS], "loss.space": [r[0] for r in TABLE3_ROWS],
             **_columns(picked)}
-    return Table("3", TITLES["3"], ["Embedding Space", "WA", "UA", "val UA", "paper WA", "paper UA"], rows,
-                 _caption(sweep, records), data, _unmatched_notes(records, used))
+    return Table("3", TITLES["3"], ["Embedding Space", "WA", "UA", "val UA", "protocol", "paper WA", "paper UA"],
+                 rows, _caption(sweep, records), data, _unmatched_notes(records, used), protocol)
 
 
 def table4(sweep: SweepRecord) -> Table:
@@ -354,33 +385,46 @@ def table4(sweep: SweepRecord) -> Table:
         if best is not None:
             used.add(best.run_id)
         rows.append([label, _mean_std(best, "test_wa"), _mean_std(best, "test_ua"),
-                     _mean_std(best, "val_ua") if best else _pending_state(matching),
+                     _mean_std(best, "val_ua") if best else _pending_state(matching), _protocol_cell(best),
                      _paper(paper_wa), _paper(paper_ua)])
         picked.append((best, paper_wa, paper_ua))
     data = {"variant": [r[0] for r in TABLE4_ROWS], "model": [r[1] for r in TABLE4_ROWS], **_columns(picked)}
     published = "; ".join(f"{name} [{ref}] {wa:.3f}/{ua:.3f}" for name, ref, wa, ua in TABLE4_PUBLISHED)
     notes = [f"paper's Table 4 also lists published models (WA/UA), not re-implemented here: {published}",
              *_unmatched_notes(records, used)]
-    return Table("4", TITLES["4"], ["Model", "WA", "UA", "val UA", "paper WA", "paper UA"], rows,
-                 _caption(sweep, records), data, notes)
+    protocol = _one_protocol("4", [r for r, _, _ in picked])
+    return Table("4", TITLES["4"], ["Model", "WA", "UA", "val UA", "protocol", "paper WA", "paper UA"], rows,
+                 _caption(sweep, records), data, notes, protocol)
 
 
-def sweep_tables(sweep: SweepRecord) -> list[Table]:
-    """Every table a sweep's trials fill, in table order."""
+# Paired comparisons under a table, when a client can read the runs' per-fold scores: Table 1's A vs B and A vs C
+# (what the paper's ablation claims), and Table 4's full model against each baseline.
+TABLE1_PAIRS = (("A", "B"), ("A", "C"))
+TABLE4_PAIRS = tuple(("Full model", variant) for variant, *_ in TABLE4_ROWS if variant != "Full model")
+
+
+def sweep_tables(sweep: SweepRecord, client: Any | None = None) -> list[Table]:
+    """Every table a sweep's trials fill, in table order; one table per protocol when the sweep ran several (a
+    table never puts two protocols in one column). With ``client`` Tables 1 and 4 also carry paired comparisons."""
+    builders = ((("1", False), table1), (("2", False), table2), (("2", True), table2_search), (("3", False), table3),
+                (("4", False), table4))
     tables = []
-    kinds = {(t.table, t.variant == SEARCH_VARIANT) for t in sweep.trials}
-    if ("1", False) in kinds:
-        tables.append(table1(sweep))
-    if ("2", False) in kinds:
-        tables.append(table2(sweep))
-    if ("2", True) in kinds:
-        tables.append(table2_search(sweep))
-    if ("3", False) in kinds:
-        tables.append(table3(sweep))
-    if ("4", False) in kinds:
-        tables.append(table4(sweep))
-    for table in tables:
-        table.notes += _seed_spread_notes(table, sweep)
+    for (number, search), build in builders:
+        records = [t for t in sweep.trials if t.table == number and (t.variant == SEARCH_VARIANT) == search]
+        protocols = sorted({protocol_of(t) for t in records})
+        for protocol in protocols:
+            part = SweepRecord(sweep.run_id, sweep.name, sweep.kind, sweep.start_time,
+                               tuple(t for t in sweep.trials if protocol_of(t) == protocol))
+            table = build(part)
+            if len(protocols) > 1:
+                table.title += f" — protocol {protocol}"
+                table.split, table.protocol = True, protocol
+            table.notes += _seed_spread_notes(table, sweep)
+            if client is not None and number == "1":
+                table.notes += _comparison_notes(client, table, sweep, TABLE1_PAIRS, "model")
+            if client is not None and number == "4":
+                table.notes += _comparison_notes(client, table, sweep, TABLE4_PAIRS, "variant")
+            tables.append(table)
     return tables
 
 
@@ -435,69 +479,94 @@ def log_tables(client: Any, parent_run_id: str, tables: Sequence[Table]) -> list
     return paths
 
 
-# --- paired comparison of two trial runs ------------------------------------------------------------------------
+# --- paired comparison of two trial runs (the statistics are ser_platform.comparison's) ------------------------
+
+# Params that must agree for two runs' folds to be the same test sets: the folds of loso5 and loso10 are other
+# speakers, and a score on improvised utterances only is not paired with one on all of them.
+MUST_MATCH = ("protocol", "data.eval_subset")
+
 
 @dataclass(frozen=True)
-class PairedComparison:
-    """Per-fold scores of two runs on their common folds, the differences and paired tests (B - A)."""
+class RunComparison:
+    """A paired comparison of two trial runs on one metric: how they were paired, and the statistics."""
 
-    run_a: str
-    run_b: str
-    metric: str
-    folds: tuple[int, ...]
-    a: tuple[float, ...]
-    b: tuple[float, ...]
-    mean_difference: float
-    std_difference: float
-    t_statistic: float
-    t_pvalue: float
-    wilcoxon_pvalue: float
+    metric: str  # "test_ua" | "test_wa"
+    label_a: str
+    label_b: str
+    pairing: str  # "folds" (one score per fold: the mean over its seeds) or "folds x seeds"
+    result: PairedComparison
+    notes: tuple[str, ...] = ()
 
-
-def paired_comparison(scores_a: dict[int, float], scores_b: dict[int, float], *, run_a: str = "A",
-                      run_b: str = "B", metric: str = "fold_test_ua") -> PairedComparison:
-    """Paired t-test and Wilcoxon signed-rank test of B - A over the folds both runs have (two-sided)."""
-    folds = tuple(sorted(set(scores_a) & set(scores_b)))
-    if len(folds) < 2:
-        raise TablesError(f"{run_a} and {run_b} share {len(folds)} fold(s) of {metric}; a paired comparison "
-                          f"needs at least 2 (folds of {run_a}: {sorted(scores_a)}, of {run_b}: {sorted(scores_b)})")
-    a = np.array([scores_a[f] for f in folds])
-    b = np.array([scores_b[f] for f in folds])
-    diff = b - a
-    if np.allclose(diff, diff[0]):
-        # Constant differences: the t statistic is undefined (zero variance) and Wilcoxon has no ranks to compare.
-        t_stat, t_p = (math.inf if diff[0] != 0 else math.nan), (0.0 if diff[0] != 0 else 1.0)
-        w_p = 1.0 if diff[0] == 0 else math.nan
-    else:
-        t_stat, t_p = scipy.stats.ttest_rel(b, a)
-        w_p = float(scipy.stats.wilcoxon(b, a).pvalue) if np.any(diff != 0) else 1.0
-    return PairedComparison(run_a, run_b, metric, folds, tuple(a.tolist()), tuple(b.tolist()),
-                            float(diff.mean()), float(diff.std(ddof=1)), float(t_stat), float(t_p), w_p)
+    def line(self) -> str:
+        name = f"test {self.metric.split('_')[1].upper()}"
+        how = ("per fold" if self.pairing == "folds" else "per (fold, seed)")
+        return f"{format_comparison(self.result, name, label_a=self.label_a, label_b=self.label_b)} [{how}]"
 
 
-def format_comparison(comparisons: Sequence[PairedComparison]) -> str:
+def seed_series(record: TrialRecord) -> list[int]:
+    """The seeds whose per-fold scores a trial run logged separately (``fold_test_ua.seed<S>``, train.seeds > 1)."""
+    prefix = "fold_test_ua.seed"
+    return sorted(int(k[len(prefix):]) for k in record.metrics if k.startswith(prefix))
+
+
+def fold_scores(client: Any, record: TrialRecord, metric: str, *, by_seed: bool) -> dict[tuple[int, int], float]:
+    """(fold, seed) -> score of ``metric`` ("test_ua", "test_wa") as logged by the trial's ``fold_<metric>``
+    series (step = fold). ``by_seed=False``: one score per fold, the mean over its seeds, keyed (fold, 0)."""
+
+    def history(key: str) -> dict[int, float]:
+        # A restarted trial may log a fold twice; the latest value wins.
+        return {int(m.step): float(m.value)
+                for m in sorted(client.get_metric_history(record.run_id, key), key=lambda m: m.timestamp)}
+
+    seeds = seed_series(record)
+    if not by_seed:
+        return {(fold, 0): value for fold, value in history(f"fold_{metric}").items()}
+    if not seeds:  # one seed: the plain series is that seed's
+        seed = int(record.params.get("seed", "0"))
+        return {(fold, seed): value for fold, value in history(f"fold_{metric}").items()}
+    return {(fold, seed): value for seed in seeds for fold, value in history(f"fold_{metric}.seed{seed}").items()}
+
+
+def compare_records(client: Any, a: TrialRecord, b: TrialRecord, *, label_a: str, label_b: str,
+                    metrics: Sequence[str] = ("test_ua", "test_wa"), pairings: Sequence[str] | None = None,
+                    n_boot: int = 10_000, seed: int = 0) -> list[RunComparison]:
+    """Paired comparisons (``comparison.paired_comparison``) of two complete trial runs, A − B.
+
+    Refuses (``TablesError``) runs whose test sets differ (``MUST_MATCH``: protocol, evaluation subset) or whose
+    folds differ. ``pairings``: "folds" (one score per fold, the mean over its seeds: the stricter test) and, when
+    both runs have the same several seeds, also "folds x seeds"; by default both where they apply."""
+    for key in MUST_MATCH:
+        va, vb = a.params.get(key, "?"), b.params.get(key, "?")
+        if va != vb:
+            raise TablesError(f"{label_a} ({a.run_name or a.run_id}) has {key}={va}, {label_b} "
+                              f"({b.run_name or b.run_id}) has {key}={vb}: their folds are not the same test "
+                              f"sets, so they are not compared")
+    seeds_a, seeds_b = seed_series(a), seed_series(b)
+    notes = []
+    if seeds_a != seeds_b:
+        notes.append(f"seeds differ ({label_a}: {seeds_a or [a.params.get('seed', '?')]}, {label_b}: "
+                     f"{seeds_b or [b.params.get('seed', '?')]}): paired by fold on each fold's seed mean")
+    if a.params.get("data.dataset") != b.params.get("data.dataset"):
+        notes.append(f"datasets differ ({a.params.get('data.dataset')} vs {b.params.get('data.dataset')})")
+    available = ["folds"] + (["folds x seeds"] if seeds_a and seeds_a == seeds_b else [])
+    chosen = [p for p in (pairings or available) if p in available]
     out = []
-    for c in comparisons:
-        out.append(f"{c.metric}: B = {c.run_b} vs A = {c.run_a}, paired over folds {', '.join(map(str, c.folds))}")
-        out.append("fold  A      B      B-A")
-        for fold, a, b in zip(c.folds, c.a, c.b):
-            out.append(f"{fold:<4}  {a:.3f}  {b:.3f}  {b - a:+.3f}")
-        out.append(f"mean B-A {c.mean_difference:+.4f} ± {c.std_difference:.4f} (std over folds); "
-                   f"paired t = {c.t_statistic:.3f}, p = {c.t_pvalue:.3g}; Wilcoxon p = {c.wilcoxon_pvalue:.3g}"
-                   f" (two-sided; with {len(c.folds)} folds Wilcoxon cannot go below "
-                   f"{2 / 2 ** len(c.folds):.3g})")
-        out.append("")
-    return "\n".join(out).rstrip()
-
-
-def _fold_scores(client: Any, run_id: str, metric: str) -> dict[int, float]:
-    history = client.get_metric_history(run_id, metric)
-    # A restarted trial may log a fold twice; the latest value wins.
-    return {int(m.step): float(m.value) for m in sorted(history, key=lambda m: m.timestamp)}
+    for metric in metrics:
+        for pairing in chosen:
+            by_seed = pairing == "folds x seeds"
+            sa, sb = (fold_scores(client, r, metric, by_seed=by_seed) for r in (a, b))
+            folds_a, folds_b = {f for f, _ in sa}, {f for f, _ in sb}
+            if folds_a != folds_b:
+                raise TablesError(f"{label_a} and {label_b} were scored on different folds ({label_a}: "
+                                  f"{sorted(folds_a)}, {label_b}: {sorted(folds_b)}); a paired comparison needs "
+                                  f"the same folds")
+            out.append(RunComparison(metric, label_a, label_b, pairing,
+                                     paired_comparison(sa, sb, n_boot=n_boot, seed=seed), tuple(notes)))
+    return out
 
 
 def resolve_trial_run(client: Any, experiment_id: str, ref: str) -> TrialRecord:
-    """A trial run by run id, run name or variant name (the latest complete one when several match)."""
+    """A complete trial run by run id, run name or variant name (the latest complete one when several match)."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -516,13 +585,53 @@ def resolve_trial_run(client: Any, experiment_id: str, ref: str) -> TrialRecord:
     raise TablesError(f"no complete trial run with id, name or variant {ref!r} in experiment {experiment_id}")
 
 
-def compare_runs(client: Any, experiment_id: str, ref_a: str, ref_b: str) -> list[PairedComparison]:
-    """Paired comparisons (test WA, test UA) of two trial runs over their common folds."""
+def format_run_comparison(a: TrialRecord, b: TrialRecord, comparisons: Sequence[RunComparison]) -> str:
+    """What ``ser tables --compare`` prints: the runs, the per-pair scores, one verdict line per comparison."""
+    out = [f"A = {a.run_name or a.run_id} (run {a.run_id}), B = {b.run_name or b.run_id} (run {b.run_id}); "
+           f"protocol {a.params.get('protocol', '?')}"]
+    for note in dict.fromkeys(n for c in comparisons for n in c.notes):
+        out.append(f"note: {note}")
+    for c in comparisons:
+        r = c.result
+        out += ["", f"test {c.metric.split('_')[1].upper()}, paired {'per fold (mean over its seeds)' if c.pairing == 'folds' else 'per (fold, seed)'}:",
+                "fold  seed  A      B      A-B" if c.pairing != "folds" else "fold  A      B      A-B"]
+        for (fold, seed), va, vb in zip(r.keys, r.a, r.b):
+            cells = [f"{fold:<4}"] + ([f"{seed:<4}"] if c.pairing != "folds" else [])
+            out.append("  ".join(cells + [f"{va:.3f}", f"{vb:.3f}", f"{va - vb:+.3f}"]))
+        out.append(c.line())
+        if r.wilcoxon_note:
+            out.append(f"(Wilcoxon not run: {r.wilcoxon_note})")
+    out += ["", f"verdicts: 'beyond noise' needs the {100 * comparisons[0].result.confidence:g}% bootstrap interval "
+                f"to exclude 0 and the paired t-test to reject; see ser_platform/comparison.py"] if comparisons else []
+    return "\n".join(out)
+
+
+def compare_runs(client: Any, experiment_id: str, ref_a: str, ref_b: str) -> str:
+    """``ser tables --compare A B``: both runs resolved, compared on test UA and WA, formatted."""
     a = resolve_trial_run(client, experiment_id, ref_a)
     b = resolve_trial_run(client, experiment_id, ref_b)
-    return [paired_comparison(_fold_scores(client, a.run_id, metric), _fold_scores(client, b.run_id, metric),
-                              run_a=a.run_name or a.run_id, run_b=b.run_name or b.run_id, metric=metric)
-            for metric in ("fold_test_wa", "fold_test_ua")]
+    return format_run_comparison(a, b, compare_records(client, a, b, label_a="A", label_b="B"))
+
+
+def _comparison_notes(client: Any, table: "Table", sweep: SweepRecord, pairs: Sequence[tuple[str, str]],
+                      key: str) -> list[str]:
+    """Notes under a table: the paired comparison (test UA and WA, by fold) of each pair of its rows, named by
+    the value of ``table.data[key]`` ("A"/"B"/"C" in Table 1, the variant in Table 4)."""
+    by_id = {t.run_id: t for t in sweep.trials}
+    rows = dict(zip(table.data[key], table.data["run_id"]))
+    notes = []
+    for name_a, name_b in pairs:
+        a, b = by_id.get(rows.get(name_a) or ""), by_id.get(rows.get(name_b) or "")
+        if a is None or b is None:
+            notes.append(f"{name_a} vs {name_b}: not compared ({name_a if a is None else name_b} has no complete run)")
+            continue
+        try:
+            comparisons = compare_records(client, a, b, label_a=name_a, label_b=name_b, pairings=("folds",))
+        except TablesError as error:
+            notes.append(f"{name_a} vs {name_b}: not compared: {error}")
+            continue
+        notes += [c.line() for c in comparisons]
+    return notes
 
 
 # --- the command --------------------------------------------------------------------------------------------------
@@ -545,13 +654,16 @@ def _experiment_id(client: Any, experiment: str, uri: str) -> str:
     return found.experiment_id
 
 
-def latest_tables(sweeps: Sequence[SweepRecord]) -> list[tuple[SweepRecord, Table]]:
-    """For each table, the most recent sweep that has trials for it."""
-    chosen: dict[str, tuple[SweepRecord, Table]] = {}
+def latest_tables(sweeps: Sequence[SweepRecord], client: Any | None = None) -> list[tuple[SweepRecord, Table]]:
+    """For each table, the most recent sweep that has trials for it (with ``client``, its paired comparisons)."""
+    chosen: dict[str, SweepRecord] = {}
     for sweep in sweeps:  # oldest first: later sweeps replace earlier ones
         for table in sweep_tables(sweep):
-            chosen[table.slug] = (sweep, table)
-    return sorted(chosen.values(), key=lambda pair: pair[1].slug)
+            chosen[table.slug] = sweep
+    pairs = []
+    for sweep in {s.run_id: s for s in chosen.values()}.values():  # comparisons read fold histories: only these
+        pairs += [(sweep, t) for t in sweep_tables(sweep, client) if chosen.get(t.slug) is sweep]
+    return sorted(pairs, key=lambda pair: pair[1].slug)
 
 
 def tables_command(*, experiment: str, mlflow_uri: str | None = None,
@@ -569,10 +681,10 @@ def tables_command(*, experiment: str, mlflow_uri: str | None = None,
     if compare:
         if len(compare) != 2:
             raise TablesError(f"--compare takes two runs, got {list(compare)}")
-        print(format_comparison(compare_runs(client, experiment_id, compare[0], compare[1])))
+        print(compare_runs(client, experiment_id, compare[0], compare[1]))
         return 0
     sweeps = collect_sweeps(client, experiment_id)
-    pairs = latest_tables(sweeps)
+    pairs = latest_tables(sweeps, client)
     if not pairs:
         raise TablesError(f"experiment {experiment!r} at {uri} has no sweep with trial runs; run experiments/"
                           f"sweep_loss_weights.py, ablation.py, embedding_space.py or compare_models.py first")

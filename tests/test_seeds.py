@@ -109,6 +109,59 @@ def test_tables_say_how_many_seeds_and_show_the_spread_per_fold(tmp_path):
     assert "3 seeds" in format_table(three)
 
 
+def test_paired_comparison_pairs_fold_seed_runs_and_fold_means(tmp_path):
+    """``--compare`` of two 3-seed runs: per (fold, seed), 9 pairs, and per fold on the seed means, 3 pairs; both
+    against scipy's paired t-test on the numbers logged. Table 4 carries the full model against each baseline."""
+    import scipy.stats
+
+    from ser_platform.tables import compare_records, format_run_comparison
+
+    uri = ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient(uri)
+    exp = experiment_id(uri, "compare-seeds")
+    config = load_config("demo", overrides={"data.dataset": "/data/x.parquet", "tracking.mlflow_uri": uri,
+                                            "tracking.experiment": "compare-seeds", "data.folds": FOLDS,
+                                            "train.seed": SEEDS[0], "train.seeds": len(SEEDS),
+                                            **COMPARE_MODELS.defaults})
+    parent = open_sweep_run(client, exp, "cmp", COMPARE_MODELS, config)
+    ctx = TrialContext(base_config=config.to_dict(), experiment=COMPARE_MODELS, sweep_name="cmp", mlflow_uri=uri,
+                       mlflow_experiment_id=exp, parent_run_id=parent, train_storage="unused")
+    # The full model 0.04 ahead of "Speech only" plus a seed-dependent wobble, so the two pairings differ.
+    wobble = {(f, s): 0.006 * ((f * 5 + s * 3) % 4) for f in FOLDS for s in SEEDS}
+    for i, variant in enumerate(COMPARE_MODELS.variants):
+        per_seed = {s: {f: fold_result(f, score(f, s) + (0.04 + wobble[f, s] if variant == "Full model" else 0.0))
+                        for f in FOLDS} for s in SEEDS}
+        result = TrialResult(per_fold=per_seed[SEEDS[0]], summary=summarize_trial(per_seed[SEEDS[0]], per_seed),
+                             per_seed=per_seed)
+        _, overrides = trial_overrides(COMPARE_MODELS, {"variant": variant})
+        run = open_trial_run(client, ctx, f"t{i}", config.replace(overrides), variant)
+        log_trial_result(client, run.info.run_id, result)
+    [sweep] = collect_sweeps(client, exp, parent)
+    runs = {t.variant: t for t in sweep.trials}
+    comparisons = compare_records(client, runs["Full model"], runs["Speech only"], label_a="A", label_b="B",
+                                  metrics=("test_ua",))
+    by_pairing = {c.pairing: c.result for c in comparisons}
+    assert sorted(by_pairing) == ["folds", "folds x seeds"]
+    a = np.array([score(f, s) + 0.04 + wobble[f, s] for f in FOLDS for s in SEEDS])
+    b = np.array([score(f, s) for f in FOLDS for s in SEEDS])
+    pairs = by_pairing["folds x seeds"]
+    assert pairs.keys == tuple((f, s) for f in FOLDS for s in SEEDS) and pairs.n == 9
+    assert pairs.t_pvalue == pytest.approx(scipy.stats.ttest_rel(a, b).pvalue)
+    assert pairs.wilcoxon_pvalue == pytest.approx(scipy.stats.wilcoxon(np.round(a - b, 12)).pvalue)
+    folds = by_pairing["folds"]
+    means_a, means_b = a.reshape(3, 3).mean(axis=1), b.reshape(3, 3).mean(axis=1)
+    assert folds.n == 3 and folds.t_pvalue == pytest.approx(scipy.stats.ttest_rel(means_a, means_b).pvalue)
+    assert folds.mean_difference == pytest.approx(pairs.mean_difference) == pytest.approx((a - b).mean())
+    text = format_run_comparison(runs["Full model"], runs["Speech only"], comparisons)
+    assert "paired per (fold, seed)" in text and "paired per fold (mean over its seeds)" in text
+
+    [table] = sweep_tables(sweep, client)
+    lines = [n for n in table.notes if n.startswith("test UA: Full model − ")]
+    assert [line.split(" − ")[1].split(" = ")[0] for line in lines] == \
+        ["Speech only", "Text only", "Early fusion", "Crossmodal without FA"]
+    assert all("n=3" in line and line.endswith("[per fold]") for line in lines)
+
+
 def test_seeds_flags_and_validation():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     import sweep_flags

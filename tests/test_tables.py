@@ -7,8 +7,6 @@ and a brute-force enumeration of sign flips.
 
 from __future__ import annotations
 
-import itertools
-import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +20,7 @@ from ser_platform.config import load_config
 from ser_platform.sweep import (ABLATION, EMBEDDING_SPACE, SEARCH, TrialContext, log_trial_result, open_sweep_run,
                                 open_trial_run, trial_overrides)
 from ser_platform.tables import (TABLE1_ROWS, TABLE3_ROWS, TablesError, collect_sweeps, format_table,
-                                 log_tables, paired_comparison, sweep_tables, table_markdown)
+                                 log_tables, sweep_tables, table_markdown, tables_command)
 from ser_platform.tracking import ensure_store, experiment_id
 
 FOLDS = (1, 2, 3, 4, 5)
@@ -166,35 +164,81 @@ def test_ser_tables_command(store, capsys, tmp_path):
     assert "no MLflow store" in capsys.readouterr().err and not missing.exists()  # not created empty
 
 
-def brute_force_wilcoxon_p(diff: np.ndarray) -> float:
-    """Exact two-sided signed-rank p: the share of the 2^n sign assignments whose |W+ - W-| is as large."""
-    ranks = scipy.stats.rankdata(np.abs(diff))
-    observed = abs(np.sum(np.sign(diff) * ranks))
-    flips = [abs(np.sum(np.array(signs) * ranks)) for signs in itertools.product((-1, 1), repeat=len(diff))]
-    return float(np.mean(np.array(flips) >= observed - 1e-12))
-
-
-def test_paired_comparison_matches_hand_formulas():
-    a = {1: 0.61, 2: 0.55, 3: 0.58, 4: 0.66, 5: 0.52}
-    b = {1: 0.64, 2: 0.56, 3: 0.63, 4: 0.65, 5: 0.60, 6: 0.9}  # fold 6 has no partner: left out
-    result = paired_comparison(a, b)
-    diff = np.array([b[f] - a[f] for f in range(1, 6)])
-    t = diff.mean() / (diff.std(ddof=1) / math.sqrt(len(diff)))
-    assert result.folds == (1, 2, 3, 4, 5)
-    assert result.mean_difference == pytest.approx(diff.mean())
-    assert result.t_statistic == pytest.approx(t)
-    assert result.t_pvalue == pytest.approx(2 * scipy.stats.t.sf(abs(t), df=len(diff) - 1))
-    assert result.wilcoxon_pvalue == pytest.approx(brute_force_wilcoxon_p(diff))
-    with pytest.raises(TablesError, match="share 1 fold"):
-        paired_comparison({1: 0.5}, {1: 0.6, 2: 0.7})
-
-
 def test_ser_tables_compare_by_variant_name(store, capsys):
     ctx = store.sweep(ABLATION, "compare")
-    store.trial(ctx, "a", {"variant": "Full model"}, scores_for(0.05))
-    store.trial(ctx, "b", {"variant": "without FA"}, {f: v - 0.01 * f for f, v in scores_for(0.05).items()})
+    a_scores = scores_for(0.05)
+    b_scores = {f: v - 0.01 * f - 0.004 * (f % 2) for f, v in a_scores.items()}
+    store.trial(ctx, "a", {"variant": "Full model"}, a_scores)
+    store.trial(ctx, "b", {"variant": "without FA"}, b_scores)
     assert cli.main(["tables", "--experiment", store.experiment, "--mlflow-uri", store.uri,
                      "--compare", "Full model", "without FA"]) == 0
     out = capsys.readouterr().out
-    assert "fold_test_ua: B = without FA [b] vs A = Full model [a]" in out
-    assert "mean B-A -0.0300" in out  # -(1+2+3+4+5)/5 * 0.01
+    assert "A = Full model [a]" in out and "B = without FA [b]" in out and "protocol loso5" in out
+    a, b = np.array([a_scores[f] for f in FOLDS]), np.array([b_scores[f] for f in FOLDS])
+    t = scipy.stats.ttest_rel(a, b)
+    # test UA per fold: the scores themselves, then the verdict line with scipy's p and the mean difference.
+    for f in FOLDS:
+        assert f"{f:<4}  {a_scores[f]:.3f}  {b_scores[f]:.3f}  {a_scores[f] - b_scores[f]:+.3f}" in out
+    ua_line = next(line for line in out.splitlines() if line.startswith("test UA: A"))
+    assert f"= +{100 * (a - b).mean():.2f} points" in ua_line and f"paired t p={t.pvalue:.2g}" in ua_line
+    assert "n=5" in ua_line and "[per fold]" in ua_line
+    # test WA is logged as UA + 0.03 in every fold: the same differences.
+    wa_line = next(line for line in out.splitlines() if line.startswith("test WA: A"))
+    assert f"paired t p={t.pvalue:.2g}" in wa_line
+
+
+def test_table1_carries_a_vs_b_and_a_vs_c(store):
+    ctx = store.sweep(ABLATION, "paired")
+    full = scores_for(0.06)
+    without_fa = {f: v - 0.02 - 0.003 * f for f, v in full.items()}  # behind in every fold: beyond noise
+    without_metric = {f: v + (0.01 if f % 2 else -0.012) for f, v in full.items()}  # either way: within noise
+    for i, (variant, scores) in enumerate((("Full model", full), ("without FA", without_fa),
+                                           ("without metric loss", without_metric))):
+        store.trial(ctx, f"t{i}", {"variant": variant}, scores)
+    [sweep] = collect_sweeps(store.client, store.experiment_id)
+    [plain] = sweep_tables(sweep)
+    assert not any(" vs " in n or "A − B" in n for n in plain.notes)  # no client: no fold histories read
+    [table] = sweep_tables(sweep, store.client)
+    lines = [n for n in table.notes if n.startswith("test UA: ")]
+    assert [line.split(" = ")[0] for line in lines] == ["test UA: A − B", "test UA: A − C"]
+    for line, other, verdict in zip(lines, (without_fa, without_metric), ("beyond noise", "within noise")):
+        a, b = np.array([full[f] for f in FOLDS]), np.array([other[f] for f in FOLDS])
+        assert f"paired t p={scipy.stats.ttest_rel(a, b).pvalue:.2g}" in line
+        assert line.endswith(f"{verdict} [per fold]")
+    markdown = table_markdown(table)
+    assert all(f"- {line}" in markdown for line in lines)
+
+
+def test_a_table_has_one_protocol(store):
+    ctx = store.sweep(EMBEDDING_SPACE, "protocols")
+    for i, space in enumerate(EMBEDDING_SPACE.variants):
+        store.trial(ctx, f"t{i}", {"variant": space}, scores_for(0.01 * i))
+    store.config = store.config.replace({"data.protocol": "session5", "data.folds": (1,)})
+    store.trial(ctx, "s", {"variant": "speech"}, {1: 0.7})
+    [sweep] = collect_sweeps(store.client, store.experiment_id)
+    tables = sweep_tables(sweep)
+    assert [(t.slug, t.protocol) for t in tables] == [("table3_loso5", "loso5"), ("table3_session5", "session5")]
+    column = tables[0].header.index("protocol")
+    assert [row[column] for row in tables[0].rows] == ["loso5"] * 3
+    assert [row[column] for row in tables[1].rows] == ["—", "session5", "—"]
+    assert tables[1].rows[1][2] == "0.700 ± 0.000" and "protocol session5" in tables[1].title
+    # Built directly from the mixed sweep, a table refuses.
+    from ser_platform.tables import table3
+    with pytest.raises(TablesError, match=r"would mix protocols \(.*loso5, .*session5\)"):
+        table3(sweep)  # the latest "speech" run is session5's, the others loso5's
+
+
+def test_compare_refuses_other_protocols_and_other_folds(store):
+    ctx = store.sweep(ABLATION, "refuse")
+    store.trial(ctx, "a", {"variant": "Full model"}, scores_for(0.0))
+    store.trial(ctx, "b", {"variant": "without FA"}, {f: v for f, v in scores_for(0.0).items() if f != 5})
+    config = store.config
+    store.config = config.replace({"data.protocol": "loso10"})
+    store.trial(ctx, "c", {"variant": "without metric loss"}, scores_for(0.0))
+    args = ["tables", "--experiment", store.experiment, "--mlflow-uri", store.uri, "--compare"]
+    with pytest.raises(TablesError, match="protocol=loso5.*protocol=loso10"):
+        tables_command(experiment=store.experiment, mlflow_uri=store.uri, compare=["Full model", "without metric loss"])
+    assert cli.main(args + ["Full model", "without metric loss"]) == 2
+    # "without FA" logged 4 of 5 folds: not complete, so not a candidate at all.
+    with pytest.raises(TablesError, match="no complete trial run .*'without FA'"):
+        tables_command(experiment=store.experiment, mlflow_uri=store.uri, compare=["Full model", "without FA"])
