@@ -3,7 +3,7 @@ compare_models.py).
 
 The same names as ``ser sweep`` (``--preset``, ``--config``, ``--set``, ``--dataset``, ``--mlflow-uri``, ...) plus
 the resources of one trial. Configs are built the way ``ser`` builds them: preset -> YAML -> the experiment's own
-defaults -> ``--set`` -> these flags (most specific wins).
+defaults (with the demo preset also its demo defaults) -> ``--set`` -> these flags (most specific wins).
 """
 
 from __future__ import annotations
@@ -97,6 +97,15 @@ def build_config(args: argparse.Namespace, defaults: dict[str, Any] | None = Non
     return config
 
 
+def experiment_config(args: argparse.Namespace, experiment: Any | None) -> Config:
+    """The config an experiment script runs: its defaults (and, with the demo preset, its demo defaults) under
+    the user's ``--set`` and flags."""
+    defaults: dict[str, Any] = {}
+    if experiment is not None:
+        defaults = {**(experiment.demo_defaults if args.preset == "demo" else {}), **experiment.defaults}
+    return build_config(args, defaults)
+
+
 def run(experiment_key: str | None, description: str, argv: Sequence[str] | None = None) -> int:
     """Parse flags, build the config, run the experiment's sweep; errors in the input exit 2 with one line."""
     parser = build_parser(description, grid=experiment_key is None)
@@ -105,7 +114,7 @@ def run(experiment_key: str | None, description: str, argv: Sequence[str] | None
         from ser_platform.sweep import EXPERIMENTS, experiment_command, sweep_command
 
         experiment = EXPERIMENTS[experiment_key] if experiment_key else None
-        config = build_config(args, dict(experiment.defaults) if experiment else None)
+        config = experiment_config(args, experiment)
         if experiment is None:
             return sweep_command(config, name=args.name, resume=args.resume, ray_address=args.ray_address)
         return experiment_command(config, experiment, name=args.name, resume=args.resume,

@@ -16,7 +16,7 @@ import torch
 from ser_platform.config import FUSIONS, ConfigError, LossConfig, ModelConfig, load_config
 from ser_platform.losses import JointLoss
 from ser_platform.models.ser_model import SERModel, model_summary
-from ser_platform.sweep import COMPARE_MODELS, EXPERIMENTS
+from ser_platform.sweep import COMPARE_MODELS, COMPARE_MODELS_DEMO, EXPERIMENTS
 
 from test_ser_model import TINY, grad_norm, make_batch, make_model, take  # noqa: E402  (tests/ is on sys.path)
 
@@ -170,41 +170,54 @@ def test_compare_models_is_table_4_and_every_variant_is_a_valid_config():
     assert {c.loss.space for c in built.values()} == {"fused"}
 
 
+def test_compare_models_embedded_default_trains_to_convergence_and_the_paper_preset_keeps_its_own():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import sweep_flags
+
+    parser = sweep_flags.build_parser("x")
+    demo = sweep_flags.experiment_config(parser.parse_args([]), COMPARE_MODELS)
+    assert demo.train.epochs == COMPARE_MODELS_DEMO["train.epochs"] == 20 and demo.model.embed_dim == 16
+    assert demo.loss.space == "fused" and demo.data.max_audio_seconds == 1.5
+    flags = sweep_flags.experiment_config(parser.parse_args(["--epochs", "3", "--set", "model.embed_dim=8"]),
+                                          COMPARE_MODELS)
+    assert flags.train.epochs == 3 and flags.model.embed_dim == 8  # the user's flags still win
+    paper = sweep_flags.experiment_config(parser.parse_args(["--preset", "paper"]), COMPARE_MODELS)
+    assert paper.train.epochs == load_config("paper").train.epochs and paper.model.embed_dim != 16
+    assert paper.loss.space == "fused"
+
+
 # --- real training: the full model against each single modality ------------------------------------------------
 #
-# The plain-torch loop (train.fit_folds) on the synthetic corpus, in-process batches as tests/test_train_loop.py
-# makes them, every leave-one-session-out fold, the same configuration for every model (only model.fusion
-# differs). The three models train in two spawned processes (the crossmodal model in one, the two single
-# modalities in the other: about the same work), one torch thread each: ~2 min on 2 cores.
+# The plain-torch loop (train.fit_folds) on the embedded default's own corpus (ser_platform.demo) with the
+# embedded default's own configuration for Table 4 (sweep.COMPARE_MODELS_DEMO: 20 epochs, 16-d encoders, 1.5 s of
+# audio), in-process batches as tests/test_train_loop.py makes them, every leave-one-session-out fold; only
+# model.fusion differs. The three models train in two spawned processes (the crossmodal model in one, the two
+# single modalities in the other: about the same work), one torch thread each: ~3 min on 2 cores.
 #
-# Measured with exactly this configuration, mean test UA over the 5 folds, full model minus each single modality:
+# Measured with exactly this configuration, mean test UA over the 5 folds (full / speech only / text only), and
+# the full model minus each single modality:
 #
-#   training seed            0       1       2       3       4
-#   full - speech only   +0.104  +0.129  +0.031  +0.029  +0.233
-#   full - text only     +0.066  +0.038  -0.019  +0.023  +0.058
+#   training seed            0       1       2       3       4      mean
+#   full model            0.711   0.742   0.665   0.710   0.718
+#   speech only           0.624   0.711   0.690   0.682   0.614
+#   text only             0.621   0.588   0.611   0.592   0.610
+#   full - speech only   +0.087  +0.031  -0.025  +0.028  +0.104  +0.045
+#   full - text only     +0.090  +0.154  +0.054  +0.118  +0.108  +0.105
 #
-# So the full model is ahead of speech alone for every seed tried, and ahead of text alone for 4 of 5: text is the
-# strong modality here and the fusion's gain over it is small and seed-dependent. Why: (1) the speech encoder
-# normalises each utterance (wav2vec2 input, MFCC/spectrogram CMVN), which removes the corpus' strongest prosodic
-# cues (loudness; pitch relative to the speaker): a logistic regression on the cues that survive (pitch range,
-# syllable rate) adds only +0.034 UA to the words alone (0.731 -> 0.765) on this corpus, against +0.14 with
-# speaker-normalised loudness and pitch; (2) the speech branch does not carry over to session 2's speakers (speech
-# alone 0.35-0.52 on fold 2, every seed), and there the fused model falls below text alone (0.37-0.50 vs
-# 0.54-0.71). Cheaper settings were not informative: folds 1-2 only, or 12 epochs of 1 s audio, gave a
-# full-minus-text margin of either sign from seed to seed (+0.078, -0.063, -0.005, -0.078; +0.016, +0.014, +0.046,
-# -0.077). The test runs seed 0; its thresholds are below every margin measured for speech and below seed 0's for
-# text (a regression there is a real change), and it prints the margins.
+# So the full model is ahead of text alone for every seed and of speech alone for 4 of 5: on this corpus speech
+# is the strong modality and the fusion's gain over it varies with the seed (a paired t-test over the five seeds
+# gives p ~ 0.12: not beyond noise at five seeds). The Ray run of the same embedded default
+# (experiments/compare_models.py, seed 0, BENCHMARKS.md) gave +0.121 over speech and +0.118 over text.
+# (Tried and dropped: MFCC/spectrogram normalised with training-set statistics instead of per utterance, to keep
+# each utterance's loudness; speech alone got no better, 0.463 / 0.496 / 0.471 at seeds 0-2 on a 40-per-session
+# corpus against 0.502 at seed 0 per utterance.) The test runs seed 0; its thresholds are below seed 0's margins
+# and, for text, below every margin measured (a regression there is a real change), and it prints the margins.
 
-COMPARISON = {
-    "model.embed_dim": 16, "model.num_heads": 2, "model.num_layers": 1, "model.embedding_dim": 16,
-    "model.speech.tiny_hidden_size": 16, "model.speech.tiny_num_layers": 1, "model.speech.tiny_num_heads": 2,
-    "model.speech.tiny_conv_dim": 8, "model.speech.cnn_channels": 8, "model.speech.lstm_hidden": 8,
-    "model.text.tiny_hidden_size": 16, "model.text.tiny_num_layers": 1, "model.text.tiny_num_heads": 2,
-    "train.batch_size": 16, "train.samples_per_class": 4, "train.lr": 3e-3, "train.epochs": 20,
-    "data.max_audio_seconds": 1.5,
-}
+COMPARISON = dict(COMPARE_MODELS_DEMO)  # exactly the embedded default of experiments/compare_models.py
 COMPARISON_FOLDS = (1, 2, 3, 4, 5)
-COMPARISON_UTTERANCES_PER_SESSION = 40
 COMPARISON_SEED = 0
 
 
@@ -277,17 +290,12 @@ def compare_fusions(dataset: str, seed: int) -> dict[str, dict[int, float]]:
 
 @pytest.fixture(scope="module")
 def comparison_dataset(tmp_path_factory) -> str:
-    from ser_platform.data.parquet import prepare_dataset
-    from ser_platform.data.synthetic import write_synthetic_corpus
+    from ser_platform.demo import ensure_demo_dataset
 
-    root = tmp_path_factory.mktemp("comparison")
-    corpus = write_synthetic_corpus(root / "IEMOCAP_full_release", seed=0,
-                                    utterances_per_session=COMPARISON_UTTERANCES_PER_SESSION)
-    prepare_dataset(corpus, root / "parquet", progress=False)
-    return str(root / "parquet")
+    return ensure_demo_dataset(tmp_path_factory.mktemp("comparison") / "demo", progress=False)  # the demo's corpus
 
 
-MIN_MARGIN = {"speech_only": 0.02, "text_only": 0.02}  # see the measurements above
+MIN_MARGIN = {"speech_only": 0.02, "text_only": 0.04}  # see the measurements above
 
 
 def test_the_full_model_is_ahead_of_each_single_modality(comparison_dataset):
