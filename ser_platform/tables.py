@@ -499,7 +499,7 @@ class RunComparison:
 
     def line(self) -> str:
         name = f"test {self.metric.split('_')[1].upper()}"
-        how = ("per fold" if self.pairing == "folds" else "per (fold, seed)")
+        how = "per fold" if self.pairing == "folds" else "per (fold, seed)"
         return f"{format_comparison(self.result, name, label_a=self.label_a, label_b=self.label_b)} [{how}]"
 
 
@@ -592,11 +592,12 @@ def format_run_comparison(a: TrialRecord, b: TrialRecord, comparisons: Sequence[
     for note in dict.fromkeys(n for c in comparisons for n in c.notes):
         out.append(f"note: {note}")
     for c in comparisons:
-        r = c.result
-        out += ["", f"test {c.metric.split('_')[1].upper()}, paired {'per fold (mean over its seeds)' if c.pairing == 'folds' else 'per (fold, seed)'}:",
-                "fold  seed  A      B      A-B" if c.pairing != "folds" else "fold  A      B      A-B"]
+        r, by_seed = c.result, c.pairing != "folds"
+        how = "per (fold, seed)" if by_seed else "per fold (mean over its seeds)"
+        out += ["", f"test {c.metric.split('_')[1].upper()}, paired {how}:",
+                "fold  seed  A      B      A-B" if by_seed else "fold  A      B      A-B"]
         for (fold, seed), va, vb in zip(r.keys, r.a, r.b):
-            cells = [f"{fold:<4}"] + ([f"{seed:<4}"] if c.pairing != "folds" else [])
+            cells = [f"{fold:<4}"] + ([f"{seed:<4}"] if by_seed else [])
             out.append("  ".join(cells + [f"{va:.3f}", f"{vb:.3f}", f"{va - vb:+.3f}"]))
         out.append(c.line())
         if r.wilcoxon_note:
