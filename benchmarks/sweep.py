@@ -44,18 +44,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ser_platform.config import load_config  # noqa: E402
 from ser_platform.tracking import git_commit  # noqa: E402
 
+from prepare import cpu_name  # noqa: E402  (benchmarks/ is on sys.path: scripts run as python benchmarks/x.py)
+
 _DEMO = load_config("demo")
 EMBEDDED_DEFAULT = {"trials": _DEMO.sweep.trials, "folds": len(_DEMO.data.folds), "epochs": _DEMO.train.epochs}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def device_line() -> str:

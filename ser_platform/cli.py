@@ -205,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("tables", help="print the paper's tables from logged MLflow runs")
     p.add_argument("--experiment", required=True, help="MLflow experiment name")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI")
-    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="paired comparison (A − B, test UA and WA over the same folds and seeds) of two trial runs, "
-                        "each a run id, run name or variant name")
+    p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
+                   help="paired comparison (A − B, test UA and WA over the same folds and seeds) of two trial "
+                        "runs, each a run id, run name or variant name")
     p.set_defaults(func=_cmd_tables)
 
     p = sub.add_parser("predict", help="class probabilities of new utterances from a finished fold run's model")

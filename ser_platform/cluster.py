@@ -26,10 +26,10 @@ from urllib.parse import urlsplit, urlunsplit
 import pyarrow.fs as pafs
 
 OBJECT_STORE_SCHEMES = ("s3", "gs")
+"""URI schemes of the object stores the cluster YAMLs use for data, Ray results and MLflow artifacts."""
 # What a Tune trial holds for itself: it only waits on its TorchTrainer, whose workers get their own placement
 # group (Tune refuses 0).
 TRIAL_CPU = 0.01
-"""URI schemes of the object stores the cluster YAMLs use for data, Ray results and MLflow artifacts."""
 
 _SUPPORTED_SCHEMES = ("file",) + OBJECT_STORE_SCHEMES
 

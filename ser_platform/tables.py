@@ -221,6 +221,23 @@ def _protocol_cell(record: TrialRecord | None) -> str:
     return "—" if record is None else protocol_of(record)
 
 
+def _pick(matching: Sequence[TrialRecord], used: set[str]) -> TrialRecord | None:
+    """A row's run: the latest complete one of those matching it, marked as used (the rest are listed as excluded)."""
+    best = _latest_complete(matching)
+    if best is not None:
+        used.add(best.run_id)
+    return best
+
+
+def _result_cells(best: TrialRecord | None, matching: Sequence[TrialRecord], paper_wa: float | None,
+                  paper_ua: float | None) -> list[str]:
+    """The cells every row of Tables 1-4 ends with: WA, UA, val UA (or why the row has no complete run), the
+    protocol, the paper's WA and UA."""
+    return [_mean_std(best, "test_wa"), _mean_std(best, "test_ua"),
+            _mean_std(best, "val_ua") if best else _pending_state(matching), _protocol_cell(best),
+            _paper(paper_wa), _paper(paper_ua)]
+
+
 def _latest_complete(records: Iterable[TrialRecord]) -> TrialRecord | None:
     complete = [r for r in records if r.complete]
     return max(complete, key=lambda r: r.start_time) if complete else None
@@ -284,12 +301,8 @@ def table1(sweep: SweepRecord) -> Table:
     rows, picked, used = [], [], set()
     for letter, variant, method, paper_wa, paper_ua in TABLE1_ROWS:
         matching = [r for r in records if r.variant == variant]
-        best = _latest_complete(matching)
-        if best is not None:
-            used.add(best.run_id)
-        rows.append([letter, method, _mean_std(best, "test_wa"), _mean_std(best, "test_ua"),
-                     _mean_std(best, "val_ua") if best else _pending_state(matching), _protocol_cell(best),
-                     _paper(paper_wa), _paper(paper_ua)])
+        best = _pick(matching, used)
+        rows.append([letter, method, *_result_cells(best, matching, paper_wa, paper_ua)])
         picked.append((best, paper_wa, paper_ua))
     protocol = _one_protocol("1", [r for r, _, _ in picked])
     data = {"model": [r[0] for r in TABLE1_ROWS], "method": [r[2] for r in TABLE1_ROWS], **_columns(picked)}
@@ -308,12 +321,8 @@ def table2(sweep: SweepRecord) -> Table:
     for loss, alpha, beta, paper_wa, paper_ua in TABLE2_ROWS:
         matching = [r for r in records if _is_close(r.param_float("loss.alpha"), alpha)
                     and _is_close(r.param_float("loss.beta"), beta)]
-        best = _latest_complete(matching)
-        if best is not None:
-            used.add(best.run_id)
-        rows.append([loss, f"{alpha:g}", f"{beta:g}", _mean_std(best, "test_wa"), _mean_std(best, "test_ua"),
-                     _mean_std(best, "val_ua") if best else _pending_state(matching), _protocol_cell(best),
-                     _paper(paper_wa), _paper(paper_ua)])
+        best = _pick(matching, used)
+        rows.append([loss, f"{alpha:g}", f"{beta:g}", *_result_cells(best, matching, paper_wa, paper_ua)])
         picked.append((best, paper_wa, paper_ua))
     protocol = _one_protocol("2", [r for r, _, _ in picked])
     data = {"loss": [r[0] for r in TABLE2_ROWS], "alpha": [r[1] for r in TABLE2_ROWS],
@@ -361,12 +370,8 @@ def table3(sweep: SweepRecord) -> Table:
     rows, picked, used = [], [], set()
     for space, label, paper_wa, paper_ua in TABLE3_ROWS:
         matching = [r for r in records if r.params.get("loss.space") == space]
-        best = _latest_complete(matching)
-        if best is not None:
-            used.add(best.run_id)
-        rows.append([label, _mean_std(best, "test_wa"), _mean_std(best, "test_ua"),
-                     _mean_std(best, "val_ua") if best else _pending_state(matching), _protocol_cell(best),
-                     _paper(paper_wa), _paper(paper_ua)])
+        best = _pick(matching, used)
+        rows.append([label, *_result_cells(best, matching, paper_wa, paper_ua)])
         picked.append((best, paper_wa, paper_ua))
     protocol = _one_protocol("3", [r for r, _, _ in picked])
     data = {"embedding_space": [r[1] for r in TABLE3_ROWS], "loss.space": [r[0] for r in TABLE3_ROWS],
@@ -381,12 +386,8 @@ def table4(sweep: SweepRecord) -> Table:
     rows, picked, used = [], [], set()
     for variant, label, paper_wa, paper_ua in TABLE4_ROWS:
         matching = [r for r in records if r.variant == variant]
-        best = _latest_complete(matching)
-        if best is not None:
-            used.add(best.run_id)
-        rows.append([label, _mean_std(best, "test_wa"), _mean_std(best, "test_ua"),
-                     _mean_std(best, "val_ua") if best else _pending_state(matching), _protocol_cell(best),
-                     _paper(paper_wa), _paper(paper_ua)])
+        best = _pick(matching, used)
+        rows.append([label, *_result_cells(best, matching, paper_wa, paper_ua)])
         picked.append((best, paper_wa, paper_ua))
     data = {"variant": [r[0] for r in TABLE4_ROWS], "model": [r[1] for r in TABLE4_ROWS], **_columns(picked)}
     published = "; ".join(f"{name} [{ref}] {wa:.3f}/{ua:.3f}" for name, ref, wa, ua in TABLE4_PUBLISHED)
@@ -655,16 +656,21 @@ def _experiment_id(client: Any, experiment: str, uri: str) -> str:
     return found.experiment_id
 
 
-def latest_tables(sweeps: Sequence[SweepRecord], client: Any | None = None) -> list[tuple[SweepRecord, Table]]:
-    """For each table, the most recent sweep that has trials for it (with ``client``, its paired comparisons)."""
-    chosen: dict[str, SweepRecord] = {}
-    for sweep in sweeps:  # oldest first: later sweeps replace earlier ones
-        for table in sweep_tables(sweep):
-            chosen[table.slug] = sweep
-    pairs = []
+def latest_tables(sweeps: Sequence[SweepRecord],
+                  client: Any | None = None) -> list[tuple[SweepRecord, Table, list[str]]]:
+    """For each table, the most recent sweep that has trials for it (with ``client``, its paired comparisons) and
+    the names of the older sweeps that also have it."""
+    slugs = {s.run_id: [t.slug for t in sweep_tables(s)] for s in sweeps}  # built once, without fold histories
+    having: dict[str, list[SweepRecord]] = {}
+    for sweep in sweeps:  # oldest first: the last one with a table is the one shown
+        for slug in slugs[sweep.run_id]:
+            having.setdefault(slug, []).append(sweep)
+    chosen = {slug: found[-1] for slug, found in having.items()}
+    out = []
     for sweep in {s.run_id: s for s in chosen.values()}.values():  # comparisons read fold histories: only these
-        pairs += [(sweep, t) for t in sweep_tables(sweep, client) if chosen.get(t.slug) is sweep]
-    return sorted(pairs, key=lambda pair: pair[1].slug)
+        out += [(sweep, t, [s.name for s in having[t.slug][:-1]])
+                for t in sweep_tables(sweep, client) if chosen.get(t.slug) is sweep]
+    return sorted(out, key=lambda item: item[1].slug)
 
 
 def tables_command(*, experiment: str, mlflow_uri: str | None = None,
@@ -685,14 +691,12 @@ def tables_command(*, experiment: str, mlflow_uri: str | None = None,
         print(compare_runs(client, experiment_id, compare[0], compare[1]))
         return 0
     sweeps = collect_sweeps(client, experiment_id)
-    pairs = latest_tables(sweeps, client)
-    if not pairs:
+    shown = latest_tables(sweeps, client)
+    if not shown:
         raise TablesError(f"experiment {experiment!r} at {uri} has no sweep with trial runs; run experiments/"
                           f"sweep_loss_weights.py, ablation.py, embedding_space.py or compare_models.py first")
-    for sweep, table in pairs:
+    for sweep, table, older in shown:
         print(format_table(table))
-        older = [s.name for s in sweeps if s.start_time < sweep.start_time
-                 and any(t.slug == table.slug for t in sweep_tables(s))]
         if older:
             print(f"(older sweeps with this table, not shown: {', '.join(older)})")
         print()

@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from ser_platform.config import FUSIONS, ConfigError, LossConfig, ModelConfig, load_config
-from ser_platform.losses import JointLoss
+from ser_platform.config import FUSIONS, ConfigError, ModelConfig, load_config
 from ser_platform.models.ser_model import SERModel, model_summary
 from ser_platform.sweep import COMPARE_MODELS, COMPARE_MODELS_DEMO, EXPERIMENTS
 
-from test_ser_model import TINY, grad_norm, make_batch, make_model, take  # noqa: E402  (tests/ is on sys.path)
+from test_ser_model import TINY, check_metric_loss_routing, make_batch, make_model, take  # tests/ is on sys.path
 
 PARTS = {  # the top-level modules each mode builds
     "crossmodal": {"text_encoder", "speech_encoder", "fusion", "embedding_layer", "classifier"},
@@ -125,14 +124,7 @@ def test_a_sample_gives_the_same_output_alone_and_batched(fusion):
     ("text_only", "text", ["text_encoder"], ["embedding_layer", "classifier"]),
 ])
 def test_the_metric_loss_spaces_a_baseline_has_still_route_their_gradients(fusion, space, reached, untouched):
-    model = make_model(with_fusion(fusion)).eval()
-    batch = make_batch([0.5, 0.6, 0.55, 0.7, 0.5, 0.65], [4, 6, 5, 3, 7, 4], seed=2)
-    loss = JointLoss(LossConfig(alpha=1.0, beta=0.0, margin=100.0, space=space))
-    loss(model(**batch), torch.tensor([0, 0, 1, 1, 2, 2])).loss.backward()
-    for part in reached:
-        assert grad_norm(getattr(model, part)) > 0, part
-    for part in untouched:
-        assert grad_norm(getattr(model, part)) == 0, part
+    check_metric_loss_routing(make_model(with_fusion(fusion)).eval(), space, reached, untouched)
 
 
 @pytest.mark.parametrize("fusion, space", [("speech_only", "text"), ("text_only", "speech")])

@@ -71,6 +71,21 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def head_command(temp_dir: Path, num_cpus: int) -> tuple[list[str], int]:
+    """``ray start --head --block`` on 127.0.0.1 with every port its own free one (so it never meets another
+    instance) and its temp dir at ``temp_dir``; returns the command and the dashboard port."""
+    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager = free_ports(9)
+    return RAY_CLI + [
+        "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
+        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+        "--min-worker-port=0", "--max-worker-port=0", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+    ], dashboard
+
+
 def get(url: str, token: str | None = None) -> tuple[int, bytes]:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     try:
@@ -90,16 +105,7 @@ def token_head():
     token_file = root / "auth_token"
     token_file.write_text(token)
     token_file.chmod(0o600)
-    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager = free_ports(9)
-    command = RAY_CLI + [
-        "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-        "--min-worker-port=0", "--max-worker-port=0", "--num-cpus=1", f"--temp-dir={root / 'ray'}",
-        "--disable-usage-stats",
-    ]
+    command, dashboard = head_command(root / "ray", num_cpus=1)
     env = clean_env(home, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file),
                     # no drain wait on SIGTERM: this head serves nobody else
                     RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")

@@ -36,7 +36,7 @@ from ser_platform.data.encoder_cache import (
 from ser_platform.data.errors import DataError
 from ser_platform.data.features import AcousticFeatures
 from ser_platform.data.folds import fold_spec
-from ser_platform.data.loader import LABEL_INDEX, make_collate, plan_pool_batches
+from ser_platform.data.loader import make_collate, plan_pool_batches
 from ser_platform.data.parquet import prepare_dataset
 from ser_platform.data.synthetic import write_synthetic_corpus
 from ser_platform.frozen_encoders import build_encoder_cache, cached_collate, entry_requests, open_encoder_cache
@@ -45,12 +45,11 @@ from ser_platform.models.speech import SSLSpeechEncoder
 from ser_platform.models.text import build_tokenizer
 from ser_platform.train import fit_folds, model_inputs
 
+from test_train_loop import TINY_SIZES  # tests/ is on sys.path
+
 LOGIT_ATOL = 1e-5
 TINY = {
-    "model.embed_dim": 8, "model.num_heads": 2, "model.num_layers": 1, "model.embedding_dim": 8,
-    "model.speech.tiny_hidden_size": 16, "model.speech.tiny_num_layers": 1, "model.speech.tiny_num_heads": 2,
-    "model.speech.tiny_conv_dim": 8, "model.speech.cnn_channels": 4, "model.speech.lstm_hidden": 4,
-    "model.text.tiny_hidden_size": 16, "model.text.tiny_num_layers": 1, "model.text.tiny_num_heads": 2,
+    **TINY_SIZES,
     "train.batch_size": 8, "train.samples_per_class": 2, "train.lr": 3e-3, "train.epochs": 1, "train.seed": 3,
     "data.max_audio_seconds": 1.0, "data.max_text_tokens": 64, "model.encoders": "frozen",
 }

@@ -31,11 +31,10 @@ from ser_platform.models.text import build_tokenizer
 from ser_platform.ray_train import _FoldLogger
 from ser_platform.train import Hooks, fit_folds
 
+from test_train_loop import TINY_SIZES  # tests/ is on sys.path
+
 TINY = {
-    "model.embed_dim": 8, "model.num_heads": 2, "model.num_layers": 1, "model.embedding_dim": 8,
-    "model.speech.tiny_hidden_size": 16, "model.speech.tiny_num_layers": 1, "model.speech.tiny_num_heads": 2,
-    "model.speech.tiny_conv_dim": 8, "model.speech.cnn_channels": 4, "model.speech.lstm_hidden": 4,
-    "model.text.tiny_hidden_size": 16, "model.text.tiny_num_layers": 1, "model.text.tiny_num_heads": 2,
+    **TINY_SIZES,
     "train.batch_size": 8, "train.samples_per_class": 2, "train.lr": 3e-3, "train.epochs": 1, "train.seed": 5,
     "data.max_audio_seconds": 0.5, "tracking.experiment": "predict-tests",
 }

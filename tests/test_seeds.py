@@ -22,6 +22,8 @@ from ser_platform.tables import collect_sweeps, format_table, sweep_tables
 from ser_platform.tracking import ensure_store, experiment_id
 from ser_platform.train import FoldResult, TrialResult, summarize_trial
 
+from test_train_loop import TINY_SIZES  # tests/ is on sys.path
+
 FOLDS, SEEDS = (1, 2, 3), (4, 5, 6)
 
 
@@ -180,10 +182,7 @@ def test_seeds_flags_and_validation():
 # --- one real Ray Train run with two seeds --------------------------------------------------------------------
 
 TINY = {
-    "model.embed_dim": 8, "model.num_heads": 2, "model.num_layers": 1, "model.embedding_dim": 8,
-    "model.speech.tiny_hidden_size": 16, "model.speech.tiny_num_layers": 1, "model.speech.tiny_num_heads": 2,
-    "model.speech.tiny_conv_dim": 8, "model.speech.cnn_channels": 4, "model.speech.lstm_hidden": 4,
-    "model.text.tiny_hidden_size": 16, "model.text.tiny_num_layers": 1, "model.text.tiny_num_heads": 2,
+    **TINY_SIZES,
     "train.batch_size": 8, "train.samples_per_class": 2, "train.lr": 3e-3, "train.epochs": 1, "train.seed": 3,
     "train.seeds": 2, "data.max_audio_seconds": 1.0, "data.folds": (1, 2), "tracking.experiment": "seeds-ray",
 }

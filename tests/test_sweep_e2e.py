@@ -24,7 +24,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,60 +35,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from test_cluster_auth import RAY_CLI, free_ports, head_command, processes_mentioning  # tests/ is on sys.path
+from test_cluster_auth import clean_env as auth_clean_env
+from test_train_loop import TINY_SIZES
+
 pytestmark = [pytest.mark.e2e, pytest.mark.ray]
 
 REPO = Path(__file__).resolve().parents[1]
-RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
 EXPERIMENT = "e2e"
 SUBMISSION_ID = "ser-e2e-sweep"
 FOLDS = (1, 2)
 TRIALS = 2
-# Tiny model and batches (as tests/test_ray_train.py's TINY): the job's minutes go to Ray, not to torch.
+# Tiny model (test_train_loop's) and batches: the job's minutes go to Ray, not to torch.
 TINY_SET = {
-    "model.embed_dim": 8, "model.num_heads": 2, "model.num_layers": 1, "model.embedding_dim": 8,
-    "model.speech.tiny_hidden_size": 16, "model.speech.tiny_num_layers": 1, "model.speech.tiny_num_heads": 2,
-    "model.speech.tiny_conv_dim": 8, "model.speech.cnn_channels": 4, "model.speech.lstm_hidden": 4,
-    "model.text.tiny_hidden_size": 16, "model.text.tiny_num_layers": 1, "model.text.tiny_num_heads": 2,
+    **TINY_SIZES,
     "train.batch_size": 8, "train.samples_per_class": 2, "data.max_audio_seconds": 1.0,
 }
 
 
-# --- processes (the same approach as tests/test_cluster_auth.py) -------------------------------------------------
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
+# --- processes (tests/test_cluster_auth.py's helpers) ------------------------------------------------------------
 
 def clean_env(home: Path) -> dict:
-    """This process's environment without the user's Ray address/auth or MLflow settings; this venv first on PATH
-    (the job's entrypoint `python` is looked up there)."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_AUTH", "MLFLOW_")) and k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0", RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    return env
-
-
-def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if text.encode() in f.read():
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
+    """test_cluster_auth's clean environment (no Ray address/auth of the user, this venv first on PATH: the job's
+    entrypoint `python` is looked up there), without MLflow settings, no drain wait on SIGTERM."""
+    env = auth_clean_env(home, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
+    return {k: v for k, v in env.items() if not k.startswith("MLFLOW_")}
 
 
 def stop(process: subprocess.Popen, timeout: float = 30) -> None:
@@ -148,17 +118,7 @@ def dataset(root) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_head(root):
-    ports = free_ports(9)
-    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager = ports
-    command = RAY_CLI + [
-        "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-        "--min-worker-port=0", "--max-worker-port=0", "--num-cpus=2", f"--temp-dir={root / 'ray'}",
-        "--disable-usage-stats",
-    ]
+    command, dashboard = head_command(root / "ray", num_cpus=2)
     env = clean_env(root / "home")
     log_path = root / "head.log"
     log = open(log_path, "w")

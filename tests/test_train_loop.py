@@ -24,11 +24,16 @@ from ser_platform.models.ser_model import SERModel, SEROutput
 from ser_platform.models.text import build_tokenizer
 from ser_platform.train import FoldResult, Hooks, fit_folds, predict, summarize_trial, train_epoch
 
-TINY = {
+# The tiny model the training tests share (test_ray_train, test_predict, test_seeds, test_encoder_cache,
+# test_sweep_e2e import it): 8-d crossmodal, 16-d encoders, 4-channel acoustic encoders.
+TINY_SIZES = {
     "model.embed_dim": 8, "model.num_heads": 2, "model.num_layers": 1, "model.embedding_dim": 8,
     "model.speech.tiny_hidden_size": 16, "model.speech.tiny_num_layers": 1, "model.speech.tiny_num_heads": 2,
     "model.speech.tiny_conv_dim": 8, "model.speech.cnn_channels": 4, "model.speech.lstm_hidden": 4,
     "model.text.tiny_hidden_size": 16, "model.text.tiny_num_layers": 1, "model.text.tiny_num_heads": 2,
+}
+TINY = {
+    **TINY_SIZES,
     "train.batch_size": 8, "train.samples_per_class": 2, "train.lr": 3e-3, "train.epochs": 3, "train.seed": 7,
     "data.max_audio_seconds": 0.5,
 }
