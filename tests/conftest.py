@@ -1,12 +1,26 @@
-"""Fixtures shared across the test suite."""
+"""Fixtures every tier shares, and the tier markers.
+
+Tiers (README, "Tests and benchmarks"): ``unit/`` starts no Ray and no server; ``integration/`` starts the
+session's local Ray instance (``integration/conftest.py``) or trains end to end in process for minutes;
+``e2e/`` goes through `ray job submit` to a head of its own or through a real `mlflow server`. The markers follow
+from the directory (``pytest_collection_modifyitems`` below), so `-m "not slow and not ray"` is the fast tier.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import pyarrow.parquet as pq
 
+from ser_platform.data.parquet import prepare_dataset
 from ser_platform.data.synthetic import write_synthetic_corpus
+
+TESTS = Path(__file__).resolve().parent
+# Fixtures that start Ray: the session's local instance and the e2e modules' own heads (their own shapes: a head
+# under `ray start --block` with token auth, tests/e2e/test_cluster_auth.py; one that jobs are submitted to,
+# tests/e2e/test_sweep_e2e.py). A test that starts Ray some other way carries @pytest.mark.ray itself.
+RAY_FIXTURES = {"ray_cluster", "token_head", "ray_head"}
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +33,48 @@ def synthetic_corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_synthetic_corpus(
         tmp_path_factory.mktemp("synthetic") / "IEMOCAP_full_release", utterances_per_session=24, seed=0
     )
+
+
+@pytest.fixture(scope="session")
+def featured_dataset(synthetic_corpus: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(summary, path, table) of ``synthetic_corpus`` prepared with features, once per session. Read only."""
+    out = tmp_path_factory.mktemp("featured") / "iemocap.parquet"
+    summary = prepare_dataset(synthetic_corpus, out, features=True)
+    return summary, out, pq.read_table(out)
+
+
+@pytest.fixture(scope="session")
+def training_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The Parquet dataset the training tests share (Ray Train, seeds, the encoder cache, the job), prepared once.
+
+    A smaller corpus than ``synthetic_corpus``, for training speed: 8 kept utterances per session (40 in all),
+    seed 1. Read only: a test that writes beside it (the encoder cache does) works on a ``shutil.copytree``.
+    """
+    root = tmp_path_factory.mktemp("training")
+    corpus = write_synthetic_corpus(root / "IEMOCAP_full_release", utterances_per_session=8, seed=1)
+    prepare_dataset(corpus, root / "parquet", progress=False)
+    return str(root / "parquet")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tier markers from the directory; a test in the wrong tier stops the run naming it and where it belongs."""
+    for item in items:
+        tier = item.path.resolve().relative_to(TESTS).parts[0]
+        uses_ray = bool(RAY_FIXTURES & set(item.fixturenames)) or item.get_closest_marker("ray") is not None
+        if tier == "unit":
+            if uses_ray or item.get_closest_marker("e2e"):
+                raise pytest.UsageError(f"{item.nodeid}: starts Ray or a server; it belongs in tests/integration "
+                                        "or tests/e2e")
+        elif tier == "integration":
+            if uses_ray:
+                item.add_marker(pytest.mark.ray)
+            elif item.get_closest_marker("slow") is None:
+                raise pytest.UsageError(f"{item.nodeid}: neither starts Ray nor is marked slow; it belongs in "
+                                        "tests/unit")
+        elif tier == "e2e":
+            item.add_marker(pytest.mark.e2e)
+            item.add_marker(pytest.mark.slow)  # a server or a head starts first: seconds at the least
+            if uses_ray:
+                item.add_marker(pytest.mark.ray)
+        else:
+            raise pytest.UsageError(f"{item.nodeid}: outside tests/unit, tests/integration and tests/e2e")

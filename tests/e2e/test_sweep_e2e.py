@@ -14,7 +14,7 @@ One module, one job (about two minutes on 2 cores):
    ``table``).
 
 The head runs under `ray start --block`, whose SIGTERM handler stops every process it started; the finaliser
-sends it, then kills anything left that names the head's temp dir (Linux /proc), as tests/test_cluster_auth.py
+sends it, then kills anything left that names the head's temp dir (Linux /proc), as tests/e2e/test_cluster_auth.py
 does.
 """
 
@@ -35,28 +35,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_cluster_auth import RAY_CLI, free_ports, head_command, processes_mentioning  # tests/ is on sys.path
-from test_cluster_auth import clean_env as auth_clean_env
-from test_train_loop import TINY_SIZES
+from support import REPO, RAY_CLI, TINY_SIZES, free_ports, head_command, processes_mentioning
+from support import clean_env as auth_clean_env
 
-pytestmark = [pytest.mark.e2e, pytest.mark.ray]
-
-REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "e2e"
 SUBMISSION_ID = "ser-e2e-sweep"
 FOLDS = (1, 2)
 TRIALS = 2
-# Tiny model (test_train_loop's) and batches: the job's minutes go to Ray, not to torch.
+# Tiny model (support.TINY_SIZES) and batches: the job's minutes go to Ray, not to torch.
 TINY_SET = {
     **TINY_SIZES,
     "train.batch_size": 8, "train.samples_per_class": 2, "data.max_audio_seconds": 1.0,
 }
 
 
-# --- processes (tests/test_cluster_auth.py's helpers) ------------------------------------------------------------
+# --- processes (tests/support.py's helpers) ---------------------------------------------------------------------
 
 def clean_env(home: Path) -> dict:
-    """test_cluster_auth's clean environment (no Ray address/auth of the user, this venv first on PATH: the job's
+    """support's clean environment (no Ray address/auth of the user, this venv first on PATH: the job's
     entrypoint `python` is looked up there), without MLflow settings, no drain wait on SIGTERM."""
     env = auth_clean_env(home, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
     return {k: v for k, v in env.items() if not k.startswith("MLFLOW_")}
@@ -106,18 +102,8 @@ def root():
 
 
 @pytest.fixture(scope="module")
-def dataset(root) -> Path:
-    from ser_platform.data.parquet import prepare_dataset
-    from ser_platform.data.synthetic import write_synthetic_corpus
-
-    corpus = write_synthetic_corpus(root / "IEMOCAP_full_release", utterances_per_session=8, seed=1, progress=False)
-    out = root / "parquet"
-    prepare_dataset(corpus, out, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def ray_head(root):
+    # Its own head under `ray start --block`, not the integration tier's ray_cluster: jobs are submitted to it.
     command, dashboard = head_command(root / "ray", num_cpus=2)
     env = clean_env(root / "home")
     log_path = root / "head.log"
@@ -138,12 +124,12 @@ def ray_head(root):
 
 
 @pytest.fixture(scope="module")
-def sweep_job(root, dataset, ray_head) -> dict:
+def sweep_job(root, training_dataset, ray_head) -> dict:
     """`ray job submit` of the 2-trial sweep; blocks until the job ends. Its output and the places it wrote."""
     db = root / "mlflow" / "mlflow.db"
     storage = root / "runs"
     sets = [arg for key, value in TINY_SET.items() for arg in ("--set", f"{key}={value}")]
-    entrypoint = ["python", "experiments/sweep_loss_weights.py", "--trials", str(TRIALS), "--dataset", str(dataset),
+    entrypoint = ["python", "experiments/sweep_loss_weights.py", "--trials", str(TRIALS), "--dataset", training_dataset,
                   "--mlflow-uri", f"sqlite:///{db}", "--storage", str(storage), "--experiment", EXPERIMENT,
                   "--folds", ",".join(map(str, FOLDS)), "--epochs", "1", "--name", "e2e-sweep", *sets]
     started = time.monotonic()

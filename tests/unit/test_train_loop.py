@@ -22,16 +22,10 @@ from ser_platform.data.iemocap import CLASSES
 from ser_platform.data.loader import make_collate, plan_pool_batches
 from ser_platform.models.ser_model import SERModel, SEROutput
 from ser_platform.models.text import build_tokenizer
-from ser_platform.train import FoldResult, Hooks, fit_folds, predict, summarize_trial, train_epoch
+from ser_platform.train import Hooks, fit_folds, predict, summarize_trial, train_epoch
 
-# The tiny model the training tests share (test_ray_train, test_predict, test_seeds, test_encoder_cache,
-# test_sweep_e2e import it): 8-d crossmodal, 16-d encoders, 4-channel acoustic encoders.
-TINY_SIZES = {
-    "model.embed_dim": 8, "model.num_heads": 2, "model.num_layers": 1, "model.embedding_dim": 8,
-    "model.speech.tiny_hidden_size": 16, "model.speech.tiny_num_layers": 1, "model.speech.tiny_num_heads": 2,
-    "model.speech.tiny_conv_dim": 8, "model.speech.cnn_channels": 4, "model.speech.lstm_hidden": 4,
-    "model.text.tiny_hidden_size": 16, "model.text.tiny_num_layers": 1, "model.text.tiny_num_heads": 2,
-}
+from support import TINY_SIZES, comparable
+
 TINY = {
     **TINY_SIZES,
     "train.batch_size": 8, "train.samples_per_class": 2, "train.lr": 3e-3, "train.epochs": 3, "train.seed": 7,
@@ -106,13 +100,6 @@ class Recorder(Hooks):
         self.states[(fold, "done")] = state_fn()
 
 
-def comparable(result: FoldResult) -> dict:
-    """A fold result without its wall-clock timings (the only fields allowed to differ between runs)."""
-    values = result.to_dict()
-    values["history"] = [{k: v for k, v in h.items() if not k.endswith("_time_s")} for h in values["history"]]
-    return values
-
-
 def brute_scores(labels, preds, num_classes=4):
     """WA = share correct; UA = mean over the classes present of the per-class recall (plain loops)."""
     wa = sum(int(t == p) for t, p in zip(labels, preds)) / len(labels)
@@ -134,6 +121,7 @@ def full_run():
     return config, data, hooks, results
 
 
+@pytest.mark.slow  # full_run: two folds, three epochs
 def test_model_selection_on_validation_and_one_test_pass_with_the_best_weights(full_run):
     config, data, hooks, results = full_run
     for fold in (1, 2):
@@ -171,6 +159,7 @@ def test_model_selection_on_validation_and_one_test_pass_with_the_best_weights(f
             assert result.subsets[subset]["ua"] == pytest.approx(sua)
 
 
+@pytest.mark.slow  # full_run: two folds, three epochs
 def test_each_fold_starts_from_a_fresh_seeded_model_and_runs_reproduce(full_run):
     config, _, _, results = full_run
     alone = fit_folds(config, [2], Folds(config), log=None)[2]
@@ -178,6 +167,7 @@ def test_each_fold_starts_from_a_fresh_seeded_model_and_runs_reproduce(full_run)
     assert comparable(results[1])["history"] != comparable(results[2])["history"]
 
 
+@pytest.mark.slow  # full_run: two folds, three epochs
 def test_a_run_resumed_from_an_epoch_checkpoint_ends_as_the_uninterrupted_run(full_run, tmp_path):
     config, _, hooks, results = full_run
     # Through a file, as a checkpoint would travel: torch.save, then load with weights_only=True.
@@ -199,6 +189,7 @@ def test_early_stopping_after_patience_epochs_without_a_better_validation_ua():
     assert result.epochs_run == 2
 
 
+@pytest.mark.slow  # full_run: two folds, three epochs
 def test_summary_is_mean_and_sample_std_over_folds(full_run):
     _, _, _, results = full_run
     summary = summarize_trial(results)
@@ -254,6 +245,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_after_a_ddp_step_every_rank_holds_the_same_parameters(tmp_path):
     world_size = 2
     mp.spawn(_ddp_worker, args=(world_size, str(tmp_path / "init"), str(tmp_path)), nprocs=world_size, join=True)

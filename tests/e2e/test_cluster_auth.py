@@ -21,7 +21,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
@@ -30,60 +29,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
-
-RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def clean_env(home: Path, **extra: str) -> dict:
-    """This process's environment without any Ray auth or address settings of the user, plus `extra`."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("RAY_AUTH") and k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(HOME=str(home), RAY_USAGE_STATS_ENABLED="0",
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    env.update(extra)
-    return env
-
-
-def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if text.encode() in f.read():
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
-
-
-def head_command(temp_dir: Path, num_cpus: int) -> tuple[list[str], int]:
-    """``ray start --head --block`` on 127.0.0.1 with every port its own free one (so it never meets another
-    instance) and its temp dir at ``temp_dir``; returns the command and the dashboard port."""
-    gcs, dashboard, client, agent_http, agent_grpc, metrics, runtime_env, node_manager, object_manager = free_ports(9)
-    return RAY_CLI + [
-        "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={client}",
-        f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
-        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
-        "--min-worker-port=0", "--max-worker-port=0", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
-        "--disable-usage-stats",
-    ], dashboard
+from support import RAY_CLI, clean_env, head_command, processes_mentioning
 
 
 def get(url: str, token: str | None = None) -> tuple[int, bytes]:
@@ -97,6 +43,7 @@ def get(url: str, token: str | None = None) -> tuple[int, bytes]:
 
 @pytest.fixture(scope="module")
 def token_head():
+    # Its own head, not the integration tier's ray_cluster: token auth is set when the head starts.
     # Short temp dir: Ray's socket paths under it must fit in 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="ser-auth-", dir="/tmp"))
     home = root / "home"

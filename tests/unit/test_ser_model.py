@@ -6,21 +6,16 @@ from __future__ import annotations
 
 import re
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ser_platform.config import LossConfig, ModelConfig, SpeechEncoderConfig, TextEncoderConfig, preset
+from ser_platform.config import LossConfig, ModelConfig, preset
 from ser_platform.losses import JointLoss
 from ser_platform.models.ser_model import FOCAL_PARAMETER_NAMES, SERModel, masked_mean, model_summary
 
-TINY = ModelConfig(
-    text=TextEncoderConfig(tiny_hidden_size=16, tiny_num_layers=1, tiny_num_heads=2),
-    speech=SpeechEncoderConfig(tiny_hidden_size=16, tiny_num_layers=1, tiny_num_heads=2, tiny_conv_dim=8,
-                               cnn_channels=8, lstm_hidden=6),
-    embed_dim=8, num_heads=2, num_layers=1, embedding_dim=8,
-)
+from support import TINY_MODEL as TINY  # tests/support.py: test_baselines builds the same models
+from support import check_metric_loss_routing, make_batch, make_model, take
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -31,53 +26,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def make_model(config: ModelConfig = TINY, seed: int = 0) -> SERModel:
-    torch.manual_seed(seed)
-    np.random.seed(seed)  # wav2vec2's SpecAugment time masks (training mode) draw from numpy's global generator
-    return SERModel(config)
-
-
-def make_batch(seconds: list[float], tokens: list[int], seed: int = 0) -> dict:
-    """Zero-padded model inputs for utterances of the given lengths (random audio, features and token ids)."""
-    generator = torch.Generator().manual_seed(seed)
-    samples = [int(s * 16000) for s in seconds]
-    frames = [1 + n // 160 for n in samples]  # 10 ms hop, centred frames
-    batch = len(samples)
-    inputs = {
-        "input_values": torch.zeros(batch, max(samples)),
-        "audio_lengths": torch.tensor(samples),
-        "mfcc": torch.zeros(batch, max(frames), 40),
-        "spectrogram": torch.zeros(batch, max(frames), 321),
-        "feature_lengths": torch.tensor(frames),
-        "input_ids": torch.ones(batch, max(tokens) + 2, dtype=torch.long),  # <pad> = 1
-        "attention_mask": torch.zeros(batch, max(tokens) + 2, dtype=torch.bool),
-    }
-    for b, (n, t, k) in enumerate(zip(samples, frames, tokens)):
-        inputs["input_values"][b, :n] = 0.1 * torch.randn(n, generator=generator)
-        inputs["mfcc"][b, :t] = torch.randn(t, 40, generator=generator)
-        inputs["spectrogram"][b, :t] = torch.randn(t, 321, generator=generator)
-        inputs["input_ids"][b, : k + 2] = torch.cat((torch.tensor([0]), torch.randint(5, 261, (k,), generator=generator),
-                                                    torch.tensor([2])))
-        inputs["attention_mask"][b, : k + 2] = True
-    return inputs
-
-
-def take(inputs: dict, index: int) -> dict:
-    """Sample ``index`` alone, cropped to its own lengths (no padding)."""
-    n, t = int(inputs["audio_lengths"][index]), int(inputs["feature_lengths"][index])
-    k = int(inputs["attention_mask"][index].sum())
-    return {
-        "input_values": inputs["input_values"][index:index + 1, :n], "audio_lengths": inputs["audio_lengths"][index:index + 1],
-        "mfcc": inputs["mfcc"][index:index + 1, :t], "spectrogram": inputs["spectrogram"][index:index + 1, :t],
-        "feature_lengths": inputs["feature_lengths"][index:index + 1], "input_ids": inputs["input_ids"][index:index + 1, :k],
-        "attention_mask": inputs["attention_mask"][index:index + 1, :k],
-    }
-
-
-def grad_norm(module: torch.nn.Module) -> float:
-    return sum(float(p.grad.abs().sum()) for p in module.parameters() if p.grad is not None)
 
 
 def test_masked_mean_matches_a_loop():
@@ -142,18 +90,6 @@ def test_alpha_zero_loss_is_the_models_cross_entropy():
     assert torch.equal(loss.loss, F.cross_entropy(out.logits, labels))
 
 
-def check_metric_loss_routing(model, space: str, reached, untouched) -> None:
-    """Backward of the triplet term alone on ``space``: gradients reach the parts in ``reached``, none the others.
-    beta = 0 isolates the triplet term; a large margin keeps every hinge active."""
-    batch = make_batch([0.5, 0.6, 0.55, 0.7, 0.5, 0.65], [4, 6, 5, 3, 7, 4], seed=2)
-    loss = JointLoss(LossConfig(alpha=1.0, beta=0.0, margin=100.0, space=space))
-    loss(model(**batch), torch.tensor([0, 0, 1, 1, 2, 2])).loss.backward()
-    for part in reached:
-        assert grad_norm(getattr(model, part)) > 0, part
-    for part in untouched:
-        assert grad_norm(getattr(model, part)) == 0, part
-
-
 @pytest.mark.parametrize("space, reached, untouched", [
     ("text", ["text_encoder"], ["speech_encoder", "fusion", "embedding_layer", "classifier"]),
     ("speech", ["speech_encoder"], ["text_encoder", "fusion", "embedding_layer", "classifier"]),
@@ -172,6 +108,7 @@ def test_eager_and_sdpa_attention_give_the_same_model_output():
         assert torch.allclose(sdpa(**batch).logits, eager(**batch).logits, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_tiny_model_overfits_a_tiny_batch():
     model = make_model(seed=1)
     batch = make_batch([0.5] * 8, [6] * 8, seed=4)

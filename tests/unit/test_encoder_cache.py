@@ -4,7 +4,7 @@ Truths:
 * equivalence: the same frozen tiny encoders run in the loop (``SERModel`` with encoders built) — the cached path
   must give the same logits, in eval mode, to ``LOGIT_ATOL`` (float32; measured here: ~1e-8, the states only
   differ by how matmuls are blocked for another batch shape). Through ``train.fit_folds`` (plain loop) and
-  through Ray Train (``train_folds``): the same fold results.
+  through Ray Train (``train_folds``, in tests/integration/test_encoder_cache_ray.py): the same fold results.
 * staleness: each thing the cache depends on changed in turn (model name, revision, layer, dataset
   fingerprint, missing ids, max lengths) must stop the run with an error that names it.
 * atomicity: a build that fails midway leaves no entry and no partial folder, and keeps the old entry.
@@ -45,14 +45,10 @@ from ser_platform.models.speech import SSLSpeechEncoder
 from ser_platform.models.text import build_tokenizer
 from ser_platform.train import fit_folds, model_inputs
 
-from test_train_loop import TINY_SIZES  # tests/ is on sys.path
+from support import CACHE_TINY as TINY
+from support import comparable
 
 LOGIT_ATOL = 1e-5
-TINY = {
-    **TINY_SIZES,
-    "train.batch_size": 8, "train.samples_per_class": 2, "train.lr": 3e-3, "train.epochs": 1, "train.seed": 3,
-    "data.max_audio_seconds": 1.0, "data.max_text_tokens": 64, "model.encoders": "frozen",
-}
 
 
 def tiny_config(**overrides):
@@ -68,11 +64,9 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("cache")
-    corpus = write_synthetic_corpus(root / "IEMOCAP_full_release", utterances_per_session=8, seed=1)
-    prepare_dataset(corpus, root / "parquet")
-    return str(root / "parquet")
+def dataset(training_dataset, tmp_path_factory) -> str:
+    """A copy of the shared training dataset: these tests write caches beside it."""
+    return shutil.copytree(training_dataset, tmp_path_factory.mktemp("cache") / "parquet").as_posix()
 
 
 @pytest.fixture(scope="module")
@@ -192,12 +186,7 @@ def folds_from(dataset: str, config, collate):
     return batches_for
 
 
-def comparable(result):
-    values = result.to_dict()
-    values["history"] = [{k: v for k, v in h.items() if not k.endswith("_time_s")} for h in values["history"]]
-    return values
-
-
+@pytest.mark.slow
 def test_training_on_the_cache_matches_training_with_the_frozen_encoders(dataset, built):
     config = tiny_config(**{"train.epochs": 2})
     cached_config = config.replace({"data.encoder_cache": "auto"})
@@ -349,7 +338,7 @@ def test_a_cache_is_never_half_written(dataset, built, monkeypatch):
     assert not [p for p in fresh.rglob("*") if p.is_file()]
 
 
-# --- the command line and Ray Train ------------------------------------------------------------------------
+# --- the command line -------------------------------------------------------------------------------------
 
 def test_ser_cache_command_writes_the_entries(dataset, tmp_path, capsys):
     out = tmp_path / "cli.cache"
@@ -364,28 +353,3 @@ def test_ser_cache_command_writes_the_entries(dataset, tmp_path, capsys):
     assert "--layers='x'" in capsys.readouterr().err
 
 
-@pytest.mark.ray
-def test_ray_train_on_the_cache_matches_ray_train_running_the_encoders(dataset, built, tmp_path):
-    import ray
-
-    from ser_platform import tracking
-    from ser_platform.ray_train import train_folds
-
-    uri = tracking.ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    config = tiny_config(**{"data.dataset": dataset, "data.folds": (1,), "tracking.mlflow_uri": uri,
-                            "tracking.experiment": "cache-tests"})
-    ray.init(address="local", num_cpus=2)
-    try:
-        running = train_folds(config, run_name="running", storage_path=str(tmp_path / "storage"))
-        served = train_folds(config.replace({"data.encoder_cache": "auto"}), run_name="served",
-                             storage_path=str(tmp_path / "storage"))
-        with pytest.raises(StaleCacheError, match="max_text_tokens"):
-            train_folds(config.replace({"data.encoder_cache": "auto", "data.max_text_tokens": 16}), run_name="stale",
-                        storage_path=str(tmp_path / "storage"))
-    finally:
-        ray.shutdown()
-    a, b = comparable(running.per_fold[1]), comparable(served.per_fold[1])
-    a.pop("resumed_from"), b.pop("resumed_from")
-    for ha, hb in zip(a.pop("history"), b.pop("history")):
-        assert ha == pytest.approx(hb, rel=1e-4, abs=1e-5)
-    assert a == b

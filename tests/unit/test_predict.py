@@ -31,7 +31,9 @@ from ser_platform.models.text import build_tokenizer
 from ser_platform.ray_train import _FoldLogger
 from ser_platform.train import Hooks, fit_folds
 
-from test_train_loop import TINY_SIZES  # tests/ is on sys.path
+from support import TINY_SIZES
+
+pytestmark = pytest.mark.slow  # every test reads the model `trained` trains first (two folds, MLflow)
 
 TINY = {
     **TINY_SIZES,

@@ -93,6 +93,7 @@ def test_layout_and_line_formats(synthetic_corpus):
     assert evaluated == 5 * (24 + 6)  # kept plus a quarter as many dropped, per session
 
 
+@pytest.mark.slow
 def test_default_composition(default_corpus):
     result = parse_iemocap(default_corpus)
     counts = result.counts()
@@ -220,6 +221,7 @@ def measured(default_corpus):
     }
 
 
+@pytest.mark.slow
 def test_prosody_differs_by_emotion(measured):
     y, f = measured["label"], measured["features"]
     mean = {c: f[y == i].mean(0) for i, c in enumerate(CLASSES)}
@@ -233,6 +235,7 @@ def test_prosody_differs_by_emotion(measured):
     assert np.exp(female - male) > 1.4  # female voices are higher
 
 
+@pytest.mark.slow
 def test_each_modality_misses_what_the_other_catches(measured):
     y, groups = measured["label"], measured["session"]
     audio = StandardScaler().fit_transform(measured["features"])

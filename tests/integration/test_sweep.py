@@ -1,9 +1,9 @@
 """Sweeps: Ray Tune + Optuna over the loss, every trial on every fold, MLflow parent/trial/fold runs, resume.
 
-One local Ray instance for the whole module. The main test runs the real ``train_folds`` (tiny corpus, tiny
-model, 1 epoch, 5 folds, 2 Optuna trials); the grid and resume tests swap in ``standin_train_folds`` (same
-signature, numbers computed from the config by a formula, fold runs logged like ``train_folds`` does) so they
-exercise Tune's and MLflow's bookkeeping in seconds.
+On the session's local Ray instance (tests/integration/conftest.py). The main test runs the real ``train_folds``
+(tiny corpus, tiny model, 1 epoch, 5 folds, 2 Optuna trials); the grid and resume tests swap in
+``standin_train_folds`` (same signature, numbers computed from the config by a formula, fold runs logged like
+``train_folds`` does) so they exercise Tune's and MLflow's bookkeeping in seconds.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ import numpy as np
 import pytest
 
 from ser_platform.config import load_config
-from ser_platform.sweep import PAPER_GRID, run_sweep, search_space, trial_overrides
+from ser_platform.sweep import run_sweep
 from ser_platform.tables import TABLE2_ROWS
 
-pytestmark = pytest.mark.ray
 TESTS_DIR = Path(__file__).resolve().parent
 CALLS_ENV = "SER_TEST_SWEEP_CALLS"  # file the stand-in appends each call's trial id to
 BLOCK_ENV = "SER_TEST_SWEEP_BLOCK"  # set: the stand-in hangs on the second trial (to be killed there)
@@ -73,16 +72,11 @@ def standin_train_folds(config, *, run_name, storage_path, parent_run_id=None, t
 # --- fixtures ---------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def ray_address():
+def ray_address(ray_cluster):
     import ray
 
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", num_cpus=2, include_dashboard=False,
-             log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test file
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
+    return ray_cluster
 
 
 def _config(tmp: Path, **overrides):
@@ -101,17 +95,7 @@ def _runs(uri: str, experiment: str, filter_string: str = "", view=None):
                               max_results=1000)
 
 
-# --- tests ------------------------------------------------------------------------------------------------------
-
-def test_search_space_is_the_dotted_loss_keys():
-    space = search_space()
-    assert set(space) == {"loss.alpha", "loss.beta", "loss.margin", "loss.space"}
-    config = load_config("demo")
-    for key in space:  # every searched key is a real config key: the trial's overrides apply
-        config.replace({key: {"loss.space": "text"}.get(key, 0.5)})
-    variant, overrides = trial_overrides(PAPER_GRID, {"variant": "alpha=1 beta=0.5"})
-    assert (variant, overrides) == ("alpha=1 beta=0.5", {"loss.alpha": 1.0, "loss.beta": 0.5})
-
+# --- tests (the search space itself: tests/unit/test_sweep_space.py) -----------------------------------------
 
 def test_paper_grid_runs_exactly_table2_points(ray_address, tmp_path):
     config = _config(tmp_path, **{"sweep.grid": "paper"})

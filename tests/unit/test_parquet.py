@@ -40,22 +40,14 @@ def parsed(synthetic_corpus):
     return parse_iemocap(synthetic_corpus)
 
 
-@pytest.fixture(scope="module")
-def featured(synthetic_corpus, tmp_path_factory):
-    """(summary, path, table) of the whole synthetic corpus prepared with features."""
-    out = tmp_path_factory.mktemp("featured") / "iemocap.parquet"
-    summary = prepare_dataset(synthetic_corpus, out, features=True)
-    return summary, out, pq.read_table(out)
-
-
 def _rows_by_id(table: pa.Table) -> dict[str, dict]:
     return {row["id"]: row for row in table.to_pylist()}
 
 
 # --- round trip --------------------------------------------------------------------------------------------
 
-def test_rows_and_counts_equal_the_parsers(featured, parsed):
-    summary, _, table = featured
+def test_rows_and_counts_equal_the_parsers(featured_dataset, parsed):
+    summary, _, table = featured_dataset
     assert table.num_rows == len(parsed.utterances) == summary["utterances"]
     assert collections.Counter(table.column("label").to_pylist()) == parsed.counts() == summary["classes"]
     rows = _rows_by_id(table)
@@ -69,8 +61,8 @@ def test_rows_and_counts_equal_the_parsers(featured, parsed):
     assert summary["dropped_labels"] == dict(parsed.dropped) and summary["skipped"] == []
 
 
-def test_audio_equals_soundfiles_decoding(featured, parsed):
-    _, _, table = featured
+def test_audio_equals_soundfiles_decoding(featured_dataset, parsed):
+    _, _, table = featured_dataset
     rows = _rows_by_id(table)
     for u in parsed.utterances[::7]:
         expected, rate = soundfile.read(u.wav_path, dtype="float32")
@@ -80,8 +72,8 @@ def test_audio_equals_soundfiles_decoding(featured, parsed):
         assert rows[u.id]["duration"] == pytest.approx(len(expected) / 16000, abs=1e-6)
 
 
-def test_schema_types_are_the_contracts(featured):
-    _, path, table = featured
+def test_schema_types_are_the_contracts(featured_dataset):
+    _, path, table = featured_dataset
     expected = {**CONTRACT_TYPES, **FEATURE_TYPES}
     for part in sorted(path.glob("part-*.parquet")):
         schema = pq.read_schema(part)
@@ -89,8 +81,8 @@ def test_schema_types_are_the_contracts(featured):
     assert table.schema.names == list(expected)
 
 
-def test_feature_columns_equal_librosa(featured, parsed):
-    _, _, table = featured
+def test_feature_columns_equal_librosa(featured_dataset, parsed):
+    _, _, table = featured_dataset
     rows = _rows_by_id(table)
     for u in parsed.utterances[::11]:
         row = rows[u.id]
@@ -107,8 +99,8 @@ def test_feature_columns_equal_librosa(featured, parsed):
         np.testing.assert_allclose(np.reshape(row["spectrogram"], (frames, 321)), spectrogram, atol=1e-4, rtol=0)
 
 
-def test_summary_in_metadata_equals_the_returned_one(featured):
-    summary, path, table = featured
+def test_summary_in_metadata_equals_the_returned_one(featured_dataset):
+    summary, path, table = featured_dataset
     assert read_summary(path) == summary
     assert read_summary(str(path)) == summary
     seconds = float(np.sum(pc.list_value_length(table.column("audio")).to_numpy())) / 16000
@@ -140,8 +132,8 @@ def test_part_byte_bound_closes_parts_early(synthetic_corpus, tmp_path):
     assert summary["parts"] == summary["utterances"]
 
 
-def test_format_summary_shows_the_counts(featured):
-    summary, _, _ = featured
+def test_format_summary_shows_the_counts(featured_dataset):
+    summary, _, _ = featured_dataset
     text = format_summary(summary)
     for session, counts in summary["class_by_session"].items():
         assert f"{session:>7}  " + "  ".join(f"{counts[c]:>7}" for c in CLASSES) in text
@@ -400,22 +392,4 @@ def test_read_summary_of_something_else_names_it(tmp_path):
         read_summary(tmp_path)
 
 
-# --- Ray Data ----------------------------------------------------------------------------------------------
-
-@pytest.mark.ray
-def test_ray_data_reads_the_dataset(featured):
-    import ray
-    from ray.data.expressions import col
-
-    summary, path, table = featured
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", num_cpus=2, include_dashboard=False,
-             log_to_driver=False)
-    try:
-        ds = ray.data.read_parquet(str(path))
-        assert ds.count() == summary["utterances"]
-        assert ds.schema().names == table.schema.names  # _common_metadata is not read as data
-        batch = ds.filter(expr=col("session") == 2).take_batch(4, batch_format="numpy")
-        assert set(batch["session"]) == {2}
-        assert batch["audio"][0].dtype == np.float32
-    finally:
-        ray.shutdown()
+# Ray Data reading the dataset: tests/integration/test_parquet_ray.py.

@@ -2,7 +2,8 @@
 
 Truths: per-row tokenisation and slicing (the collate pads and crops), ``features.num_frames`` (feature
 cropping), and brute-force counts over the planned batches (every row once, full batches, class groups,
-triplets, padding). Ray Data itself (fold filters, per-epoch shuffles) is exercised in test_ray_train.py.
+triplets, padding). Ray Data itself (fold filters, per-epoch shuffles) is exercised in
+tests/integration/test_ray_train.py.
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ per-fold spread over seeds; the trial's logged series (fold means, every (fold, 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from ser_platform.tables import collect_sweeps, format_table, sweep_tables
 from ser_platform.tracking import ensure_store, experiment_id
 from ser_platform.train import FoldResult, TrialResult, summarize_trial
 
-from test_train_loop import TINY_SIZES  # tests/ is on sys.path
+from support import REPO
 
 FOLDS, SEEDS = (1, 2, 3), (4, 5, 6)
 
@@ -76,6 +75,7 @@ def test_the_trial_logs_fold_means_over_seeds_and_every_fold_seed_score():
     assert single["fold_test_ua"] == {f: score(f, 0) for f in FOLDS} and not any(".seed" in k for k in single)
 
 
+@pytest.mark.slow
 def test_tables_say_how_many_seeds_and_show_the_spread_per_fold(tmp_path):
     uri = ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
     client = MlflowClient(uri)
@@ -111,6 +111,7 @@ def test_tables_say_how_many_seeds_and_show_the_spread_per_fold(tmp_path):
     assert "3 seeds" in format_table(three)
 
 
+@pytest.mark.slow
 def test_paired_comparison_pairs_fold_seed_runs_and_fold_means(tmp_path):
     """``--compare`` of two 3-seed runs: per (fold, seed), 9 pairs, and per fold on the seed means, 3 pairs; both
     against scipy's paired t-test on the numbers logged. Table 4 carries the full model against each baseline."""
@@ -165,7 +166,7 @@ def test_paired_comparison_pairs_fold_seed_runs_and_fold_means(tmp_path):
 
 
 def test_seeds_flags_and_validation():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    sys.path.insert(0, str(REPO / "experiments"))
     import sweep_flags
 
     args = sweep_flags.build_parser("x").parse_args(["--seeds", "3", "--seed", "2"])
@@ -179,53 +180,4 @@ def test_seeds_flags_and_validation():
         load_config("demo", overrides={"train.seeds": 0})
 
 
-# --- one real Ray Train run with two seeds --------------------------------------------------------------------
-
-TINY = {
-    **TINY_SIZES,
-    "train.batch_size": 8, "train.samples_per_class": 2, "train.lr": 3e-3, "train.epochs": 1, "train.seed": 3,
-    "train.seeds": 2, "data.max_audio_seconds": 1.0, "data.folds": (1, 2), "tracking.experiment": "seeds-ray",
-}
-
-
-@pytest.mark.ray
-def test_train_folds_runs_every_fold_per_seed_and_logs_a_fold_run_each(tmp_path):
-    import ray
-
-    from ser_platform import tracking
-    from ser_platform.data.parquet import prepare_dataset
-    from ser_platform.data.synthetic import write_synthetic_corpus
-    from ser_platform.ray_train import format_result, train_folds
-
-    corpus = write_synthetic_corpus(tmp_path / "IEMOCAP_full_release", utterances_per_session=8, seed=1)
-    prepare_dataset(corpus, tmp_path / "parquet", progress=False)
-    uri = tracking.ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    config = load_config("demo", overrides={**TINY, "data.dataset": str(tmp_path / "parquet"),
-                                            "tracking.mlflow_uri": uri})
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    try:
-        result = train_folds(config, run_name="seeds-test", storage_path=str(tmp_path / "runs"))
-    finally:
-        ray.shutdown()
-    assert sorted(result.per_seed) == [3, 4] and sorted(result.runs()) == [(1, 3), (1, 4), (2, 3), (2, 4)]
-    assert result.per_fold == result.per_seed[3]
-    # Different seeds, different models (the runs are not copies of each other).
-    assert result.per_seed[3][1].history[0]["train_loss"] != result.per_seed[4][1].history[0]["train_loss"]
-    every = [r.test_ua for r in result.runs().values()]
-    assert result.summary["test_ua_mean"] == pytest.approx(np.mean(every))
-    assert result.summary["num_seeds"] == 2
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if p.is_dir()) == ["seeds-test"]
-    assert sorted(p.name for p in (tmp_path / "runs" / "seeds-test").iterdir()) == ["seed=3", "seed=4"]
-
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("seeds-ray").experiment_id
-    folds = client.search_runs([exp], "tags.`ser.role` = 'fold'")
-    assert sorted((r.data.tags["ser.fold"], r.data.tags["ser.seed"]) for r in folds) == \
-        [("1", "3"), ("1", "4"), ("2", "3"), ("2", "4")]
-    for run in folds:
-        assert run.data.params["train.seed"] == run.data.tags["ser.seed"]
-        assert run.data.metrics["test_ua"] == pytest.approx(
-            result.per_seed[int(run.data.tags["ser.seed"])][int(run.data.tags["ser.fold"])].test_ua)
-        assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {"model/state_dict.pt"}
-    text = format_result(result)
-    assert "2 fold(s) × 2 seeds" in text and "spread over seeds" in text
+# One real Ray Train run with two seeds: tests/integration/test_seeds_ray.py.

@@ -1,4 +1,4 @@
-"""Ray Data -> Ray Train end to end on a tiny synthetic corpus, one local Ray instance for the module.
+"""Ray Data -> Ray Train end to end on a tiny synthetic corpus, on the session's local Ray instance.
 
 What is checked, and against what:
 * fold splits in Ray Data: the speakers of ``fold_spec`` and the row counts pyarrow reads directly;
@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import ray
 from mlflow import MlflowClient
 
 from ser_platform import tracking
@@ -32,14 +31,12 @@ from ser_platform.config import load_config
 from ser_platform.data import folds as folds_module
 from ser_platform.data.folds import FoldLeakageError, FoldSpec, fold_spec
 from ser_platform.data.loader import fold_datasets, make_collate, train_batches
-from ser_platform.data.parquet import prepare_dataset, read_summary
-from ser_platform.data.synthetic import write_synthetic_corpus
+from ser_platform.data.parquet import read_summary
 from ser_platform.models.text import build_tokenizer
 from ser_platform.ray_train import FAULT_ENV, train_folds
 
-from test_train_loop import TINY_SIZES  # tests/ is on sys.path
-
-pytestmark = pytest.mark.ray
+from support import TINY_SIZES
+from support import comparable as without_timings
 
 TINY = {
     **TINY_SIZES,
@@ -49,20 +46,8 @@ TINY = {
 
 
 @pytest.fixture(scope="module")
-def ray_instance():
-    # A fresh local instance (never someone else's cluster); 2 logical CPUs like the target laptop.
-    ray.init(address="local", num_cpus=2)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    root = tmp_path_factory.mktemp("corpus")
-    corpus = write_synthetic_corpus(root / "IEMOCAP_full_release", utterances_per_session=8, seed=1)
-    out = root / "parquet"
-    prepare_dataset(corpus, out)
-    return str(out)
+def dataset(training_dataset) -> str:
+    return training_dataset  # tests/conftest.py: read only, shared with the other training tests
 
 
 @pytest.fixture(scope="module")
@@ -86,33 +71,17 @@ def session_rows(dataset: str, session: int) -> int:
 
 
 def comparable(result) -> dict:
-    values = result.to_dict()
-    values["history"] = [{k: v for k, v in h.items() if not k.endswith("_time_s")} for h in values["history"]]
+    """support.comparable, also without ``resumed_from`` (where a recovered fold restarted is allowed to differ)."""
+    values = without_timings(result)
     values.pop("resumed_from")
     return values
 
 
-# --- resources ---------------------------------------------------------------------------------------------
-
-def test_auto_cpus_share_the_cluster_among_trials_and_workers():
-    from ser_platform.cluster import TRIAL_CPU
-    from ser_platform.ray_train import worker_cpus
-
-    auto = load_config("demo")  # cpus_per_worker=0: auto
-    assert auto.train.cpus_per_worker == 0
-    assert worker_cpus(auto, 2.0) == pytest.approx(2.0 - TRIAL_CPU)  # one trial, one worker: every CPU but its own
-    two = auto.replace({"train.num_workers": 2, "sweep.max_concurrent": 2})
-    assert worker_cpus(two, 8.0) == pytest.approx((4.0 - TRIAL_CPU) / 2, abs=0.01)
-    assert 2 * 2 * worker_cpus(two, 8.0) + 2 * TRIAL_CPU <= 8.0  # everything fits at once
-    fixed = auto.replace({"train.cpus_per_worker": 1.0})
-    assert worker_cpus(fixed, 2.0) == 1.0
-    streaming = fixed.replace({"data.materialize": False, "train.num_workers": 2})
-    assert worker_cpus(streaming, 2.0) == 0.5  # one CPU stays free for Ray Data's read tasks
-
+# The worker CPU share (no Ray needed): tests/unit/test_worker_cpus.py.
 
 # --- Ray Data ----------------------------------------------------------------------------------------------
 
-def test_fold_splits_hold_the_specs_speakers(ray_instance, dataset):
+def test_fold_splits_hold_the_specs_speakers(ray_cluster, dataset):
     table = pq.read_table(dataset, columns=["id", "speaker"]).to_pydict()
     spec = fold_spec(2)
     splits = fold_datasets(dataset, spec, materialize=True)
@@ -124,7 +93,7 @@ def test_fold_splits_hold_the_specs_speakers(ray_instance, dataset):
 
 
 @pytest.mark.parametrize("samples_per_class", [0, 2])
-def test_training_order_is_new_each_epoch_and_fixed_by_the_seed(ray_instance, dataset, samples_per_class):
+def test_training_order_is_new_each_epoch_and_fixed_by_the_seed(ray_cluster, dataset, samples_per_class):
     train = fold_datasets(dataset, fold_spec(1), materialize=True)["train"]
     config = load_config("demo", overrides=TINY)
     collate = make_collate(build_tokenizer(config.model.text), max_text_tokens=32, max_audio_samples=16000)
@@ -142,7 +111,7 @@ def test_training_order_is_new_each_epoch_and_fixed_by_the_seed(ray_instance, da
 # --- Ray Train end to end ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def one_worker_run(ray_instance, dataset, mlflow_uri, workdir):
+def one_worker_run(ray_cluster, dataset, mlflow_uri, workdir):
     config = config_for(dataset, mlflow_uri)
     started = time.perf_counter()
     result = train_folds(config, run_name="one-worker", storage_path=str(workdir / "storage"))
@@ -229,7 +198,7 @@ def test_a_killed_worker_resumes_from_its_last_checkpoint(one_worker_run, datase
     assert fold2.info.status == "FINISHED" and fold2.data.tags["ser.resumed_from_epochs"] == "1"
 
 
-def test_two_workers_ddp_one_trainer_per_fold(ray_instance, dataset, mlflow_uri, workdir):
+def test_two_workers_ddp_one_trainer_per_fold(ray_cluster, dataset, mlflow_uri, workdir):
     config = config_for(dataset, mlflow_uri, **{"train.num_workers": 2, "train.trainer_scope": "fold"})
     result = train_folds(config, run_name="two-workers", storage_path=str(workdir / "storage"))
     assert sorted(result.per_fold) == [1, 2]
@@ -247,7 +216,7 @@ def test_two_workers_ddp_one_trainer_per_fold(ray_instance, dataset, mlflow_uri,
 
 # --- stops before training ----------------------------------------------------------------------------------
 
-def test_a_leaky_fold_stops_before_any_trainer_starts(ray_instance, dataset, mlflow_uri, workdir, monkeypatch):
+def test_a_leaky_fold_stops_before_any_trainer_starts(ray_cluster, dataset, mlflow_uri, workdir, monkeypatch):
     def leaky(fold, protocol="loso5"):
         spec = fold_spec(fold, protocol)  # Ses01F both tested on and trained on
         return FoldSpec(spec.protocol, spec.fold, spec.test_sessions, spec.test_speakers, spec.val_speakers,
@@ -264,7 +233,7 @@ def test_a_leaky_fold_stops_before_any_trainer_starts(ray_instance, dataset, mlf
     assert run.info.status == "FAILED"
 
 
-def test_an_unreachable_tracking_server_stops_the_run_at_start(ray_instance, dataset, workdir):
+def test_an_unreachable_tracking_server_stops_the_run_at_start(ray_cluster, dataset, workdir):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

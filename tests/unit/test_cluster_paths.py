@@ -4,16 +4,10 @@ worker resources, and what `ray job submit --working-dir .` leaves behind (.rayi
 from __future__ import annotations
 
 import http.server
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -31,7 +25,7 @@ from ser_platform.cluster import (
     worker_resources,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO
 
 
 def free_port() -> int:
@@ -223,86 +217,6 @@ def test_a_server_that_is_not_mlflow_is_reported():
         server.server_close()
 
 
-def _group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group, read from /proc."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            state, _parent, group = stat[stat.rindex(")") + 2 :].split()[:3]
-            if int(group) == pgid and state != "Z":
-                members.append(int(entry))
-    return members
-
-
-@pytest.fixture(scope="module")
-def mlflow_server():
-    """A real `mlflow server` on a free loopback port, its store the default URI of a fresh working directory.
-
-    Started in its own session, so the whole process group (uvicorn workers, MLflow's job consumers) is
-    stopped at the end."""
-    workdir = Path(tempfile.mkdtemp(prefix="ser-mlflow-"))
-    cwd, saved = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
-    try:
-        os.chdir(workdir)
-        backend = mlflow_tracking_uri(None)
-    finally:
-        os.chdir(cwd)
-        if saved is not None:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
-    port = free_port()
-    log = open(workdir / "server.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", backend, "--artifacts-destination", str(workdir / "artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(uri + "/health", timeout=2) as response:
-                    if response.read() == b"OK":
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow server did not start: {(workdir / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield uri
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-        for pid in _group_members(process.pid):
-            os.kill(pid, signal.SIGKILL)
-        if process.poll() is None:
-            process.wait()
-        log.close()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-@pytest.mark.e2e
-def test_live_mlflow_server_passes(mlflow_server):
-    check_tracking_server(mlflow_server)
-    check_tracking_server(mlflow_server + "/")
-
-
-@pytest.mark.e2e
-def test_live_mlflow_server_on_the_wrong_port_is_reported(mlflow_server):
-    wrong = mlflow_server.rsplit(":", 1)[0] + f":{free_port()}"
-    with pytest.raises(RuntimeError) as err:
-        check_tracking_server(wrong)
-    assert wrong in str(err.value)
-
-
 # ---- Ray Train worker resources ---------------------------------------------------------------------------
 
 
@@ -365,30 +279,6 @@ def test_gpu_count_without_ray_is_cuda_device_count(monkeypatch):
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     assert detect_gpu_count() == torch.cuda.device_count()
-
-
-@pytest.mark.ray
-def test_gpu_count_with_ray_is_the_clusters(tmp_path):
-    """A local Ray instance that declares 2 GPUs (none need exist): the count comes from Ray, not from CUDA.
-    In a subprocess with its own temp dir and HOME, so no other Ray instance or ~/.ray/auth_token is touched."""
-    temp_dir = tempfile.mkdtemp(prefix="ser-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    script = (
-        "import ray, torch\n"
-        "from ser_platform.cluster import detect_gpu_count\n"
-        f"ray.init(address='local', num_cpus=1, num_gpus=2, include_dashboard=False, _temp_dir={temp_dir!r})\n"
-        "try:\n"
-        "    print('GPUS', detect_gpu_count(), torch.cuda.device_count())\n"
-        "finally:\n"
-        "    ray.shutdown()\n"
-    )
-    env = dict(os.environ, HOME=str(tmp_path), PYTHONPATH=str(REPO), RAY_USAGE_STATS_ENABLED="0")
-    try:
-        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=180)
-    finally:
-        shutil.rmtree(temp_dir, ignore_errors=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    line = next(x for x in run.stdout.splitlines() if x.startswith("GPUS"))
-    assert int(line.split()[1]) == 2
 
 
 # ---- what `ray job submit --working-dir .` ships ----------------------------------------------------------

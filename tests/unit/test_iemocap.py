@@ -174,6 +174,7 @@ def write_corpus(root: Path, entries, *, newline: str = "\n") -> None:
             (session / "dialog" / folder / f"{dialog}.txt").write_bytes((newline.join(lines) + newline).encode())
 
 
+@pytest.mark.slow
 def test_real_label_distribution_gives_the_papers_5531(tmp_path):
     # IEMOCAP's 10,039 evaluated turns by raw label (the release's EmoEvaluation files).
     real = {"neu": 1708, "fru": 1849, "ang": 1103, "sad": 1084, "exc": 1041, "hap": 595,

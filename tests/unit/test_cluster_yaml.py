@@ -16,11 +16,7 @@ import json
 import os
 import re
 import shlex
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jsonschema
@@ -30,9 +26,10 @@ import yaml
 import ray
 import ray.autoscaler
 
-from ser_platform.cluster import check_tracking_server, is_object_storage, storage_scheme
+from ser_platform.cluster import is_object_storage, storage_scheme
 
-REPO = Path(__file__).resolve().parents[1]
+from support import REPO
+
 CLUSTER_DIR = REPO / "cluster"
 CONFIG_PATHS = sorted(CLUSTER_DIR.glob("*.yaml"))
 README = CLUSTER_DIR / "README.md"
@@ -386,7 +383,7 @@ def test_readme_submits_with_object_storage_and_token():
     schemes = set()
     for command in sweeps:
         args = shlex.split(command)
-        assert args[0] == "RAY_AUTH_MODE=token", command  # the token alone is refused (test_cluster_auth.py)
+        assert args[0] == "RAY_AUTH_MODE=token", command  # the token alone is refused (tests/e2e/test_cluster_auth.py)
         for flag in ("--dataset", "--storage"):
             assert is_object_storage(option_value(args, flag)), (flag, command)
         schemes.add(storage_scheme(option_value(args, "--storage")))
@@ -576,65 +573,4 @@ def test_the_other_clouds_object_store_is_rejected():
     assert storage_problems(config)
 
 
-# ---- the head's MLflow start script, run here -----------------------------------------------------------
-
-
-@pytest.mark.e2e
-def test_mlflow_server_script_binds_the_private_address(tmp_path):
-    """cluster/mlflow_server.sh as the head runs it (local artifact folder, free port): it listens on this
-    machine's private address only and leaves the URI that `ray start` exports. Linux (/proc)."""
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        port = probe.getsockname()[1]
-    state = tmp_path / "mlflow"
-    env = dict(os.environ, MLFLOW_SERVER_HOME=str(state), PYTHONPATH=str(REPO),
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
-    try:
-        run = subprocess.run(["bash", str(CLUSTER_DIR / "mlflow_server.sh"), str(tmp_path / "artifacts"), str(port)],
-                             env=env, capture_output=True, text=True, timeout=240)
-        assert run.returncode == 0, run.stderr + (state / "server.log").read_text()
-        uri = (state / "tracking_uri").read_text().strip()
-        host = uri.removeprefix("http://").rsplit(":", 1)[0]
-        address = ipaddress.ip_address(host)
-        assert address.is_private and not address.is_loopback and not address.is_unspecified
-        check_tracking_server(uri)
-        # Bound to that address only: not on every interface, so not on the loopback either.
-        with pytest.raises(RuntimeError, match="unreachable"):
-            check_tracking_server(f"http://127.0.0.1:{port}", timeout=2)
-    finally:
-        pid_file = state / "server.pid"
-        if pid_file.exists():
-            stop_process_group(int(pid_file.read_text()))
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (non-zombie) processes of a process group, read from /proc."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            state, _parent, group = stat[stat.rindex(")") + 2 :].split()[:3]
-            if int(group) == pgid and state != "Z":
-                members.append(int(entry))
-    return members
-
-
-def stop_process_group(pgid: int, timeout: float = 15) -> None:
-    """SIGTERM a process group this test started (the script starts MLflow in its own session), then SIGKILL
-    whatever is left of it."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.25)
-    for pid in group_members(pgid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+# The head's MLflow start script, run here: tests/e2e/test_mlflow_server_script.py.

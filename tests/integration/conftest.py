@@ -1,0 +1,25 @@
+"""The integration tier's Ray instance: one per test session, started by the first test that asks for it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> Iterator[str]:
+    """One local Ray instance for every integration test; yields its GCS address (for drivers in subprocesses).
+
+    ``address="local"`` always starts a fresh instance (never someone else's cluster, whatever RAY_ADDRESS says;
+    its files go under RAY_TMPDIR); 2 logical CPUs like the target laptop; no dashboard, no worker logs on the
+    driver. The tests that need another shape start their own: tests/integration/test_cluster_gpu.py (a
+    cluster that declares GPUs) and the e2e heads (tests/conftest.py, RAY_FIXTURES).
+    """
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()

@@ -1,0 +1,138 @@
+"""Table 4's claim on the embedded default's corpus: the full model ahead of each single modality, trained with the
+plain-torch loop (moved here from tests/unit/test_baselines.py, which checks each fusion mode's shapes, routing
+and parameter summary on a tiny model). About 3 minutes on 2 cores, no Ray: marked ``slow``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ser_platform.config import load_config
+from ser_platform.sweep import COMPARE_MODELS_DEMO
+
+
+# --- real training: the full model against each single modality ------------------------------------------------
+#
+# The plain-torch loop (train.fit_folds) on the embedded default's own corpus (ser_platform.demo) with the
+# embedded default's own configuration for Table 4 (sweep.COMPARE_MODELS_DEMO: 20 epochs, 16-d encoders, 1.5 s of
+# audio), in-process batches as tests/unit/test_train_loop.py makes them, every leave-one-session-out fold; only
+# model.fusion differs. The three models train in two spawned processes (the crossmodal model in one, the two
+# single modalities in the other: about the same work), one torch thread each: ~3 min on 2 cores.
+#
+# Measured with exactly this configuration, mean test UA over the 5 folds (full / speech only / text only), and
+# the full model minus each single modality:
+#
+#   training seed            0       1       2       3       4      mean
+#   full model            0.711   0.742   0.665   0.710   0.718
+#   speech only           0.624   0.711   0.690   0.682   0.614
+#   text only             0.621   0.588   0.611   0.592   0.610
+#   full - speech only   +0.087  +0.031  -0.025  +0.028  +0.104  +0.045
+#   full - text only     +0.090  +0.154  +0.054  +0.118  +0.108  +0.105
+#
+# So the full model is ahead of text alone for every seed and of speech alone for 4 of 5: on this corpus speech
+# is the strong modality and the fusion's gain over it varies with the seed (a paired t-test over the five seeds
+# gives p ~ 0.12: not beyond noise at five seeds). The Ray run of the same embedded default
+# (experiments/compare_models.py, seed 0, BENCHMARKS.md) gave +0.121 over speech and +0.118 over text.
+# (Tried and dropped: MFCC/spectrogram normalised with training-set statistics instead of per utterance, to keep
+# each utterance's loudness; speech alone got no better, 0.463 / 0.496 / 0.471 at seeds 0-2 on a 40-per-session
+# corpus against 0.502 at seed 0 per utterance.) The test runs seed 0; its thresholds are below seed 0's margins
+# and, for text, below every margin measured (a regression there is a real change), and it prints the margins.
+
+COMPARISON = dict(COMPARE_MODELS_DEMO)  # exactly the embedded default of experiments/compare_models.py
+COMPARISON_FOLDS = (1, 2, 3, 4, 5)
+COMPARISON_SEED = 0
+
+
+def _synthetic_columns(dataset: str) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(dataset, columns=["id", "speaker", "mode", "label", "transcript", "audio"]).to_pydict()
+    columns = {k: np.asarray(v, dtype=object) for k, v in table.items() if k != "audio"}
+    columns["audio"] = np.empty(len(table["id"]), dtype=object)
+    columns["audio"][:] = [np.asarray(a, dtype=np.float32) for a in table["audio"]]
+    return columns
+
+
+def _in_process_batches(config, columns):
+    """``batches_for(fold, split, epoch)`` over in-memory rows: the fold's speakers (data.folds.fold_spec),
+    class-balanced training batches reshuffled per epoch from the seed, evaluation batches in a fixed order."""
+    from ser_platform.data.folds import fold_spec
+    from ser_platform.data.loader import make_collate, plan_pool_batches
+    from ser_platform.models.text import build_tokenizer
+
+    collate = make_collate(build_tokenizer(config.model.text), max_text_tokens=64,
+                           max_audio_samples=int(config.data.max_audio_seconds * 16000))
+    size = config.train.batch_size
+    evaluation: dict = {}
+
+    def rows(fold, split):
+        spec = fold_spec(fold)
+        keep = np.asarray([spec.split_for(s) == split for s in columns["speaker"]])
+        return {k: v[keep] for k, v in columns.items()}
+
+    def batches_for(fold, split, epoch):
+        if split == "train":
+            data = rows(fold, split)
+            order = np.random.default_rng([config.train.seed, fold, epoch]).permutation(len(data["id"]))
+            plan = plan_pool_batches([{k: v[order] for k, v in data.items()}], size, bucket_by_length=False,
+                                     samples_per_class=config.train.samples_per_class, seed=epoch)
+            return [collate(b) for b in plan]
+        if (fold, split) not in evaluation:
+            data = rows(fold, split)
+            evaluation[(fold, split)] = [collate({k: v[i:i + size] for k, v in data.items()})
+                                         for i in range(0, len(data["id"]), size)]
+        return evaluation[(fold, split)]
+
+    return batches_for
+
+
+def train_fusions(dataset: str, fusions: tuple[str, ...], seed: int) -> dict[str, dict[int, float]]:
+    """Test UA per fold of each ``model.fusion`` in ``fusions`` (a spawned process runs this)."""
+    from ser_platform.train import fit_folds
+
+    torch.set_num_threads(1)
+    columns = _synthetic_columns(dataset)
+    scores = {}
+    for fusion in fusions:
+        config = load_config("demo", overrides={**COMPARISON, "model.fusion": fusion, "train.seed": seed})
+        results = fit_folds(config, COMPARISON_FOLDS, _in_process_batches(config, columns), log=None)
+        scores[fusion] = {fold: r.test_ua for fold, r in results.items()}
+    return scores
+
+
+def compare_fusions(dataset: str, seed: int) -> dict[str, dict[int, float]]:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        full = pool.submit(train_fusions, dataset, ("crossmodal",), seed)
+        single = pool.submit(train_fusions, dataset, ("speech_only", "text_only"), seed)
+        return {**full.result(), **single.result()}
+
+
+@pytest.fixture(scope="module")
+def comparison_dataset(tmp_path_factory) -> str:
+    from ser_platform.demo import ensure_demo_dataset
+
+    return ensure_demo_dataset(tmp_path_factory.mktemp("comparison") / "demo", progress=False)  # the demo's corpus
+
+
+MIN_MARGIN = {"speech_only": 0.02, "text_only": 0.04}  # see the measurements above
+
+
+@pytest.mark.slow
+def test_the_full_model_is_ahead_of_each_single_modality(comparison_dataset):
+    import time
+
+    started = time.perf_counter()
+    scores = compare_fusions(comparison_dataset, COMPARISON_SEED)
+    means = {fusion: float(np.mean([scores[fusion][f] for f in COMPARISON_FOLDS])) for fusion in scores}
+    elapsed = time.perf_counter() - started
+    print(f"\nmean test UA over folds {COMPARISON_FOLDS} (seed {COMPARISON_SEED}, {elapsed:.0f} s): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in means.items()))
+    for fusion in ("speech_only", "text_only"):
+        margin = means["crossmodal"] - means[fusion]
+        print(f"full model - {fusion}: {margin:+.3f} (per fold: "
+              + ", ".join(f"{scores['crossmodal'][f] - scores[fusion][f]:+.3f}" for f in COMPARISON_FOLDS) + ")")
+        assert margin >= MIN_MARGIN[fusion], (fusion, margin, scores)
