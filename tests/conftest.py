@@ -59,7 +59,8 @@ def training_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tier markers from the directory; a test in the wrong tier stops the run naming it and where it belongs."""
     for item in items:
-        tier = item.path.resolve().relative_to(TESTS).parts[0]
+        path = item.path.resolve()
+        tier = path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) else None
         uses_ray = bool(RAY_FIXTURES & set(item.fixturenames)) or item.get_closest_marker("ray") is not None
         if tier == "unit":
             if uses_ray or item.get_closest_marker("e2e"):
