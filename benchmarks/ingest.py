@@ -6,7 +6,7 @@ batch plan, collate and model, one torch thread everywhere. Epoch times (median 
 * in-process: ``pyarrow`` reads the split once, a ``torch.utils.data.DataLoader`` (no worker processes) with
   ``plan_batches`` as its batch sampler and the same collate feeds ``train.train_epoch``;
 * Ray, materialised: one ``TorchTrainer`` worker reads ``get_dataset_shard`` of the split held in the object store;
-* Ray, streaming: the same, re-reading Parquet every epoch (one CPU left to Ray Data, see FACTS).
+* Ray, streaming: the same, re-reading Parquet every epoch (one CPU left to Ray Data, see ser_platform/resources.py).
 
 Each is also run "data only" (batches iterated and collated, no model) to show where the time goes.
 Ratio = Ray epoch / in-process epoch; the goal is <= 1.25 with the demo model.
@@ -166,7 +166,7 @@ def through_ray(config: Config, dataset: str, *, materialize: bool, data_only: b
 
     from ser_platform.data.folds import fold_spec
     from ser_platform.data.loader import fold_datasets, read_dataset
-    from ser_platform.ray_train import worker_cpus
+    from ser_platform.resources import worker_cpus
 
     config = config.replace({"data.materialize": materialize})
     base = read_dataset(dataset, materialize=materialize)
@@ -235,13 +235,13 @@ def main() -> int:
 
     import ray
 
-    from ser_platform.ray_train import _quiet_ray
+    from ser_platform.ray_train import quiet_ray
 
     with tempfile.TemporaryDirectory(prefix="ser-bench-ingest-") as tmp:
         workdir = Path(tmp)
         dataset = args.dataset or make_dataset(workdir, args.utterances_per_session)
         ray.init(address="local", num_cpus=os.cpu_count())
-        _quiet_ray()
+        quiet_ray()
         out = [header(), f"dataset: {dataset if args.dataset else f'synthetic, {args.utterances_per_session} per session'}"]
         if args.part in ("ingest", "all"):
             out += ["", part_ingest(args, dataset, workdir)]

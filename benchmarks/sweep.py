@@ -72,7 +72,7 @@ def empty_trainer_seconds(config, workdir: Path) -> float:
 
     import ray
 
-    from ser_platform.ray_train import worker_cpus
+    from ser_platform.resources import worker_cpus
 
     cpus = worker_cpus(config, float(ray.cluster_resources().get("CPU", 1)))  # "auto" resolved as a trial does
     resources = {"CPU": cpus, **({"GPU": config.train.gpus_per_worker} if config.train.use_gpu else {})}
@@ -127,7 +127,7 @@ def main() -> None:
     prepare_fold_data(dataset, specs, materialize=config.data.materialize, progress=False)
     fold_data_s = time.perf_counter() - t3
     noop_s = empty_trainer_seconds(config, workdir)
-    from ser_platform.ray_train import worker_cpus
+    from ser_platform.resources import worker_cpus
 
     cpus_per_worker = worker_cpus(config, float(ray.cluster_resources().get("CPU", 1)))
     t4 = time.perf_counter()

@@ -4,7 +4,7 @@ utilisation (MFU), fine-tuning steps on synthetic batches of paper-like size.
 What one step is: ``train.train_epoch`` over one batch — host-to-device copy, MFCC + spectrogram computed on the
 device by ``AcousticFeatures`` (the dataset has no feature columns), forward, joint loss (eq. 9), backward,
 gradient clipping, Adam step — under the preset's precision (``paper``: bf16 autocast on CUDA, via
-``train._autocast``; fp32 on CPU). The model is ``SERModel(config.model, pretrained=False)``: roberta-large and
+``train.autocast``; fp32 on CPU). The model is ``SERModel(config.model, pretrained=False)``: roberta-large and
 wav2vec2-base built from their published configs (``KNOWN_TEXT_CONFIGS`` / ``KNOWN_SPEECH_CONFIGS``), randomly
 initialised, no download; encoders fine-tuned as in the paper.
 
@@ -127,7 +127,7 @@ def main() -> None:
     from ser_platform.losses import JointLoss
     from ser_platform.models.ser_model import SERModel, parameter_counts
     from ser_platform.models.text import build_text_encoder_config
-    from ser_platform.train import _autocast, model_inputs, seed_everything, to_device, train_epoch
+    from ser_platform.train import autocast, model_inputs, seed_everything, to_device, train_epoch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     overrides = dict(SMALL) if args.small else {}
@@ -139,7 +139,7 @@ def main() -> None:
     steps = args.steps or (2 if args.small else 20)
     warmup = args.warmup if args.warmup is not None else (1 if args.small else 3)
     if device.type == "cpu":
-        config = config.replace({"train.precision": "fp32"})  # bf16 autocast is a CUDA path (train._autocast)
+        config = config.replace({"train.precision": "fp32"})  # bf16 autocast is a CUDA path (train.autocast)
 
     seed_everything(0)
     started = time.perf_counter()
@@ -168,7 +168,7 @@ def main() -> None:
         step(batches[0])
     flops = counter.get_total_flops()
     # Shares of the forward alone: FlopCounterMode attributes forward FLOPs to modules reliably, backward ones not.
-    with torch.no_grad(), _autocast(config, device), \
+    with torch.no_grad(), autocast(config, device), \
             FlopCounterMode(display=False, custom_mapping=cpu_attention_flops()) as forward_counter:
         model(**model_inputs(to_device(batches[0], device), features))
     forward_flops = forward_counter.get_total_flops()

@@ -44,7 +44,7 @@ pid=$!
 echo "$pid" > "$state/server.pid"
 
 uri="http://$host:$port"
-check='import sys; from ser_platform.cluster import check_tracking_server; check_tracking_server(sys.argv[1])'
+check='import sys; from ser_platform.tracking import check_tracking_server; check_tracking_server(sys.argv[1])'
 for _ in $(seq 90); do
   if python -c "$check" "$uri" 2> /dev/null; then
     echo "$uri" > "$state/tracking_uri"

@@ -10,7 +10,7 @@ Table 3 "Speech Embedding" row); `--set loss.space=fused` changes that for all t
 
 import sys
 
-from sweep_flags import run
+from ser_platform.cli import experiment_main
 
 if __name__ == "__main__":
-    sys.exit(run("ablation", __doc__.split("\n\n")[0]))
+    sys.exit(experiment_main("ablation", __doc__))

@@ -11,7 +11,7 @@ fusion differs. The published models of the paper's Table 4 are listed under the
 
 import sys
 
-from sweep_flags import run
+from ser_platform.cli import experiment_main
 
 if __name__ == "__main__":
-    sys.exit(run("compare_models", __doc__.split("\n\n")[0]))
+    sys.exit(experiment_main("compare_models", __doc__))

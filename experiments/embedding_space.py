@@ -7,7 +7,7 @@ embedding (loss.space = fused / speech / text) — each over all five leave-one-
 
 import sys
 
-from sweep_flags import run
+from ser_platform.cli import experiment_main
 
 if __name__ == "__main__":
-    sys.exit(run("embedding_space", __doc__.split("\n\n")[0]))
+    sys.exit(experiment_main("embedding_space", __doc__))

@@ -1,45 +1,137 @@
-"""`ser` — the command line. The only module that parses arguments; each command calls one library function.
+"""`ser` and the experiment scripts: the one command line. The only module that parses arguments; each command
+calls one library function.
 
     ser synth OUT                      write a synthetic corpus in IEMOCAP's layout
     ser prepare --source DIR --out DS  IEMOCAP (real or synthetic) -> one Parquet dataset
     ser model-summary --preset P       parameters per part of the model
     ser cache --dataset DS ...         frozen encoders' hidden states, computed once, stored beside DS
     ser train --dataset DS ...         train one configuration on leave-one-session-out folds (Ray Train)
-    ser sweep --dataset DS ...         Ray Tune + Optuna over the loss weights, margin and metric-loss space
-    ser tables --experiment NAME       the paper's tables from logged MLflow runs
+    ser sweep --experiment KEY ...     Ray Tune over a catalogue experiment (Tables 1-4, the grid, the search)
+    ser tables                         the paper's tables from logged MLflow runs
     ser predict --run RUN_ID ...       class probabilities of new utterances from a fold run's selected model
+
+``experiments/*.py`` call :func:`experiment_main`: the parser of ``ser sweep`` with the experiment fixed, so every
+flag means the same in both. Every expected failure (a bad value, a missing or corrupt file, an unreachable
+server) ends in one line naming the file, option or server, exit code 2; ``--debug`` or ``SER_DEBUG=1`` shows the
+traceback instead; Ctrl-C exits 130. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Sequence
 
 from ser_platform.config import Config, ConfigError, load_config, parse_override
 
+EXIT_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+# --- flag groups, each defined once --------------------------------------------------------------------------
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="demo", choices=["demo", "paper"],
-                        help="starting configuration (default: demo — tiny encoders, CPU, minutes)")
-    parser.add_argument("--config", metavar="YAML", help="YAML file overriding the preset (data only)")
-    parser.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                        help="dotted override, repeatable, e.g. --set loss.alpha=0.5 --set model.focus_attention=false")
-    parser.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
-    parser.add_argument("--experiment", help="MLflow experiment name")
-    parser.add_argument("--storage", help="Ray run storage: a local folder, s3://... or gs://... (default: ./runs)")
+    group = parser.add_argument_group("configuration")
+    group.add_argument("--preset", default="demo", choices=["demo", "paper"],
+                       help="starting configuration (default: demo — tiny encoders, CPU, minutes)")
+    group.add_argument("--config", metavar="YAML", help="YAML file overriding the preset (data only)")
+    group.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+                       help="dotted override, repeatable: --set loss.alpha=0.5 --set model.focus_attention=false")
+    where = parser.add_argument_group("where things go")
+    where.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                            "sqlite:///mlflow.db in the working directory)")
+    where.add_argument("--mlflow-experiment", help="MLflow experiment name (default: ser_platform)")
+    where.add_argument("--storage", help="Ray run storage: a local folder, s3://... or gs://... (default: ./runs)")
 
 
-def build_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
-    """Preset -> YAML -> --set overrides -> the command's own flags (most specific wins)."""
-    overrides: dict[str, Any] = dict(parse_override(text) for text in args.overrides)
-    for flag, key in (("mlflow_uri", "tracking.mlflow_uri"), ("experiment", "tracking.experiment"),
-                      ("storage", "tracking.storage")):
-        if getattr(args, flag, None):
-            overrides[key] = getattr(args, flag)
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    """What ``ser train`` and every sweep share: the data, the folds and seeds, the resources, the cluster."""
+    group = parser.add_argument_group("data and training")
+    group.add_argument("--dataset", "--data", dest="dataset",
+                       help="Parquet dataset from `ser prepare` (local, s3://, gs://); default: the embedded "
+                            "synthetic corpus, written to ./data/demo/ on first use")
+    group.add_argument("--folds", help="comma-separated folds (default: all five sessions of loso5)")
+    group.add_argument("--epochs", type=int, help="training epochs per fold")
+    group.add_argument("--seed", type=int, help="training seed, and the Optuna sampler's seed")
+    group.add_argument("--seeds", type=int, help="run every fold with N training seeds (seed, seed+1, ...); "
+                                                 "tables show mean ± std over folds × seeds (default 1)")
+    resources = parser.add_argument_group("resources per configuration (a sweep's trial)")
+    resources.add_argument("--workers", "--workers-per-trial", dest="workers", type=int,
+                           help="Ray Train workers (DDP ranks)")
+    resources.add_argument("--cpus-per-worker", type=float, help="CPUs per Ray Train worker (0 = auto)")
+    resources.add_argument("--gpus-per-trial", type=float,
+                           help="GPUs per configuration, shared by its workers (implies training on GPU)")
+    resources.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
+    resources.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
+
+
+def _add_sweep_args(parser: argparse.ArgumentParser, *, choose_experiment: bool, grid: bool) -> None:
+    from ser_platform.catalogue import EXPERIMENTS
+
+    group = parser.add_argument_group("sweep")
+    if choose_experiment:
+        group.add_argument("--experiment", choices=sorted(EXPERIMENTS),
+                           help="catalogue experiment: search (Optuna, Table 2), grid (Table 2's points), ablation "
+                                "(Table 1), embedding_space (Table 3), compare_models (Table 4); default: search, "
+                                "or grid with --grid paper")
+    if grid:
+        group.add_argument("--grid", choices=["paper"], help="exactly Table 2's (alpha, beta) points instead of "
+                                                             "the Optuna search (with the default experiment)")
+    group.add_argument("--trials", type=int, help="Optuna trials (configurations), each over every fold")
+    group.add_argument("--max-concurrent", type=int, help="trials at once (capped by what the cluster fits)")
+    group.add_argument("--name", help="sweep name: Tune experiment folder and MLflow parent run (default: dated)")
+    group.add_argument("--resume", action="store_true",
+                       help="continue an interrupted sweep (--name, else the latest in --storage)")
+
+
+def _add_debug(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (also SER_DEBUG=1)")
+
+
+# --- configs ------------------------------------------------------------------------------------------------
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The dotted config keys the flags set (a flag not given sets nothing)."""
+    flags = {
+        "mlflow_uri": "tracking.mlflow_uri", "mlflow_experiment": "tracking.experiment", "storage": "tracking.storage",
+        "dataset": "data.dataset", "folds": "data.folds", "epochs": "train.epochs", "seeds": "train.seeds",
+        "workers": "train.num_workers", "cpus_per_worker": "train.cpus_per_worker", "trials": "sweep.trials",
+        "max_concurrent": "sweep.max_concurrent", "grid": "sweep.grid",
+    }
+    overrides = {key: getattr(args, flag) for flag, key in flags.items() if getattr(args, flag, None) is not None}
+    if getattr(args, "seed", None) is not None:  # one seed for training and for the Optuna sampler
+        overrides.update({"train.seed": args.seed, "sweep.seed": args.seed})
+    if getattr(args, "gpu", False):
+        overrides["train.use_gpu"] = True
+    gpus = getattr(args, "gpus_per_trial", None)
+    if gpus is not None:
+        if gpus <= 0:
+            raise ConfigError(f"--gpus-per-trial={gpus!r}: expected > 0")
+        overrides["train.use_gpu"] = True
+    return overrides
+
+
+def build_config(args: argparse.Namespace, defaults: dict[str, Any] | None = None,
+                 extra: dict[str, Any] | None = None) -> Config:
+    """Preset -> YAML -> ``defaults`` (an experiment's) -> ``--set`` -> the flags -> ``extra`` (most specific
+    wins)."""
+    overrides = dict(defaults or {})
+    overrides.update(dict(parse_override(text) for text in args.overrides))
+    overrides.update(_flag_overrides(args))
     overrides.update({k: v for k, v in (extra or {}).items() if v is not None})
-    return load_config(args.preset, args.config, overrides)
+    config = load_config(args.preset, args.config, overrides)
+    gpus = getattr(args, "gpus_per_trial", None)
+    if gpus is not None:  # the configuration's GPUs are shared by however many workers it ends up with
+        config = config.replace({"train.gpus_per_worker": gpus / config.train.num_workers})
+    return config
+
+
+def experiment_config(args: argparse.Namespace, experiment: Any) -> Config:
+    """The config a sweep of ``experiment`` (a catalogue entry) runs: the experiment's own defaults (with the demo
+    preset, its demo defaults too) under the user's ``--set`` and flags."""
+    return build_config(args, experiment.base_overrides(args.preset))
 
 
 # --- commands ----------------------------------------------------------------------------------------------
@@ -85,8 +177,8 @@ def _parse_layers(text: str | None) -> tuple[int, ...] | None:
 
 def _cmd_cache(args: argparse.Namespace) -> int:
     layers = _parse_layers(args.layers)
-    config = build_config(args, {"model.text.name": args.text_encoder, "model.speech.name": args.speech_encoder,
-                                 "model.encoders": "frozen", "data.encoder_cache": ""})
+    config = build_config(args, extra={"model.text.name": args.text_encoder, "model.speech.name": args.speech_encoder,
+                                       "model.encoders": "frozen", "data.encoder_cache": ""})
     from ser_platform.frozen_encoders import cache_command
 
     return cache_command(config, args.dataset, root=args.out, batch_size=args.batch_size, device=args.device,
@@ -94,37 +186,28 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    config = build_config(args, {
-        "data.dataset": args.dataset,
-        "data.folds": args.folds,
-        "train.num_workers": args.workers,
-        "train.use_gpu": True if args.gpu else None,
-        "train.epochs": args.epochs,
-        "train.seed": args.seed,
-        "train.seeds": args.seeds,
-    })
+    config = build_config(args)
     from ser_platform.ray_train import train_command
 
     return train_command(config, ray_address=args.ray_address)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    config = build_config(args, {
-        "data.dataset": args.dataset,
-        "sweep.trials": args.trials,
-        "sweep.max_concurrent": args.max_concurrent,
-        "sweep.seed": args.seed,
-        "sweep.grid": args.grid,
-    })
-    from ser_platform.sweep import sweep_command
+    from ser_platform.catalogue import experiment as catalogue_entry
+    from ser_platform.sweep import default_experiment, sweep_command
 
-    return sweep_command(config, name=args.name, resume=args.resume, ray_address=args.ray_address)
+    if args.experiment is not None:
+        experiment = catalogue_entry(args.experiment)
+    else:  # the search, or Table 2's grid with --grid paper (sweep.grid); --resume reads it from the sweep
+        experiment = None if args.resume else default_experiment(build_config(args))
+    config = build_config(args) if experiment is None else experiment_config(args, experiment)
+    return sweep_command(config, experiment, name=args.name, resume=args.resume, ray_address=args.ray_address)
 
 
 def _cmd_tables(args: argparse.Namespace) -> int:
     from ser_platform.tables import tables_command
 
-    return tables_command(experiment=args.experiment, mlflow_uri=args.mlflow_uri, compare=args.compare)
+    return tables_command(experiment=args.mlflow_experiment, mlflow_uri=args.mlflow_uri, compare=args.compare)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -134,14 +217,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
                            mlflow_uri=args.mlflow_uri, as_json=args.json)
 
 
-# --- parser ------------------------------------------------------------------------------------------------
+# --- parsers ---------------------------------------------------------------------------------------------------
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="ser", description="Multimodal speech emotion recognition experiments on Ray (IEMOCAP, focus attention, "
-                                "joint triplet + cross-entropy loss).")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_data_commands(sub: Any) -> None:
     p = sub.add_parser("synth", help="write a synthetic corpus in IEMOCAP's exact layout")
     p.add_argument("out", help="folder to create (it will hold Session1..Session5)")
     p.add_argument("--utterances-per-session", type=int, default=60, help="kept utterances per session (default 60)")
@@ -158,10 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("model-summary", help="print the model's parameters per part")
-    _add_config_args(p)
-    p.set_defaults(func=_cmd_model_summary)
-
     p = sub.add_parser("cache", help="compute the frozen encoders' hidden states once and store them beside the "
                                      "dataset (DATASET.cache), for model.encoders=frozen + data.encoder_cache=auto")
     _add_config_args(p)
@@ -177,34 +251,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="recompute entries that are already up to date")
     p.set_defaults(func=_cmd_cache)
 
-    p = sub.add_parser("train", help="train one configuration on leave-one-session-out folds (Ray Train DDP)")
-    _add_config_args(p)
-    p.add_argument("--dataset", help="Parquet dataset from `ser prepare` (local, s3:// or gs://)")
-    p.add_argument("--folds", help="comma-separated folds, e.g. 1,2,3,4,5 (default: all of the protocol)")
-    p.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker, nccl")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--seeds", type=int, help="run every fold with N seeds (seed, seed+1, ...); mean ± std over "
-                                             "folds × seeds (default 1)")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
-    p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("sweep", help="Ray Tune + Optuna sweep; every trial runs all folds")
-    _add_config_args(p)
-    p.add_argument("--dataset", help="Parquet dataset (default: the embedded synthetic corpus)")
-    p.add_argument("--trials", type=int)
-    p.add_argument("--max-concurrent", type=int)
-    p.add_argument("--seed", type=int, help="Optuna sampler seed")
-    p.add_argument("--grid", choices=["paper"], help="run exactly Table 2's (alpha, beta) points")
-    p.add_argument("--name", help="sweep name (Tune experiment and MLflow parent run)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same --name")
-    p.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
-    p.set_defaults(func=_cmd_sweep)
-
+def _add_result_commands(sub: Any) -> None:
     p = sub.add_parser("tables", help="print the paper's tables from logged MLflow runs")
-    p.add_argument("--experiment", required=True, help="MLflow experiment name")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI")
+    p.add_argument("--mlflow-experiment", default="ser_platform", help="MLflow experiment name (default: "
+                                                                       "ser_platform)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                        "sqlite:///mlflow.db in the working directory)")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"),
                    help="paired comparison (A − B, test UA and WA over the same folds and seeds) of two trial "
                         "runs, each a run id, run name or variant name")
@@ -218,24 +271,98 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wav", help="a wav file (any rate, mono or multi-channel: mixed to mono, resampled to 16 kHz)")
     p.add_argument("--text", help="its transcript (with --wav)")
     p.add_argument("--csv", help="CSV with columns wav,text (relative wav paths: relative to the CSV's folder)")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                        "sqlite:///mlflow.db in the working directory)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=_cmd_predict)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ser", description="Multimodal speech emotion recognition experiments on Ray (IEMOCAP, focus attention, "
+                                "joint triplet + cross-entropy loss).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_data_commands(sub)
+
+    p = sub.add_parser("model-summary", help="print the model's parameters per part")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_model_summary)
+
+    p = sub.add_parser("train", help="train one configuration on leave-one-session-out folds (Ray Train DDP)")
+    _add_config_args(p)
+    _add_run_args(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sweep", help="Ray Tune over a catalogue experiment; every trial runs all folds")
+    _add_config_args(p)
+    _add_run_args(p)
+    _add_sweep_args(p, choose_experiment=True, grid=True)
+    p.set_defaults(func=_cmd_sweep)
+
+    _add_result_commands(sub)
+    for command in sub.choices.values():
+        _add_debug(command)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def experiment_parser(key: str, prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser of an experiment script: ``ser sweep``'s flags with ``--experiment`` fixed to ``key``."""
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_args(parser)
+    _add_run_args(parser)
+    _add_sweep_args(parser, choose_experiment=False, grid=key == "search")
+    _add_debug(parser)
+    parser.set_defaults(func=_cmd_sweep, experiment=None if key == "search" else key, command="sweep")
+    return parser
+
+
+# --- the error boundary ------------------------------------------------------------------------------------------
+
+def _expected(err: BaseException) -> bool:
+    """A failure a user can cause and fix (say it in one line), as opposed to a bug (keep the traceback): I/O and
+    permissions, corrupt files pyarrow cannot read, and the package's own ValueErrors (ConfigError, DataError,
+    TrackingError, ...), also when Ray re-raises them from a worker (its error classes subclass the cause's)."""
+    import pyarrow
+
+    if isinstance(err, (OSError, pyarrow.ArrowException)):
+        return True
+    return isinstance(err, ValueError) and any(c.__module__.startswith("ser_platform") for c in type(err).__mro__)
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
+
+
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run its command behind the error boundary (module docstring)."""
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("SER_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, FileNotFoundError, FileExistsError) as err:
-        print(f"ser {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:  # DataError and friends: messages already name the file/row
-        if type(err).__module__.startswith("ser_platform"):
-            print(f"ser {args.command}: error: {err}", file=sys.stderr)
-            return 2
-        raise
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as err:
+        if debug or not _expected(err):
+            raise
+        name = f"{parser.prog} {args.command}" if parser.prog == "ser" else parser.prog
+        print(f"{name}: error: {_one_line(err)} (--debug for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(build_parser(), argv)
+
+
+def experiment_main(key: str, doc: str, argv: Sequence[str] | None = None) -> int:
+    """An experiment script's entry point (``experiments/*.py``): ``ser sweep --experiment KEY`` under the script's
+    own name and docstring."""
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else f"{key}.py"
+    return run_command(experiment_parser(key, prog, doc), argv)
 
 
 if __name__ == "__main__":

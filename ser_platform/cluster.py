@@ -1,35 +1,32 @@
-"""The code paths that differ between a laptop and a cloud cluster.
+"""Where things live, resolved once at the entry point: the dataset, Ray's run storage and the tracking store.
 
-Three questions every entry point (CLI, experiment scripts, the sweep) asks before it starts Ray work:
+Every command (``ser ...``, the experiment scripts) calls :func:`resolve_locations` before it starts Ray work;
+what it returns is a config whose ``data.dataset`` and ``tracking.storage`` are absolute paths or URIs and whose
+``tracking.mlflow_uri`` is explicit, so trials and workers (other working directories, other machines) read the
+same places, and nothing below the entry point checks a path or a scheme again.
 
-- where do runs live?  ``resolve_storage`` / ``join_storage``: a local folder, ``file://``, ``s3://`` or
-  ``gs://``, opened with ``pyarrow.fs`` (the same filesystem layer Ray Train and Tune use for
-  ``RunConfig(storage_path=...)``);
-- where does MLflow log?  ``mlflow_tracking_uri`` (flag > ``$MLFLOW_TRACKING_URI`` > a sqlite file in the
-  working directory) and ``check_tracking_server``, which fails early, naming the URI, when the tracking
-  server of a cluster (``cluster/*.yaml`` starts one on the head) cannot be reached;
-- what does one Ray Train worker hold?  ``worker_resources`` builds the ``ScalingConfig`` keyword arguments,
-  ``detect_gpu_count`` says how many GPUs there are to share out.
+- a location is a local folder, ``file://``, ``s3://`` or ``gs://`` (``storage_scheme``), opened with
+  ``pyarrow.fs`` (``resolve_storage``, the same filesystem layer Ray Train and Tune use for
+  ``RunConfig(storage_path=...)``) and extended with ``join_storage``;
+- ``data.dataset = ""`` is the embedded synthetic corpus (``demo.ensure_demo_dataset``, built once);
+- the tracking URI's precedence and its probe belong to ``tracking.store``.
 
 Nothing here parses arguments; bad values raise ``ValueError`` quoting them.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import posixpath
-import urllib.error
-import urllib.request
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pyarrow.fs as pafs
 
 OBJECT_STORE_SCHEMES = ("s3", "gs")
 """URI schemes of the object stores the cluster YAMLs use for data, Ray results and MLflow artifacts."""
-# What a Tune trial holds for itself: it only waits on its TorchTrainer, whose workers get their own placement
-# group (Tune refuses 0).
-TRIAL_CPU = 0.01
+DEFAULT_STORAGE = "runs"  # Ray's run storage (Tune state, checkpoints) when tracking.storage is "": ./runs
 
 _SUPPORTED_SCHEMES = ("file",) + OBJECT_STORE_SCHEMES
 
@@ -114,101 +111,39 @@ def join_storage(base: str, *parts: str) -> str:
     return urlunsplit((split.scheme, split.netloc, path, split.query, split.fragment))
 
 
-def mlflow_tracking_uri(cli_value: str | None) -> str:
-    """The MLflow tracking URI to use: the flag, else ``$MLFLOW_TRACKING_URI``, else a sqlite file here.
-
-    An empty or blank value counts as unset at each level. The default is ``sqlite:///<cwd>/mlflow.db`` with
-    the absolute working directory, i.e. four slashes (``sqlite:////home/me/ser/mlflow.db``), so Ray workers
-    started in other directories on the same machine log to the same file. On a cluster the head's
-    ``ray start`` exports ``MLFLOW_TRACKING_URI=http://<head-private-ip>:5000`` (cluster/*.yaml), so jobs
-    submitted there reach the head's tracking server without the flag.
-    """
-    if cli_value is not None and cli_value.strip():
-        return cli_value.strip()
-    from_env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if from_env:
-        return from_env
-    return f"sqlite:///{os.path.join(os.getcwd(), 'mlflow.db')}"
+def is_local(uri_or_path: str) -> bool:
+    """A plain path or ``file://``: a place on this machine's disk."""
+    return storage_scheme(uri_or_path) in ("", "file")
 
 
-def check_tracking_server(uri: str, timeout: float = 5) -> None:
-    """Fail early when an http(s) tracking URI does not lead to a live MLflow server.
-
-    GETs ``<uri>/health``; an MLflow server answers ``200 OK`` with the body ``OK``. Anything else (refused
-    connection, timeout, DNS failure, an HTTP error, another body) raises ``RuntimeError`` naming the URI,
-    so a sweep stops before its trials start instead of failing in every worker. Other schemes (sqlite,
-    file, databricks, ...) have no server to ask and pass unchecked.
-    """
-    scheme = urlsplit(uri).scheme.lower()
-    if scheme not in ("http", "https"):
-        return
-    health = uri.rstrip("/") + "/health"
-    hint = (
-        "start it (on a cluster the head starts it: see cluster/README.md), tunnel to it, "
-        "or pass another --mlflow-uri"
-    )
-    try:
-        with urllib.request.urlopen(health, timeout=timeout) as response:
-            body = response.read(64).decode("utf-8", errors="replace").strip()
-    except urllib.error.HTTPError as err:
-        raise RuntimeError(
-            f"MLflow tracking server {uri!r} answered HTTP {err.code} to GET {health}: "
-            f"that is not an MLflow server; {hint}"
-        ) from err
-    except (urllib.error.URLError, OSError) as err:
-        reason = getattr(err, "reason", err)
-        raise RuntimeError(f"MLflow tracking server {uri!r} is unreachable ({reason}); {hint}") from err
-    if body != "OK":
-        raise RuntimeError(
-            f"MLflow tracking server {uri!r} answered {body!r} to GET {health} instead of 'OK': "
-            f"that is not an MLflow server; {hint}"
-        )
+def absolute_location(uri_or_path: str) -> str:
+    """A local path made absolute (``~`` expanded); URIs unchanged but for a trailing slash."""
+    if storage_scheme(uri_or_path) == "":
+        return _local_absolute(uri_or_path)
+    return uri_or_path.rstrip("/")
 
 
-def _check_quantity(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
-    return float(value)
+def resolve_dataset(dataset: str) -> str:
+    """``data.dataset`` as an absolute path or URI: the embedded synthetic dataset when ``""`` (built on first
+    use), a local path that must exist, or an object-storage URI (checked by the reader)."""
+    if not dataset:
+        from ser_platform.demo import ensure_demo_dataset
+
+        return ensure_demo_dataset()
+    location = absolute_location(dataset)
+    if is_local(location):
+        path = Path(urlsplit(location).path if location.startswith("file://") else location)
+        if not path.exists():
+            raise FileNotFoundError(f"data.dataset={dataset!r}: {path} does not exist (make one with `ser prepare`)")
+    return location
 
 
-def worker_resources(use_gpu: bool, num_workers: int, cpus_per_worker: float, gpus_per_worker: float) -> dict:
-    """Keyword arguments for ``ray.train.ScalingConfig``: ``use_gpu``, ``num_workers``, ``resources_per_worker``.
+def resolve_locations(config: Any) -> Any:
+    """The config with its dataset, run storage and tracking URI resolved (module docstring)."""
+    from ser_platform.tracking.store import resolve_tracking_uri
 
-    ``cpus_per_worker`` may be fractional (0.5 leaves CPUs free for Ray Data's read tasks on a small machine,
-    see FACTS) or 0; ``gpus_per_worker`` must be > 0 with ``use_gpu`` and 0 without it (a GPU asked for by a
-    CPU run would never be used and could keep the run from being scheduled). A worker shares one GPU
-    (``gpus_per_worker < 1``) or holds whole GPUs, so 1.5 is refused. Errors quote the bad value.
-    """
-    if not isinstance(use_gpu, bool):
-        raise ValueError(f"use_gpu must be True or False, got {use_gpu!r}")
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
-        raise ValueError(f"num_workers must be a whole number >= 1, got {num_workers!r}")
-    cpus = _check_quantity("cpus_per_worker", cpus_per_worker)
-    gpus = _check_quantity("gpus_per_worker", gpus_per_worker)
-    if gpus > 1 and not gpus.is_integer():
-        # A GPU is one device: a worker gets a share of one GPU or whole GPUs, never 1.5 devices.
-        raise ValueError(f"gpus_per_worker above 1 must be a whole number of GPUs, got {gpus_per_worker!r}")
-    if use_gpu and gpus == 0:
-        raise ValueError(f"use_gpu=True needs gpus_per_worker > 0, got {gpus_per_worker!r}")
-    if not use_gpu and gpus != 0:
-        raise ValueError(f"gpus_per_worker={gpus_per_worker!r} with use_gpu=False: set use_gpu=True or use 0 GPUs")
-    resources = {"CPU": cpus}
-    if use_gpu:
-        resources["GPU"] = gpus
-    return {"use_gpu": use_gpu, "num_workers": num_workers, "resources_per_worker": resources}
-
-
-def detect_gpu_count() -> int:
-    """GPUs available: the Ray cluster's ``GPU`` total when Ray is initialised, else this machine's CUDA devices.
-
-    With Ray up this counts every node's GPUs (what trials can be spread over), not only the local ones.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return int(ray.cluster_resources().get("GPU", 0))
-    import torch
-
-    return int(torch.cuda.device_count())
+    return config.replace({
+        "data.dataset": resolve_dataset(config.data.dataset),
+        "tracking.storage": absolute_location(config.tracking.storage or DEFAULT_STORAGE),
+        "tracking.mlflow_uri": resolve_tracking_uri(config),
+    })

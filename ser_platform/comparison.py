@@ -121,13 +121,7 @@ def _bootstrap_interval(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int,
     raise ValueError(f"paired_comparison: the bootstrap gave no finite interval for differences {(a - b).tolist()}")
 
 
-def paired_comparison(a: Mapping[Hashable, float], b: Mapping[Hashable, float], *, n_boot: int = 10_000,
-                      seed: int = 0, confidence: float = 0.95) -> PairedComparison:
-    """Compare scores ``a`` and ``b`` keyed by the same ``(fold, seed)`` pairs (see the module docstring).
-
-    Raises ``ValueError`` if the keys differ (naming the keys found on one side only), if there are none, or if
-    a score is not a finite number.
-    """
+def _paired_keys(a: Mapping[Hashable, float], b: Mapping[Hashable, float], n_boot: int, confidence: float) -> list:
     if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 1:
         raise ValueError(f"paired_comparison: n_boot={n_boot!r}, expected a positive integer")
     if not 0.0 < confidence < 1.0:
@@ -138,61 +132,72 @@ def paired_comparison(a: Mapping[Hashable, float], b: Mapping[Hashable, float], 
                          f"{_sorted_keys(only_a)}, only in b: {_sorted_keys(only_b)}")
     if not a:
         raise ValueError("paired_comparison: no scores to compare (both sides are empty)")
-    keys = _sorted_keys(a)
+    return _sorted_keys(a)
+
+
+def _t_and_interval(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int, confidence: float) -> dict:
+    """The paired t-test and the bootstrap interval of the mean difference, or why they are degenerate."""
+    d = x - y
+    if len(d) < 2:
+        return {"t_note": "one pair: no spread to test against", "ci_method": "none: one pair has no spread"}
+    if np.all(np.abs(d) <= FLOAT_TOLERANCE):
+        return {"t_note": "every difference is 0: t is 0/0", "ci_low": 0.0, "ci_high": 0.0,
+                "ci_method": "degenerate: every difference is 0"}
+    if np.ptp(d) <= FLOAT_TOLERANCE:
+        # A constant shift: zero spread, so t = ±inf and p = 0 (what ttest_rel returns, after a precision-loss
+        # warning), and every resample has the same mean.
+        mean = float(d.mean())
+        return {"t_statistic": math.copysign(math.inf, mean), "t_pvalue": 0.0, "ci_low": mean, "ci_high": mean,
+                "t_note": "every difference is the same: zero spread",
+                "ci_method": "degenerate: every difference is the same"}
+    result = scipy.stats.ttest_rel(x, y)
+    ci_low, ci_high, ci_method = _bootstrap_interval(x, y, n_boot, seed, confidence)
+    return {"t_statistic": float(result.statistic), "t_pvalue": float(result.pvalue), "ci_low": ci_low,
+            "ci_high": ci_high, "ci_method": ci_method}
+
+
+def _wilcoxon(d: np.ndarray, all_zero: bool) -> dict:
+    n = len(d)
+    if n < WILCOXON_MIN_PAIRS:
+        return {"wilcoxon_note": f"n={n} < {WILCOXON_MIN_PAIRS}: the smallest two-sided p possible is {2 / 2 ** n:.3g}"}
+    if all_zero:
+        return {"wilcoxon_note": "every difference is 0: no ranks"}
+    # Rounded so that differences equal on paper (0.61 - 0.60 and 0.59 - 0.58) tie in the ranks.
+    return {"wilcoxon_pvalue": float(scipy.stats.wilcoxon(np.round(d, 12)).pvalue)}
+
+
+def _verdict(n: int, all_zero: bool, tests: Mapping[str, object], confidence: float) -> str:
+    if n < 2:
+        return "cannot tell"
+    if all_zero:
+        return "no difference"
+    interval_excludes_zero = tests["ci_low"] > 0 or tests["ci_high"] < 0
+    t_rejects = tests["t_pvalue"] < 1.0 - confidence
+    if interval_excludes_zero and t_rejects:
+        return "beyond noise"
+    return "within noise" if not interval_excludes_zero and not t_rejects else "borderline"
+
+
+def paired_comparison(a: Mapping[Hashable, float], b: Mapping[Hashable, float], *, n_boot: int = 10_000,
+                      seed: int = 0, confidence: float = 0.95) -> PairedComparison:
+    """Compare scores ``a`` and ``b`` keyed by the same ``(fold, seed)`` pairs (see the module docstring).
+
+    Raises ``ValueError`` if the keys differ (naming the keys found on one side only), if there are none, or if
+    a score is not a finite number.
+    """
+    keys = _paired_keys(a, b, n_boot, confidence)
     x, y = _values(a, keys, "a"), _values(b, keys, "b")
     d = x - y
     n = len(keys)
-    mean_difference = float(d.mean())
     all_zero = bool(np.all(np.abs(d) <= FLOAT_TOLERANCE))
-
-    std = float(d.std(ddof=1)) if n > 1 else None
-    t_statistic = t_pvalue = wilcoxon_pvalue = ci_low = ci_high = None
-    t_note = wilcoxon_note = None
-    if n < 2:
-        t_note = "one pair: no spread to test against"
-        ci_method = "none: one pair has no spread"
-    elif all_zero:
-        t_note = "every difference is 0: t is 0/0"
-        ci_low = ci_high = 0.0
-        ci_method = "degenerate: every difference is 0"
-    elif np.ptp(d) <= FLOAT_TOLERANCE:
-        # A constant shift: zero spread, so t = ±inf and p = 0 (what ttest_rel returns, after a precision-loss
-        # warning), and every resample has the same mean.
-        t_statistic, t_pvalue = math.copysign(math.inf, mean_difference), 0.0
-        t_note = "every difference is the same: zero spread"
-        ci_low = ci_high = mean_difference
-        ci_method = "degenerate: every difference is the same"
-    else:
-        result = scipy.stats.ttest_rel(x, y)
-        t_statistic, t_pvalue = float(result.statistic), float(result.pvalue)
-        ci_low, ci_high, ci_method = _bootstrap_interval(x, y, n_boot, seed, confidence)
-
-    if n < WILCOXON_MIN_PAIRS:
-        wilcoxon_note = (f"n={n} < {WILCOXON_MIN_PAIRS}: the smallest two-sided p possible is "
-                         f"{2 / 2 ** n:.3g}")
-    elif all_zero:
-        wilcoxon_note = "every difference is 0: no ranks"
-    else:
-        # Rounded so that differences equal on paper (0.61 - 0.60 and 0.59 - 0.58) tie in the ranks.
-        wilcoxon_pvalue = float(scipy.stats.wilcoxon(np.round(d, 12)).pvalue)
-
-    alpha = 1.0 - confidence
-    if n < 2:
-        verdict = "cannot tell"
-    elif all_zero:
-        verdict = "no difference"
-    else:
-        interval_excludes_zero = ci_low > 0 or ci_high < 0
-        t_rejects = t_pvalue < alpha
-        verdict = ("beyond noise" if interval_excludes_zero and t_rejects
-                   else "within noise" if not interval_excludes_zero and not t_rejects
-                   else "borderline")
+    tests = {"t_statistic": None, "t_pvalue": None, "t_note": None, "ci_low": None, "ci_high": None,
+             **_t_and_interval(x, y, n_boot, seed, confidence)}
+    wilcoxon = {"wilcoxon_pvalue": None, "wilcoxon_note": None, **_wilcoxon(d, all_zero)}
     return PairedComparison(
         keys=tuple(keys), a=tuple(x.tolist()), b=tuple(y.tolist()), differences=tuple(d.tolist()), n=n,
-        mean_a=float(x.mean()), mean_b=float(y.mean()), mean_difference=mean_difference, std_difference=std,
-        t_statistic=t_statistic, t_pvalue=t_pvalue, t_note=t_note, wilcoxon_pvalue=wilcoxon_pvalue,
-        wilcoxon_note=wilcoxon_note, ci_low=ci_low, ci_high=ci_high, ci_method=ci_method, confidence=confidence,
-        n_boot=n_boot, seed=seed, verdict=verdict,
+        mean_a=float(x.mean()), mean_b=float(y.mean()), mean_difference=float(d.mean()),
+        std_difference=float(d.std(ddof=1)) if n > 1 else None, **tests, **wilcoxon, confidence=confidence,
+        n_boot=n_boot, seed=seed, verdict=_verdict(n, all_zero, tests, confidence),
     )
 
 

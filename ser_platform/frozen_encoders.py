@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from ser_platform.cluster import is_local
 from ser_platform.config import TINY_ENCODER, Config, ConfigError
 from ser_platform.data.encoder_cache import (
     CachedStatesCollate,
@@ -192,12 +193,79 @@ def cached_collate(collate: Any, entries: Mapping[str, str]) -> CachedStatesColl
 
 # --- computing ----------------------------------------------------------------------------------------------
 
-def _pools(dataset: str, columns: Sequence[str], pool_rows: int):
-    import pyarrow.dataset as pads
+def _todo(root: str, requests: Mapping[str, Sequence[EntryRequest]], force: bool,
+          log) -> tuple[dict[str, list[EntryRequest]], list[dict[str, Any]]]:
+    """The entries to compute (stale, missing, or every one with ``force``) and the report of those kept."""
+    todo: dict[str, list[EntryRequest]] = {}
+    kept: list[dict[str, Any]] = []
+    for modality, wanted in requests.items():
+        for request in wanted:
+            if not force:
+                try:
+                    path, metadata = check_entry(root, request)
+                except StaleCacheError as err:
+                    if log:
+                        log(f"{request.key.modality} {request.key.describe()}: to compute ({err.problem})")
+                else:
+                    kept.append({"path": path, "status": "up to date", "rows": metadata["rows"], "seconds": 0.0})
+                    continue
+            todo.setdefault(modality, []).append(request)
+    return todo, kept
 
-    for batch in pads.dataset(dataset, format="parquet").to_batches(columns=list(columns), batch_size=pool_rows):
-        if batch.num_rows:
-            yield {c: batch.column(c).to_numpy(zero_copy_only=False) for c in columns}
+
+def _encoders(config: Config, todo: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    from ser_platform.models.speech import SSLSpeechEncoder
+    from ser_platform.models.text import TextEncoder
+
+    built = {"text": lambda: TextEncoder(config.model.text, frozen=True),
+             "speech": lambda: SSLSpeechEncoder(config.model.speech, frozen=True)}
+    return {modality: built[modality]().to(device).eval() for modality in todo}
+
+
+def _add_batch(batch: Mapping[str, Any], encoders: Mapping[str, Any], todo: Mapping[str, Sequence[EntryRequest]],
+               writers: Mapping[tuple[str, int], EntryWriter], device: torch.device) -> None:
+    """Every wanted layer of every encoder for one collated batch, each row's valid states to its writer."""
+    for modality, encoder in encoders.items():
+        wanted_layers = [r.key.layer for r in todo[modality]]
+        if modality == "text":
+            states, mask = encoder.layer_states(batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                                wanted_layers)
+            sources = mask.sum(dim=1).tolist()
+        else:
+            states, mask = encoder.layer_states(batch["input_values"].to(device), batch["audio_lengths"].to(device),
+                                                wanted_layers)
+            sources = batch["audio_lengths"].tolist()
+        counts = mask.sum(dim=1).tolist()
+        for layer, layer_states in zip(wanted_layers, states):
+            values = layer_states.float().cpu().numpy()
+            writer = writers[(modality, layer)]
+            for i, row_id in enumerate(batch["ids"]):
+                writer.add(row_id, values[i, :counts[i]], sources[i])
+
+
+def _compute(config: Config, dataset: str, todo: Mapping[str, Sequence[EntryRequest]],
+             writers: Mapping[tuple[str, int], EntryWriter], *, batch_size: int, device: torch.device,
+             total: int, progress: bool) -> None:
+    """Every utterance through the encoders, batched after sorting each pool of rows by length (less padding)."""
+    from tqdm.auto import tqdm
+
+    from ser_platform.data.features import FeatureParams
+    from ser_platform.data.loader import iter_pools, make_collate
+    from ser_platform.models.text import build_tokenizer
+
+    collate = make_collate(build_tokenizer(config.model.text), max_text_tokens=config.data.max_text_tokens,
+                           max_audio_samples=max_audio_samples(config),
+                           feature_params=FeatureParams.from_speech_config(config.model.speech,
+                                                                           config.data.sample_rate))
+    encoders = _encoders(config, todo, device)
+    columns = ["id", "label", "mode", "transcript", "audio", "duration"]
+    with tqdm(total=total, desc="ser cache", unit="utt", disable=not progress) as bar, torch.inference_mode():
+        for pool in iter_pools(dataset, columns, POOL_BATCHES * batch_size):
+            order = np.argsort(np.asarray(pool["duration"], dtype=np.float64), kind="stable")
+            for start in range(0, len(order), batch_size):
+                batch = collate({c: v[order[start:start + batch_size]] for c, v in pool.items()})
+                _add_batch(batch, encoders, todo, writers, device)
+                bar.update(len(batch["ids"]))
 
 
 def build_encoder_cache(config: Config, dataset: str, *, root: str | None = None,
@@ -211,79 +279,25 @@ def build_encoder_cache(config: Config, dataset: str, *, root: str | None = None
     (same key, settings and dataset fingerprint) are kept unless ``force``; a stale one is replaced, atomically.
     Returns one dict per entry: ``path``, ``status`` ("written" | "up to date"), ``rows``, ``seconds``.
     """
-    from tqdm.auto import tqdm
-
-    from ser_platform.data.features import FeatureParams
-    from ser_platform.data.loader import make_collate
     from ser_platform.data.parquet import read_summary
-    from ser_platform.models.speech import SSLSpeechEncoder
-    from ser_platform.models.text import TextEncoder, build_tokenizer
 
-    if "://" in dataset:
+    if not is_local(dataset):
         raise StaleCacheError(dataset, "`ser cache` reads a local dataset and writes the cache beside it; copy both "
                                        "to object storage afterwards")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: expected >= 1")
-    summary = read_summary(dataset)
+    utterances = int(read_summary(dataset)["utterances"])
     config = config.replace({"model.encoders": "frozen"})
     root = root or default_cache_root(dataset)
-    requests = entry_requests(config, dataset, layers=layers)
-    report: list[dict[str, Any]] = []
-    todo: dict[str, list[EntryRequest]] = {}
-    for modality, wanted in requests.items():
-        for request in wanted:
-            if not force:
-                try:
-                    path, metadata = check_entry(root, request)
-                except StaleCacheError as err:
-                    if log:
-                        log(f"{request.key.modality} {request.key.describe()}: to compute ({err.problem})")
-                else:
-                    report.append({"path": path, "status": "up to date", "rows": metadata["rows"], "seconds": 0.0})
-                    continue
-            todo.setdefault(modality, []).append(request)
+    todo, report = _todo(root, entry_requests(config, dataset, layers=layers), force, log)
     if not todo:
         return report
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    tokenizer = build_tokenizer(config.model.text)
-    feature_params = FeatureParams.from_speech_config(config.model.speech, config.data.sample_rate)
-    collate = make_collate(tokenizer, max_text_tokens=config.data.max_text_tokens,
-                           max_audio_samples=max_audio_samples(config), feature_params=feature_params)
-    encoders = {}
-    if "text" in todo:
-        encoders["text"] = TextEncoder(config.model.text, frozen=True).to(device).eval()
-    if "speech" in todo:
-        encoders["speech"] = SSLSpeechEncoder(config.model.speech, frozen=True).to(device).eval()
     writers = {(m, r.key.layer): EntryWriter(root, r.key) for m, wanted in todo.items() for r in wanted}
     started = time.perf_counter()
-    columns = ["id", "label", "mode", "transcript", "audio", "duration"]
-    bar = tqdm(total=int(summary["utterances"]), desc="ser cache", unit="utt", disable=not progress)
     try:
-        with torch.inference_mode():
-            for pool in _pools(dataset, columns, POOL_BATCHES * batch_size):
-                order = np.argsort(np.asarray(pool["duration"], dtype=np.float64), kind="stable")
-                for start in range(0, len(order), batch_size):
-                    index = order[start:start + batch_size]
-                    batch = collate({c: v[index] for c, v in pool.items()})
-                    ids = batch["ids"]
-                    for modality, encoder in encoders.items():
-                        wanted_layers = [r.key.layer for r in todo[modality]]
-                        if modality == "text":
-                            states, mask = encoder.layer_states(batch["input_ids"].to(device),
-                                                                batch["attention_mask"].to(device), wanted_layers)
-                            sources = mask.sum(dim=1).tolist()
-                        else:
-                            states, mask = encoder.layer_states(batch["input_values"].to(device),
-                                                                batch["audio_lengths"].to(device), wanted_layers)
-                            sources = batch["audio_lengths"].tolist()
-                        counts = mask.sum(dim=1).tolist()
-                        for layer, layer_states in zip(wanted_layers, states):
-                            values = layer_states.float().cpu().numpy()
-                            writer = writers[(modality, layer)]
-                            for i, row_id in enumerate(ids):
-                                writer.add(row_id, values[i, :counts[i]], sources[i])
-                    bar.update(len(ids))
+        _compute(config, dataset, todo, writers, batch_size=batch_size, device=device, total=utterances,
+                 progress=progress)
         seconds = time.perf_counter() - started
         provenance = {"dataset": str(Path(dataset).absolute()), "device": str(device), "batch_size": batch_size,
                       "batching": f"rows sorted by duration within pools of {POOL_BATCHES} batches",
@@ -293,14 +307,13 @@ def build_encoder_cache(config: Config, dataset: str, *, root: str | None = None
         for modality, wanted in todo.items():
             for request in wanted:
                 writer = writers[(modality, request.key.layer)]
-                if writer.count != int(summary["utterances"]):
+                if writer.count != utterances:
                     raise RuntimeError(f"{request.key.describe()}: wrote {writer.count} rows, the dataset summary "
-                                       f"lists {summary['utterances']} utterances")
+                                       f"lists {utterances} utterances")
                 path = writer.commit({**provenance, "dataset_fingerprint": request.dataset_fingerprint,
                                       "settings": dict(request.settings)})
                 report.append({"path": str(path), "status": "written", "rows": writer.count, "seconds": seconds})
     finally:
-        bar.close()
         for writer in writers.values():
             if not writer.committed:
                 writer.abort()

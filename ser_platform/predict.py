@@ -6,7 +6,7 @@
 
 What is loaded: every fold run logs, at fold end, the weights that were selected on validation (the ones that
 scored the test split) and the resolved config as artifacts ``model/state_dict.pt``, ``model/config.json`` and
-``model/info.json`` (``tracking.log_model``, called from ``ray_train``). Frozen encoders' weights are not stored
+``model/info.json`` (``tracking.log_model``, called by ``tracking.FoldLogger`` on Ray Train's rank 0). Frozen encoders' weights are not stored
 (a pretrained checkpoint or a "tiny" encoder drawn from its seed): they are rebuilt from the config here, which
 for a named checkpoint means a download from the Hugging Face hub, once.
 
@@ -51,98 +51,30 @@ class FoldModel:
     classes: tuple[str, ...]
 
 
-# --- which run ----------------------------------------------------------------------------------------------
-
-def _check_store(uri: str) -> None:
-    if uri.startswith("sqlite:///"):
-        path = Path(uri[len("sqlite:///"):])
-        if str(path) != ":memory:" and not path.exists():
-            raise PredictError(f"no MLflow store at {uri} ({path} does not exist); pass --mlflow-uri")
-
-
-def _fold_runs(client: Any, run: Any) -> list[Any]:
-    from ser_platform import tracking
-
-    children = client.search_runs(
-        [run.info.experiment_id], max_results=1000,
-        filter_string=f"tags.`{tracking.PARENT_RUN_TAG}` = '{run.info.run_id}' and tags.`{tracking.ROLE_TAG}` = 'fold'")
-
-    def order(r: Any) -> tuple:
-        return (int(r.data.tags.get(tracking.FOLD_TAG, 0)), int(r.data.params.get("train.seed", 0)),
-                r.info.start_time or 0)
-
-    return sorted(children, key=order)
-
-
-def resolve_fold_run(client: Any, run_id: str, fold: int | None = None, *, say=None) -> Any:
-    """The fold run ``run_id`` stands for (module docstring); ``say`` gets a line when a choice was made."""
-    from mlflow.exceptions import MlflowException
-
-    from ser_platform import tracking
-
-    say = say or (lambda line: print(line, file=sys.stderr))
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        raise PredictError(f"--run {run_id}: no such MLflow run at {client.tracking_uri}") from None
-    role = run.data.tags.get(tracking.ROLE_TAG, "")
-    if role == "sweep":
-        best = run.data.tags.get("best_trial_run_id")
-        if not best:
-            raise PredictError(f"--run {run_id} is a sweep with no best trial (tag best_trial_run_id): pass one of "
-                               f"its trial runs or fold runs")
-        say(f"run {run_id} is a sweep: using its best trial run {best}")
-        run = client.get_run(best)
-        role = run.data.tags.get(tracking.ROLE_TAG, "")
-    if role == "fold":
-        if fold is not None and int(run.data.tags.get(tracking.FOLD_TAG, fold)) != fold:
-            raise PredictError(f"--run {run_id} is the run of fold {run.data.tags.get(tracking.FOLD_TAG)}, "
-                               f"not of --fold {fold}")
-        return run
-    folds = _fold_runs(client, run)
-    if not folds:
-        raise PredictError(f"--run {run.info.run_id} ({role or 'no ser.role tag'}) has no fold runs under it")
-    available = sorted({int(r.data.tags.get(tracking.FOLD_TAG, 0)) for r in folds})
-    if fold is None:
-        chosen = folds[0]
-        say(f"run {run.info.run_id} is a {role or 'parent'} run: using its fold "
-            f"{chosen.data.tags.get(tracking.FOLD_TAG)} (run {chosen.info.run_id}); folds there: "
-            f"{available} (pass --fold)")
-        return chosen
-    matching = [r for r in folds if int(r.data.tags.get(tracking.FOLD_TAG, 0)) == fold]
-    if not matching:
-        raise PredictError(f"--fold {fold}: run {run.info.run_id} has fold runs for folds {available} only")
-    return matching[0]
-
-
 # --- the model ----------------------------------------------------------------------------------------------
 
 def load_fold_model(run_id: str, tracking_uri: str, fold: int | None = None, *, say=None) -> FoldModel:
-    """Download the ``model/`` artifacts of the fold run ``run_id`` stands for and build the model from them."""
-    import mlflow.artifacts
+    """Download the ``model/`` artifacts of the fold run ``run_id`` stands for (``tracking.find_fold_run``) and
+    build the model from them."""
     import torch
-    from mlflow import MlflowClient
 
     from ser_platform import tracking
     from ser_platform.models.ser_model import SERModel
+    from ser_platform.tracking import schema
 
-    _check_store(tracking_uri)
-    client = MlflowClient(tracking_uri)
-    run = resolve_fold_run(client, run_id, fold, say=say)
-    fold_run_id = run.info.run_id
-    names = {a.path for a in client.list_artifacts(fold_run_id, tracking.MODEL_ARTIFACT_DIR)}
-    wanted = {f"{tracking.MODEL_ARTIFACT_DIR}/{n}" for n in (tracking.MODEL_WEIGHTS_FILE, tracking.MODEL_CONFIG_FILE)}
-    if not wanted <= names:
-        raise PredictError(f"fold run {fold_run_id} (status {run.info.status}) has no {sorted(wanted)} artifacts: "
-                           f"its fold did not finish, it ran with tracking.log_model=false, or it was logged "
-                           f"before fold runs kept their model")
+    record = tracking.find_fold_run(tracking.open_store(tracking_uri), run_id, fold, say=say)
+    folder = schema.MODEL_ARTIFACT_DIR
+    wanted = {f"{folder}/{name}" for name in (schema.MODEL_WEIGHTS_FILE, schema.MODEL_CONFIG_FILE)}
+    if not wanted <= record.run.artifact_names(folder):
+        raise PredictError(f"fold run {record.run.run_id} (status {record.status}) has no {sorted(wanted)} "
+                           f"artifacts: its fold did not finish, it ran with tracking.log_model=false, or it was "
+                           f"logged before fold runs kept their model")
     with tempfile.TemporaryDirectory(prefix="ser-predict-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(run_id=fold_run_id, artifact_path=tracking.MODEL_ARTIFACT_DIR,
-                                                         dst_path=tmp, tracking_uri=tracking_uri))
-        config = from_dict(json.loads((local / tracking.MODEL_CONFIG_FILE).read_text()))
-        info_path = local / tracking.MODEL_INFO_FILE
+        local = record.run.download(folder, tmp)
+        config = from_dict(json.loads((local / schema.MODEL_CONFIG_FILE).read_text()))
+        info_path = local / schema.MODEL_INFO_FILE
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
-        state = torch.load(local / tracking.MODEL_WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        state = torch.load(local / schema.MODEL_WEIGHTS_FILE, map_location="cpu", weights_only=True)
     frozen = config.model.encoders == "frozen"
     # Fine-tuned encoders: the architecture only, every weight comes from the artifact. Frozen ones: their own
     # weights (not stored), i.e. the checkpoint or the seeded "tiny" draw.
@@ -151,13 +83,13 @@ def load_fold_model(run_id: str, tracking_uri: str, fold: int | None = None, *, 
     allowed = set(tracking.frozen_encoder_keys(model.state_dict(), config))
     missing = [k for k in result.missing_keys if k not in allowed]
     if missing or result.unexpected_keys:
-        raise PredictError(f"fold run {fold_run_id}: the logged weights do not fit the logged config (missing "
-                           f"{missing[:5]}, unexpected {result.unexpected_keys[:5]})")
+        raise PredictError(f"fold run {record.run.run_id}: the logged weights do not fit the logged config "
+                           f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})")
     model.eval()
     from ser_platform.data.iemocap import CLASSES
 
     classes = tuple(info.get("classes") or CLASSES)
-    return FoldModel(run_id=fold_run_id, config=config, info=info, model=model, classes=classes)
+    return FoldModel(run_id=record.run.run_id, config=config, info=info, model=model, classes=classes)
 
 
 # --- scoring ------------------------------------------------------------------------------------------------

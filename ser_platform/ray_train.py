@@ -18,8 +18,8 @@
    ``FailureConfig(max_failures)`` restarts failed workers, which continue from that checkpoint. Running
    ``train_folds`` again with the same ``run_name`` and ``storage_path`` continues an interrupted run too
    (Ray Train V2 restores a run of the same name from its storage).
-4. Rank 0 logs to MLflow: a run per fold (found again, not duplicated, after a restart) nested under
-   ``parent_run_id`` or under a run this function creates. Per-fold results come back through the train
+4. Rank 0 logs to MLflow (``tracking.FoldLogger``): a run per fold (found again, not duplicated, after a
+   restart) nested under ``parent_run_id`` or under a run this function creates. Per-fold results come back through the train
    function's return value (``Result.return_value``: Ray Train V2 returns rank 0's value). At fold end the
    selected weights and the resolved config go to the fold run as artifacts ``model/`` (``ser predict``).
 5. ``config.train.seeds`` > 1: steps 2-4 again per seed (seed, seed+1, ...), Train runs ``<run_name>/seed=S``
@@ -28,24 +28,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
+import math
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
-from ser_platform.cluster import TRIAL_CPU
+from ser_platform import tracking
+from ser_platform.cluster import absolute_location, resolve_dataset, resolve_locations
 from ser_platform.config import Config, from_dict
+from ser_platform.resources import trainer_resources
 from ser_platform.train import FoldResult, Hooks, TrialResult, summarize_trial
 
 CHECKPOINT_FILE = "state.pt"
-SEED_TAG = "ser.seed"  # on a fold run: its training seed (train.seeds > 1 gives a fold one run per seed)
 FAULT_ENV = "SER_TEST_KILL_WORKER"  # "FOLD:EPOCH:PID_FILE": tests only, see _FaultInjection
-DEFAULT_STORAGE = "runs"
 
-__all__ = ["FoldResult", "TrialResult", "init_ray", "train_command", "train_folds", "worker_cpus"]
+__all__ = ["FoldResult", "TrialResult", "format_result", "init_ray", "prepare_fold_data", "quiet_ray",
+           "train_command", "train_folds"]
 
 
 # --- Ray ---------------------------------------------------------------------------------------------------
@@ -61,7 +64,7 @@ def init_ray(address: str | None = None, **kwargs: Any) -> None:
     ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", **kwargs)
 
 
-def _quiet_ray() -> None:
+def quiet_ray() -> None:
     """Readable output: no Ray Data progress bars or per-execution INFO lines (they would interleave with the
     per-epoch lines), no INFO from Ray Train (e.g. a line per ``report``)."""
     from ray.data import DataContext
@@ -80,42 +83,7 @@ def _quiet_ray() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def worker_cpus(config: Config, cluster_cpus: float) -> float:
-    """CPUs per Ray Train worker: ``config.train.cpus_per_worker``, lowered when the workers would otherwise
-    take every CPU of the cluster while Ray Data still has read tasks to run (``data.materialize=False``).
-    ``cpus_per_worker = 0`` ("auto") shares the cluster's CPUs among ``sweep.max_concurrent`` trials (each
-    holding ``TRIAL_CPU`` for itself) and their workers.
-
-    FACTS: two 1-CPU workers on 2 CPUs fed a streaming dataset hung silently (the read tasks never got a CPU).
-    Streaming keeps one CPU free; materialised splits need none during training.
-    """
-    wanted = float(config.train.cpus_per_worker)
-    if wanted == 0:
-        per_trial = cluster_cpus / config.sweep.max_concurrent - TRIAL_CPU
-        wanted = max(int(per_trial / config.train.num_workers * 100) / 100, 0.01)
-    if config.data.materialize:
-        return wanted
-    spare = max(cluster_cpus - 1.0, 0.0)
-    fits = spare / config.train.num_workers
-    if wanted <= fits:
-        return wanted
-    if fits < 0.01:
-        raise ValueError(f"data.materialize=false streams Parquet during training and needs a CPU for Ray Data "
-                         f"beside {config.train.num_workers} worker(s), but the cluster has {cluster_cpus:g} CPU(s); "
-                         "set data.materialize=true or add CPUs")
-    return round(int(fits * 100) / 100, 2)
-
-
 # --- fold data ---------------------------------------------------------------------------------------------
-
-def resolve_dataset(config: Config) -> str:
-    """``config.data.dataset``, or the embedded synthetic demo dataset when it is ""."""
-    if config.data.dataset:
-        return config.data.dataset
-    from ser_platform.demo import ensure_demo_dataset
-
-    return ensure_demo_dataset()
-
 
 def _rows(ds: Any) -> dict[str, list]:
     table = ds.select_columns(["id", "speaker", "session"]).to_pandas()
@@ -187,9 +155,9 @@ class _FaultInjection:
 
 class _RayHooks(Hooks):
     """Checkpoints to Ray Train storage at every epoch and fold end (all ranks report; rank 0 saves) and
-    MLflow logging from rank 0."""
+    MLflow logging from rank 0 (``tracking.FoldLogger``)."""
 
-    def __init__(self, *, rank: int, logger: "_FoldLogger | None", fault: _FaultInjection):
+    def __init__(self, *, rank: int, logger: tracking.FoldLogger | None, fault: _FaultInjection):
         self.rank = rank
         self.logger = logger
         self.fault = fault
@@ -229,91 +197,6 @@ class _RayHooks(Hooks):
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
 
 
-class _FoldLogger:
-    """MLflow from rank 0: one run per fold nested under ``parent_run_id``, found again (by tags) after a
-    restart so a fold never gets two runs."""
-
-    def __init__(self, config: Config, info: Mapping[str, Any]):
-        self.config = config
-        self.info = info
-        self.runs: dict[int, Any] = {}
-
-    def _run(self, fold: int):
-        from mlflow import MlflowClient
-
-        from ser_platform import tracking
-
-        if fold in self.runs:
-            return self.runs[fold], False
-        uri, exp = self.info["tracking_uri"], self.info["experiment_id"]
-        found = MlflowClient(uri).search_runs(
-            [exp], max_results=5, filter_string=(
-                f"tags.`{tracking.PARENT_RUN_TAG}` = '{self.info['parent_run_id']}' and "
-                f"tags.`{tracking.TRAIN_RUN_TAG}` = '{self.info['run_name']}' and "
-                f"tags.`{tracking.FOLD_TAG}` = '{fold}'"))
-        if found:
-            run, created = tracking.MlflowRun(uri, found[0].info.run_id), False
-        else:
-            spec = self.info["specs"][fold]
-            tags = {**self.info["tags"], tracking.ROLE_TAG: "fold", tracking.FOLD_TAG: fold,
-                    tracking.TRAIN_RUN_TAG: self.info["run_name"], "protocol": self.config.data.protocol,
-                    "test_speakers": ",".join(sorted(spec.test_speakers)),
-                    "val_speakers": ",".join(sorted(spec.val_speakers)), SEED_TAG: self.config.train.seed}
-            name = f"fold={fold}" + (f" seed={self.config.train.seed}" if self.info.get("num_seeds", 1) > 1 else "")
-            run = tracking.start_run(uri, exp, run_name=name, parent_run_id=self.info["parent_run_id"], tags=tags)
-            run.log_config(self.config, {**self.info["params"], "fold": fold})
-            created = True
-        self.runs[fold] = run
-        return run, created
-
-    def start(self, fold: int) -> None:
-        self._run(fold)
-
-    def epoch(self, fold: int, epoch: int, metrics: Mapping[str, float]) -> None:
-        run, _ = self._run(fold)
-        run.log_metrics({k: v for k, v in metrics.items() if k not in ("fold", "epoch")}, step=epoch)
-
-    def log_model(self, fold: int, result: FoldResult, weights: Mapping[str, Any]) -> None:
-        """The selected weights + resolved config as artifacts ``model/`` of the fold run (``ser predict``)."""
-        from ser_platform import tracking
-        from ser_platform.data.iemocap import CLASSES
-
-        run, _ = self._run(fold)
-        tracking.log_model(run, weights, self.config, info={
-            "fold": fold, "seed": self.config.train.seed, "best_epoch": result.best_epoch,
-            "val_ua": result.val_ua, "test_ua": result.test_ua, "classes": list(CLASSES),
-            "train_run": self.info["run_name"]})
-
-    def finish(self, fold: int, result: FoldResult, *, with_history: bool = False) -> None:
-        from ser_platform import tracking
-        from ser_platform.data.iemocap import CLASSES
-
-        run, _ = self._run(fold)
-        if with_history:
-            for entry in result.history:
-                run.log_metrics({k: v for k, v in entry.items() if k != "epoch"}, step=int(entry["epoch"]))
-        final = {"test_wa": result.test_wa, "test_ua": result.test_ua, "best_epoch": float(result.best_epoch),
-                 "best_val_wa": result.val_wa, "best_val_ua": result.val_ua, "epochs_run": float(result.epochs_run),
-                 "num_test": float(result.num_test)}
-        for subset, scores in result.subsets.items():
-            if scores.get("n", 0) > 0:
-                final.update({f"test_wa_{subset}": scores["wa"], f"test_ua_{subset}": scores["ua"],
-                              f"num_test_{subset}": float(scores["n"])})
-        run.log_metrics(final, step=result.epochs_run)
-        if result.resumed_from:
-            run.set_tags({"ser.resumed_from_epochs": ",".join(str(e) for e in result.resumed_from)})
-        tracking.log_confusion(run, result.confusion, CLASSES)
-        run.log_dict(result.to_dict(), "fold_result.json")
-        run.finish("FINISHED")
-
-    def ensure_finished(self, fold: int, result: FoldResult) -> None:
-        """A fold restored as finished from a checkpoint: make sure its run holds the result (an interrupted
-        earlier attempt may have died before logging it, or its run may have been deleted)."""
-        run, created = self._run(fold)
-        if created or run.client.get_run(run.run_id).info.status != "FINISHED":
-            self.finish(fold, result, with_history=True)
-
-
 def _load_checkpoint_state(checkpoint: Any) -> dict | None:
     import torch
 
@@ -323,37 +206,30 @@ def _load_checkpoint_state(checkpoint: Any) -> dict | None:
         return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
-def train_loop_per_worker(loop_config: dict) -> dict[int, dict]:
-    """The Ray Train worker function: Ray Data shards -> ``train.fit_folds`` -> ``{fold: FoldResult dict}``."""
-    import ray.train
-    import ray.train.torch
-
+def _worker_collate(config: Config, encoder_cache: Mapping[str, str] | None) -> Any:
+    """The collate of a worker: the training one, plus the cached frozen-encoder states when there is a cache."""
     from ser_platform.data.features import FeatureParams
-    from ser_platform.data.loader import eval_batches, make_collate, train_batches
+    from ser_platform.data.loader import make_collate
     from ser_platform.models.text import build_tokenizer
-    from ser_platform.train import derive_seed, fit_folds
 
-    import math
-
-    import torch
-
-    _quiet_ray()
-    # Ray sets OMP_NUM_THREADS from the integer part of a worker's CPUs (1 for 1.99): use what was granted.
-    torch.set_num_threads(max(1, math.ceil(float(loop_config.get("cpus", 1.0)) - 0.05)))
-    config = from_dict(loop_config["config"])
-    folds = [int(f) for f in loop_config["folds"]]
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    tokenizer = build_tokenizer(config.model.text)
-    collate = make_collate(tokenizer, max_text_tokens=config.data.max_text_tokens,
+    collate = make_collate(build_tokenizer(config.model.text), max_text_tokens=config.data.max_text_tokens,
                            max_audio_samples=int(round(config.data.max_audio_seconds * config.data.sample_rate)),
                            feature_params=FeatureParams.from_speech_config(config.model.speech,
                                                                            config.data.sample_rate))
-    if loop_config.get("encoder_cache"):  # {modality: entry path}, checked by the driver
+    if encoder_cache:  # {modality: entry path}, checked by the driver
         from ser_platform.frozen_encoders import cached_collate
 
-        collate = cached_collate(collate, loop_config["encoder_cache"])
+        collate = cached_collate(collate, encoder_cache)
+    return collate
+
+
+def _shard_batches(config: Config, collate: Any, rank: int, world_size: int):
+    """``batches_for(fold, split, epoch)`` of ``train.fit_folds`` over this worker's Ray Data shards."""
+    import ray.train
+
+    from ser_platform.data.loader import eval_batches, train_batches
+    from ser_platform.train import derive_seed
+
     per_worker_batch = max(1, config.train.batch_size // world_size)
 
     def batches_for(fold: int, split: str, epoch: int):
@@ -365,29 +241,41 @@ def train_loop_per_worker(loop_config: dict) -> dict[int, dict]:
                                  bucket_by_length=config.data.bucket_by_length)
         return eval_batches(shard, collate, batch_size=config.train.batch_size, rank=rank, world_size=world_size)
 
-    logger = _FoldLogger(config, loop_config["mlflow"]) if rank == 0 else None
+    return batches_for
+
+
+def train_loop_per_worker(loop_config: dict) -> dict[int, dict]:
+    """The Ray Train worker function: Ray Data shards -> ``train.fit_folds`` -> ``{fold: FoldResult dict}``."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from ser_platform.train import fit_folds
+
+    quiet_ray()
+    # Ray sets OMP_NUM_THREADS from the integer part of a worker's CPUs (1 for 1.99): use what was granted.
+    torch.set_num_threads(max(1, math.ceil(float(loop_config.get("cpus", 1.0)) - 0.05)))
+    config = from_dict(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    collate = _worker_collate(config, loop_config.get("encoder_cache"))
+    logger = tracking.FoldLogger(config, loop_config["runs"]) if rank == 0 else None
     hooks = _RayHooks(rank=rank, logger=logger, fault=_FaultInjection(loop_config.get("fault")))
     resume_state = _load_checkpoint_state(ray.train.get_checkpoint())
+    folds = [int(f) for f in loop_config["folds"]]
     if resume_state is not None and logger is not None:
         for fold, values in resume_state.get("finished", {}).items():
             if int(fold) in folds:
                 logger.ensure_finished(int(fold), FoldResult.from_dict(values))
-
-    def wrap(model):
-        return ray.train.torch.prepare_model(model)
-
     # Through a logger, not print: Ray Train tees a worker's print to its log and to the console (twice).
-    results = fit_folds(config, folds, batches_for, device=device, rank=rank, world_size=world_size,
-                        wrap_model=wrap, hooks=hooks, resume_state=resume_state,
+    results = fit_folds(config, folds, _shard_batches(config, collate, rank, world_size),
+                        device=ray.train.torch.get_device(), rank=rank, world_size=world_size,
+                        wrap_model=ray.train.torch.prepare_model, hooks=hooks, resume_state=resume_state,
                         log=logging.getLogger("ser_platform.train").info)
     return {fold: result.to_dict() for fold, result in results.items()}
 
 
 # --- the driver ----------------------------------------------------------------------------------------------
-
-def _storage_root(storage_path: str) -> str:
-    return storage_path if "://" in storage_path else str(Path(storage_path).expanduser().resolve())
-
 
 def _fit(config: Config, *, name: str, storage_path: str, folds: list[int], datasets: dict[str, Any],
          loop_config: dict, cluster_cpus: float) -> dict[int, FoldResult]:
@@ -395,15 +283,12 @@ def _fit(config: Config, *, name: str, storage_path: str, folds: list[int], data
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resources = {"CPU": worker_cpus(config, cluster_cpus)}
-    if config.train.use_gpu:
-        resources["GPU"] = config.train.gpus_per_worker
+    scaling = trainer_resources(config, cluster_cpus)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**loop_config, "folds": folds, "cpus": resources["CPU"]},
+        train_loop_config={**loop_config, "folds": folds, "cpus": scaling["resources_per_worker"]["CPU"]},
         torch_config=TorchConfig(backend="nccl" if config.train.use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=config.train.num_workers, use_gpu=config.train.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=ray.train.ScalingConfig(**scaling),
         run_config=ray.train.RunConfig(
             name=name, storage_path=storage_path,
             failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
@@ -425,29 +310,12 @@ def _fit(config: Config, *, name: str, storage_path: str, folds: list[int], data
     return {f: FoldResult.from_dict(returned[f]) for f in folds}
 
 
-def train_folds(config: Config, *, run_name: str, storage_path: str, parent_run_id: str | None = None,
-                tags: dict | None = None) -> TrialResult:
-    """Train and test ``config`` on every fold of ``config.data.folds`` with Ray Train (module docstring).
+def _inputs(config: Config, dataset: str) -> tuple[dict[str, str], dict[str, str] | None]:
+    """Before any trainer starts: the provenance params of every fold run, and the encoder cache's entries (a
+    stale or mismatched cache, or stored features computed with other settings, fail here naming what differs)."""
+    from ser_platform.data.parquet import read_summary
 
-    ``run_name`` names the Ray Train run(s) under ``storage_path`` (checkpoints; the same name continues an
-    interrupted run) and tags the MLflow runs. MLflow: fold runs nest under ``parent_run_id`` when given (e.g.
-    a Tune trial's run), else under a run created here (params: config, git commit, dataset fingerprint;
-    metrics: the summary over folds). Returns per-fold results and their mean/std.
-    """
-    import ray
-
-    from ser_platform import tracking
-    from ser_platform.data.folds import fold_spec
-
-    init_ray()
-    _quiet_ray()
-    tags = dict(tags or {})
-    dataset = resolve_dataset(config)
-    uri = tracking.ensure_store(tracking.resolve_tracking_uri(config))
-    exp = tracking.experiment_id(uri, config.tracking.experiment)
     try:
-        from ser_platform.data.parquet import read_summary
-
         summary = read_summary(dataset)
     except (ImportError, ValueError, OSError):
         summary = None
@@ -459,56 +327,74 @@ def train_folds(config: Config, *, run_name: str, storage_path: str, parent_run_
     if config.data.encoder_cache:
         from ser_platform.frozen_encoders import open_encoder_cache
 
-        # Before any trainer starts: a stale or mismatched cache fails here, naming what differs.
         encoder_cache = open_encoder_cache(config, dataset)
+    return params, encoder_cache
 
+
+def _train_seed(config: Config, seed: int, seeds: list[int], *, name: str, storage: str, fold_data: dict,
+                loop_config: dict, runs: tracking.FoldRunContext, cluster_cpus: float) -> dict[int, FoldResult]:
+    """Every fold of one seed: one Train run (``trainer_scope = trial``) or one per fold, named ``name`` (one
+    seed, so runs from before train.seeds existed resume as they were) or ``name/seed=S``."""
+    seed_config = config if len(seeds) == 1 else config.replace({"train.seed": seed})
+    seed_name = name if len(seeds) == 1 else f"{name}/seed={seed}"
+    seed_runs = dataclasses.replace(runs, train_run=seed_name, num_seeds=len(seeds))
+    seed_loop = {**loop_config, "config": seed_config.to_dict(), "runs": seed_runs}
+    if config.train.trainer_scope == "trial":
+        datasets = {f"{split}_{k}": ds for k, splits in fold_data.items() for split, ds in splits.items()}
+        return _fit(seed_config, name=seed_name, storage_path=storage, folds=list(config.data.folds),
+                    datasets=datasets, loop_config=seed_loop, cluster_cpus=cluster_cpus)
+    per_fold: dict[int, FoldResult] = {}
+    for k in config.data.folds:
+        datasets = {f"{split}_{k}": ds for split, ds in fold_data[k].items()}
+        per_fold.update(_fit(seed_config, name=f"{seed_name}/fold={k}", storage_path=storage, folds=[k],
+                             datasets=datasets, loop_config=seed_loop, cluster_cpus=cluster_cpus))
+    return per_fold
+
+
+def train_folds(config: Config, *, run_name: str, storage_path: str, parent_run_id: str | None = None,
+                tags: dict | None = None) -> TrialResult:
+    """Train and test ``config`` on every fold of ``config.data.folds`` with Ray Train (module docstring).
+
+    ``run_name`` names the Ray Train run(s) under ``storage_path`` (checkpoints; the same name continues an
+    interrupted run) and tags the MLflow runs. MLflow: fold runs nest under ``parent_run_id`` when given (e.g.
+    a Tune trial's run), else under a run created here (params: config, git commit, dataset fingerprint;
+    metrics: the summary over folds). Returns per-fold results and their mean/std.
+    """
+    import ray
+
+    from ser_platform.data.folds import fold_spec
+
+    init_ray()
+    quiet_ray()
+    dataset = resolve_dataset(config.data.dataset)
+    uri = tracking.ensure_store(tracking.resolve_tracking_uri(config))
+    experiment_id = tracking.experiment_id(uri, config.tracking.experiment)
+    params, encoder_cache = _inputs(config, dataset)
     own_run = None
     if parent_run_id is None:
-        own_run = tracking.find_or_start_run(uri, exp, run_name=run_name, tags={
-            **tags, tracking.ROLE_TAG: "train", tracking.TRAIN_RUN_TAG: run_name})
-        own_run.log_config(config, params)
-    parent = parent_run_id or own_run.run_id
+        own_run = tracking.open_train_run(uri, experiment_id, run_name, config, params, tags)
     try:
         specs = {k: fold_spec(k, config.data.protocol) for k in config.data.folds}
         fold_data = prepare_fold_data(dataset, specs, materialize=config.data.materialize)
-        storage = _storage_root(storage_path)
-        loop_config = {
-            "config": config.to_dict(),
-            "fault": os.environ.get(FAULT_ENV) or None,
-            "encoder_cache": encoder_cache,
-            "mlflow": {"tracking_uri": uri, "experiment_id": exp, "parent_run_id": parent, "run_name": run_name,
-                       "tags": tags, "params": params, "specs": specs},
-        }
-        cluster_cpus = float(ray.cluster_resources().get("CPU", 1))
-        # train.seeds: the folds again with seed, seed+1, ...: one Train run (or one per fold) per seed, named
-        # ".../seed=S"; one seed keeps the plain name, so runs from before train.seeds existed resume as they were.
+        runs = tracking.FoldRunContext(
+            tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id or own_run.run_id,
+            train_run=run_name, tags=dict(tags or {}), params=params,
+            speakers={k: (sorted(s.test_speakers), sorted(s.val_speakers)) for k, s in specs.items()})
+        loop_config = {"fault": os.environ.get(FAULT_ENV) or None, "encoder_cache": encoder_cache}
         seeds = [config.train.seed + i for i in range(config.train.seeds)]
-        per_seed: dict[int, dict[int, FoldResult]] = {}
-        for seed in seeds:
-            seed_config = config if len(seeds) == 1 else config.replace({"train.seed": seed})
-            seed_name = run_name if len(seeds) == 1 else f"{run_name}/seed={seed}"
-            seed_loop = {**loop_config, "config": seed_config.to_dict(),
-                         "mlflow": {**loop_config["mlflow"], "run_name": seed_name, "num_seeds": len(seeds)}}
-            per_fold: dict[int, FoldResult] = {}
-            if config.train.trainer_scope == "trial":
-                datasets = {f"{split}_{k}": ds for k, splits in fold_data.items() for split, ds in splits.items()}
-                per_fold = _fit(seed_config, name=seed_name, storage_path=storage, folds=list(config.data.folds),
-                                datasets=datasets, loop_config=seed_loop, cluster_cpus=cluster_cpus)
-            else:
-                for k in config.data.folds:
-                    datasets = {f"{split}_{k}": ds for split, ds in fold_data[k].items()}
-                    per_fold.update(_fit(seed_config, name=f"{seed_name}/fold={k}", storage_path=storage, folds=[k],
-                                         datasets=datasets, loop_config=seed_loop, cluster_cpus=cluster_cpus))
-            per_seed[seed] = per_fold
+        per_seed = {seed: _train_seed(config, seed, seeds, name=run_name, storage=absolute_location(storage_path),
+                                      fold_data=fold_data, loop_config=loop_config, runs=runs,
+                                      cluster_cpus=float(ray.cluster_resources().get("CPU", 1)))
+                    for seed in seeds}
         result = TrialResult(per_fold=per_seed[seeds[0]], summary=summarize_trial(per_seed[seeds[0]], per_seed),
                              per_seed=per_seed)
     except BaseException:
         if own_run is not None:
-            own_run.finish("FAILED")
+            own_run.set_status("FAILED")
         raise
     if own_run is not None:
         own_run.log_metrics(result.summary)
-        own_run.finish("FINISHED")
+        own_run.set_status("FINISHED")
     return result
 
 
@@ -547,16 +433,14 @@ def format_result(result: TrialResult) -> str:
 
 def train_command(config: Config, ray_address: str | None = None) -> int:
     """``ser train``: one configuration on ``config.data.folds``; prints each fold and the mean ± std."""
-    from ser_platform import tracking
-
+    config = resolve_locations(config)
     # Fail on an unusable tracking store before Ray starts (seconds, not minutes).
-    tracking.ensure_store(tracking.resolve_tracking_uri(config))
+    tracking.ensure_store(config.tracking.mlflow_uri)
     init_ray(ray_address)
     run_name = "train-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    storage = config.tracking.storage or DEFAULT_STORAGE
     started = time.perf_counter()
-    result = train_folds(config, run_name=run_name, storage_path=storage)
+    result = train_folds(config, run_name=run_name, storage_path=config.tracking.storage)
     print(format_result(result))
     print(f"{len(result.per_fold)} fold(s) in {time.perf_counter() - started:.0f} s; MLflow experiment "
-          f"{config.tracking.experiment!r} at {tracking.resolve_tracking_uri(config)}, run {run_name!r}")
+          f"{config.tracking.experiment!r} at {config.tracking.mlflow_uri}, run {run_name!r}")
     return 0

@@ -195,7 +195,8 @@ def model_inputs(batch: Mapping[str, Any], features: nn.Module) -> dict[str, Any
     return inputs
 
 
-def _autocast(config: Config, device: torch.device):
+def autocast(config: Config, device: torch.device):
+    """bf16 autocast on CUDA when ``train.precision = bf16``; a no-op context elsewhere."""
     enabled = config.train.precision == "bf16" and device.type == "cuda"
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
@@ -231,7 +232,7 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opt
         step_started = time.perf_counter()
         batch = to_device(batch, device)
         labels = batch["labels"]
-        with _autocast(config, device):
+        with autocast(config, device):
             output = model(**model_inputs(batch, features))
             losses = loss_fn(output, labels)
         if not torch.isfinite(losses.loss):
@@ -264,7 +265,7 @@ def predict(model: nn.Module, loss_fn: nn.Module, batches: Iterable[Mapping[str,
     sums = [0.0, 0.0, 0.0, 0.0]
     for batch in batches:
         batch = to_device(batch, device)
-        with _autocast(config, device):
+        with autocast(config, device):
             output = model(**model_inputs(batch, features))
             losses = loss_fn(output, batch["labels"])
         preds = output.logits.float().argmax(dim=-1).tolist()
@@ -366,6 +367,63 @@ def fit_folds(config: Config, folds: Sequence[int], batches_for: BatchesFor, *, 
     return results
 
 
+@dataclass
+class _FoldState:
+    """What a fold carries from epoch to epoch (and into its checkpoints)."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, Any] = field(default_factory=lambda: {"epoch": 0, "val_ua": -math.inf, "val_wa": float("nan"),
+                                                          "model": None})
+    resumed_from: list[int] = field(default_factory=list)
+
+    def stopped(self, patience: int) -> bool:
+        return patience > 0 and bool(self.history) and (len(self.history) - self.best["epoch"]) >= patience
+
+
+def _epoch(config: Config, fold: int, epoch: int, batches_for: BatchesFor, wrapped: nn.Module, module: nn.Module,
+           loss_fn: nn.Module, optimizer: torch.optim.Optimizer, features: nn.Module, *, device: torch.device,
+           world_size: int, state: _FoldState) -> tuple[dict[str, float], bool]:
+    """One epoch: train, score the validation split, keep the weights if validation UA improved. Returns the
+    epoch's metrics and whether it improved."""
+    where = f"fold {fold} epoch {epoch}"
+    started = time.perf_counter()
+    train = train_epoch(wrapped, loss_fn, optimizer, batches_for(fold, "train", epoch), config=config,
+                        features=features, device=device, world_size=world_size, where=where)
+    train_time = time.perf_counter() - started
+    val_pred = predict(module, loss_fn, batches_for(fold, "val", epoch), config=config, features=features,
+                       device=device, world_size=world_size)
+    val = score(val_pred, config.data.eval_subset)
+    if val["n"] == 0:
+        raise ValueError(f"{where}: the validation split has no {config.data.eval_subset!r} utterance; "
+                         "model selection needs at least one")
+    improved = val["ua"] > state.best["val_ua"]
+    if improved:
+        state.best = {"epoch": epoch, "val_ua": val["ua"], "val_wa": val["wa"], "model": _cpu_state(module)}
+    metrics = {"train_loss": train["loss"], "train_metric_loss": train["metric_loss"],
+               "train_ce_loss": train["ce_loss"], "val_loss": val_pred["loss"], "val_wa": val["wa"],
+               "val_ua": val["ua"], "epoch_time_s": time.perf_counter() - started, "train_time_s": train_time,
+               "train_step_time_s": train["step_time_s"], "train_samples": train["num_samples"]}
+    state.history.append({"epoch": float(epoch), **metrics})
+    return metrics, improved
+
+
+def _test(config: Config, fold: int, batches_for: BatchesFor, module: nn.Module, loss_fn: nn.Module,
+          features: nn.Module, *, device: torch.device, world_size: int, state: _FoldState) -> FoldResult:
+    """Score the test split once, with the weights chosen on validation."""
+    if state.best["model"] is None:
+        raise ValueError(f"fold {fold}: no epoch was trained (train.epochs={config.train.epochs})")
+    module.load_state_dict(state.best["model"])
+    test_pred = predict(module, loss_fn, batches_for(fold, "test", 0), config=config, features=features,
+                        device=device, world_size=world_size)
+    test = score(test_pred, config.data.eval_subset)
+    subsets = {name: {k: v for k, v in score(test_pred, name).items() if k != "confusion"} for name in SUBSETS}
+    best = state.best
+    return FoldResult(fold=fold, best_epoch=int(best["epoch"]), val_wa=float(best["val_wa"]),
+                      val_ua=float(best["val_ua"]), test_wa=test["wa"], test_ua=test["ua"],
+                      confusion=test["confusion"], subsets=subsets, epochs_run=len(state.history),
+                      num_test=test["n"], history=state.history, resumed_from=state.resumed_from)
+
+
 def _fit_fold(config: Config, fold: int, batches_for: BatchesFor, *, device: torch.device, rank: int,
               world_size: int, wrap_model: Callable[[nn.Module], nn.Module], hooks: Hooks,
               in_progress: Mapping[str, Any] | None, build_model: Callable[[Config], nn.Module],
@@ -375,14 +433,12 @@ def _fit_fold(config: Config, fold: int, batches_for: BatchesFor, *, device: tor
     seed_everything(derive_seed(train_cfg.seed, fold))
     model = build_model(config)
     loss_fn = build_loss(config).to(device)
-    start_epoch, history, resumed_from = 1, [], []
-    best: dict[str, Any] = {"epoch": 0, "val_ua": -math.inf, "val_wa": float("nan"), "model": None}
+    start_epoch, state = 1, _FoldState()
     if in_progress is not None:
         model.load_state_dict(in_progress["model"])
         start_epoch = int(in_progress["epoch"]) + 1
-        history = [dict(h) for h in in_progress["history"]]
-        best = dict(in_progress["best"])
-        resumed_from = list(in_progress.get("resumed_from", [])) + [int(in_progress["epoch"])]
+        state = _FoldState(history=[dict(h) for h in in_progress["history"]], best=dict(in_progress["best"]),
+                           resumed_from=list(in_progress.get("resumed_from", [])) + [int(in_progress["epoch"])])
         say(f"fold {fold}: resuming after epoch {in_progress['epoch']} from its checkpoint")
     wrapped = wrap_model(model)
     module = getattr(wrapped, "module", wrapped)  # the plain model inside DDP: state dicts and evaluation
@@ -394,63 +450,35 @@ def _fit_fold(config: Config, fold: int, batches_for: BatchesFor, *, device: tor
 
     def state_fn(epoch: int, include_training: bool = True) -> Callable[[], dict]:
         def build() -> dict:
-            state: dict[str, Any] = {"version": STATE_VERSION, "finished": copy.deepcopy(finished)}
+            saved: dict[str, Any] = {"version": STATE_VERSION, "finished": copy.deepcopy(finished)}
             if include_training:
-                state.update(fold=fold, epoch=epoch, model=_cpu_state(module),
-                             optimizer=_cpu_copy(optimizer.state_dict()), best=dict(best),
-                             history=copy.deepcopy(history), resumed_from=list(resumed_from))
-            return state
+                saved.update(fold=fold, epoch=epoch, model=_cpu_state(module),
+                             optimizer=_cpu_copy(optimizer.state_dict()), best=dict(state.best),
+                             history=copy.deepcopy(state.history), resumed_from=list(state.resumed_from))
+            return saved
         return build
 
-    stopped = train_cfg.patience > 0 and history and (len(history) - best["epoch"]) >= train_cfg.patience
     for epoch in range(start_epoch, train_cfg.epochs + 1):
-        if stopped:
+        if state.stopped(train_cfg.patience):
             break
         seed_everything(derive_seed(train_cfg.seed, fold, epoch, rank))
         hooks.on_epoch_start(fold, epoch)
-        where = f"fold {fold} epoch {epoch}"
-        started = time.perf_counter()
-        train = train_epoch(wrapped, loss_fn, optimizer, batches_for(fold, "train", epoch), config=config,
-                            features=features, device=device, world_size=world_size, where=where)
-        train_time = time.perf_counter() - started
-        val_pred = predict(module, loss_fn, batches_for(fold, "val", epoch), config=config, features=features,
-                           device=device, world_size=world_size)
-        val = score(val_pred, config.data.eval_subset)
-        if val["n"] == 0:
-            raise ValueError(f"{where}: the validation split has no {config.data.eval_subset!r} utterance; "
-                             "model selection needs at least one")
-        epoch_time = time.perf_counter() - started
-        improved = val["ua"] > best["val_ua"]
-        if improved:
-            best = {"epoch": epoch, "val_ua": val["ua"], "val_wa": val["wa"], "model": _cpu_state(module)}
-        metrics = {"train_loss": train["loss"], "train_metric_loss": train["metric_loss"],
-                   "train_ce_loss": train["ce_loss"], "val_loss": val_pred["loss"], "val_wa": val["wa"],
-                   "val_ua": val["ua"], "epoch_time_s": epoch_time, "train_time_s": train_time,
-                   "train_step_time_s": train["step_time_s"], "train_samples": train["num_samples"]}
-        history.append({"epoch": float(epoch), **metrics})
-        say(f"fold {fold} epoch {epoch}/{train_cfg.epochs} | train loss {train['loss']:.4f} "
-            f"(triplet {train['metric_loss']:.4f}, ce {train['ce_loss']:.4f}) | val UA {val['ua']:.3f} "
-            f"WA {val['wa']:.3f} | {epoch_time:.1f} s{' *' if improved else ''}")
-        stopped = train_cfg.patience > 0 and (epoch - best["epoch"]) >= train_cfg.patience
+        metrics, improved = _epoch(config, fold, epoch, batches_for, wrapped, module, loss_fn, optimizer, features,
+                                   device=device, world_size=world_size, state=state)
+        say(f"fold {fold} epoch {epoch}/{train_cfg.epochs} | train loss {metrics['train_loss']:.4f} "
+            f"(triplet {metrics['train_metric_loss']:.4f}, ce {metrics['train_ce_loss']:.4f}) | val UA "
+            f"{metrics['val_ua']:.3f} WA {metrics['val_wa']:.3f} | {metrics['epoch_time_s']:.1f} s"
+            f"{' *' if improved else ''}")
         hooks.on_epoch_end(fold, epoch, {"fold": float(fold), "epoch": float(epoch), **metrics}, state_fn(epoch))
-        if stopped and epoch < train_cfg.epochs:
+        if state.stopped(train_cfg.patience) and epoch < train_cfg.epochs:
             say(f"fold {fold}: early stop after epoch {epoch} (no better validation UA for "
-                f"{train_cfg.patience} epochs; best epoch {best['epoch']})")
+                f"{train_cfg.patience} epochs; best epoch {state.best['epoch']})")
 
-    if best["model"] is None:
-        raise ValueError(f"fold {fold}: no epoch was trained (train.epochs={train_cfg.epochs})")
-    module.load_state_dict(best["model"])  # test once, with the weights chosen on validation
-    test_pred = predict(module, loss_fn, batches_for(fold, "test", 0), config=config, features=features,
-                        device=device, world_size=world_size)
-    test = score(test_pred, config.data.eval_subset)
-    subsets = {name: {k: v for k, v in score(test_pred, name).items() if k != "confusion"} for name in SUBSETS}
-    result = FoldResult(fold=fold, best_epoch=int(best["epoch"]), val_wa=float(best["val_wa"]),
-                        val_ua=float(best["val_ua"]), test_wa=test["wa"], test_ua=test["ua"],
-                        confusion=test["confusion"], subsets=subsets, epochs_run=len(history), num_test=test["n"],
-                        history=history, resumed_from=resumed_from)
+    result = _test(config, fold, batches_for, module, loss_fn, features, device=device, world_size=world_size,
+                   state=state)
     say(f"fold {fold}: best epoch {result.best_epoch} (val UA {result.val_ua:.3f}) -> test WA {result.test_wa:.3f} "
         f"UA {result.test_ua:.3f} on {result.num_test} utterances")
     finished[fold] = result.to_dict()
     hooks.on_model_selected(fold, result, lambda: _cpu_state(module))
-    hooks.on_fold_end(fold, result, state_fn(len(history), include_training=False))
+    hooks.on_fold_end(fold, result, state_fn(len(state.history), include_training=False))
     return result

@@ -2,7 +2,9 @@
 ``pythonpath``). Test modules never import each other; what they share lives here or in a conftest.py fixture.
 
 * the repository root and the tiny model sizes of the training tests;
+* random rows in the dataset's column form, split by a fold's speakers (``loader.LocalFolds`` reads them);
 * the tiny ``SERModel`` the model tests build, its inputs and the metric-loss gradient check;
+* a sweep's parent and trial runs logged the way ``sweep.run_trial`` logs them, without Ray;
 * processes: free loopback ports, a Ray head started with `ray start --head --block` on its own ports, temp dir
   and HOME, and finding (to kill) whatever a test started. Linux (/proc).
 """
@@ -50,6 +52,39 @@ def comparable(result) -> dict:
     values = result.to_dict()
     values["history"] = [{k: v for k, v in h.items() if not k.endswith("_time_s")} for h in values["history"]]
     return values
+
+
+# --- random rows in the dataset's column form ------------------------------------------------------------------
+
+def make_rows(n: int, seed: int, prefix: str, speakers: list[str]) -> dict[str, np.ndarray]:
+    """Random utterances in the dataset's column form (audio 0.2-0.6 s; cropped to 0.5 s by the collate), spoken
+    in turn by ``speakers``."""
+    from ser_platform.data.iemocap import CLASSES
+
+    rng = np.random.default_rng(seed)
+    audio = np.empty(n, dtype=object)
+    audio[:] = [rng.standard_normal(int(rng.integers(3200, 9600))).astype(np.float32) * 0.1 for _ in range(n)]
+    return {
+        "id": np.asarray([f"{prefix}_{i:03d}" for i in range(n)], dtype=object),
+        "speaker": np.asarray([speakers[i % len(speakers)] for i in range(n)], dtype=object),
+        "label": np.asarray([CLASSES[i % 4] for i in range(n)], dtype=object),
+        "mode": np.asarray(["improvised" if i % 3 else "scripted" for i in range(n)], dtype=object),
+        "transcript": np.asarray([" ".join(rng.choice(["oh", "no", "yes", "fine", "great"], 4)) for _ in range(n)],
+                                 dtype=object),
+        "audio": audio,
+        "duration": np.asarray([len(a) / 16000 for a in audio], dtype=np.float32),
+    }
+
+
+def fold_rows(fold: int, sizes: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """``sizes`` = (training, validation, test) random rows, spoken by the speakers of ``fold``'s splits (loso5):
+    a table whose fold ``fold`` splits exactly so (``loader.LocalFolds``)."""
+    from ser_platform.data.folds import fold_spec
+
+    spec = fold_spec(fold)
+    parts = [make_rows(n, 10 * fold + i, f"f{fold}{split[:2]}", sorted(getattr(spec, f"{split}_speakers")))
+             for i, (split, n) in enumerate(zip(("train", "val", "test"), sizes))]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 # --- the tiny SERModel of the model tests -------------------------------------------------------------------
@@ -119,6 +154,35 @@ def check_metric_loss_routing(model, space: str, reached, untouched) -> None:
         assert grad_norm(getattr(model, part)) > 0, part
     for part in untouched:
         assert grad_norm(getattr(model, part)) == 0, part
+
+
+# --- sweeps logged without Ray -------------------------------------------------------------------------------
+
+def open_sweep(uri: str, experiment_id: str, experiment, name: str, config):
+    """A sweep's parent run for ``experiment`` (a catalogue entry); the ``TrialContext`` its trials log under."""
+    from ser_platform import tracking
+    from ser_platform.sweep import TrialContext
+
+    parent = tracking.open_sweep_run(uri, experiment_id, name, kind=experiment.key, table=experiment.table,
+                                     variants=list(experiment.variants), config=config)
+    return TrialContext(base_config=config.to_dict(), experiment=experiment, sweep_name=name, mlflow_uri=uri,
+                        mlflow_experiment_id=experiment_id, parent_run_id=parent.run_id, train_storage="unused")
+
+
+def log_trial(ctx, trial_id: str, params: dict, config, result=None, status: str | None = None) -> str:
+    """One trial as ``sweep.run_trial`` logs it: its run, then ``result`` (a TrialResult-shaped object), or left
+    unfinished with ``result=None`` (``status`` then sets its state). Returns the run id."""
+    from ser_platform import tracking
+    from ser_platform.catalogue import trial_overrides
+
+    variant, overrides = trial_overrides(ctx.experiment, params)
+    run = tracking.open_trial_run(ctx.mlflow_uri, ctx.mlflow_experiment_id, ctx.identity(trial_id, variant),
+                                  config.replace(overrides))
+    if result is not None:
+        tracking.log_trial_result(run, result)
+    elif status:
+        run.set_status(status)
+    return run.run_id
 
 
 # --- processes ----------------------------------------------------------------------------------------------

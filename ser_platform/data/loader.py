@@ -6,6 +6,8 @@
                                      bucketed by length (less padding)
     eval_batches(shard, collate)  -> this rank's share of an evaluation split, in a fixed order
     make_collate(tokenizer, ...)  -> numpy batch (Ray Data's form) -> dict of padded tensors + lengths/masks
+    LocalFolds(dataset, ...)      -> the same splits and batches in one process, no Ray (tests, benchmarks,
+                                     the encoder cache): ``batches_for`` of ``train.fit_folds``
 
 Ray Data hands the collate a dict of numpy arrays: scalar columns as 1-d arrays, ``list<float32>`` columns as
 an object array of 1-d float32 arrays (or a 2-d array when every row happens to have the same length). Masks
@@ -317,3 +319,105 @@ def fold_datasets(dataset: "str | ray.data.Dataset", spec: "FoldSpec", *,
         ds = base.filter(expr=col("speaker").is_in(sorted(speakers)))
         splits[split] = ds.materialize() if materialize else ds
     return splits
+
+
+# --- the in-process path (no Ray) ---------------------------------------------------------------------------
+
+def _numpy_columns(table: Any) -> dict[str, np.ndarray]:
+    """A pyarrow table as Ray Data's numpy batch form: scalar columns 1-d, list columns object arrays of 1-d."""
+    out = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if name in RAGGED_COLUMNS:
+            array = column.combine_chunks()
+            values = array.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+            offsets = array.offsets.to_numpy()
+            rows = np.empty(len(array), dtype=object)
+            rows[:] = [values[offsets[i]:offsets[i + 1]] for i in range(len(array))]
+            out[name] = rows
+        else:
+            out[name] = column.to_numpy(zero_copy_only=False)
+    return out
+
+
+def iter_pools(dataset: str, columns: Sequence[str], pool_rows: int) -> Iterator[dict[str, np.ndarray]]:
+    """The dataset's rows in file order, ``pool_rows`` at a time, in Ray Data's numpy batch form."""
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    for batch in pads.dataset(dataset, format="parquet").to_batches(columns=list(columns), batch_size=pool_rows):
+        if batch.num_rows:
+            yield _numpy_columns(pa.Table.from_batches([batch]))
+
+
+def read_rows(dataset: str, columns: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """Every row of the dataset (the columns training reads by default), in file order, as numpy columns."""
+    import pyarrow.parquet as pq
+
+    if columns is None:
+        available = set(pq.read_schema(next(iter(_parquet_files(dataset)))).names)
+        columns = list(BASE_COLUMNS) + [c for c in FEATURE_COLUMNS if c in available]
+    return _numpy_columns(pq.read_table(dataset, columns=list(columns)))
+
+
+def _parquet_files(dataset: str) -> list[str]:
+    import pyarrow.dataset as pads
+
+    return pads.dataset(dataset, format="parquet").files
+
+
+class LocalFolds:
+    """The fold splits and batches of the Ray path (``fold_datasets``, ``train_batches``, ``eval_batches``) in one
+    process from rows held in memory: the fold's speakers (``folds.fold_spec``), training batches reshuffled per
+    epoch from the seed and planned by ``plan_pool_batches`` (class-balanced / length-bucketed as configured),
+    evaluation batches in a fixed order, each rank taking its share. ``batches_for`` is ``train.fit_folds``'s.
+
+    ``rows`` is a dataset path (read once with :func:`read_rows`) or numpy columns already in memory.
+    """
+
+    def __init__(self, rows: str | Mapping[str, np.ndarray], config: Any, collate: Any, *, rank: int = 0,
+                 world_size: int = 1):
+        self.rows = read_rows(rows) if isinstance(rows, str) else {k: np.asarray(v) for k, v in rows.items()}
+        self.config = config
+        self.collate = collate
+        self.rank, self.world_size = rank, world_size
+        self._splits: dict[tuple[int, str], dict[str, np.ndarray]] = {}
+
+    def split(self, fold: int, split: str) -> dict[str, np.ndarray]:
+        """The rows of ``split`` ("train", "val", "test") of ``fold``, in file order."""
+        if (fold, split) not in self._splits:
+            from ser_platform.data.folds import fold_spec
+
+            spec = fold_spec(fold, self.config.data.protocol)
+            keep = np.asarray([spec.split_for(str(s)) == split for s in self.rows["speaker"]], dtype=bool)
+            self._splits[(fold, split)] = {k: v[keep] for k, v in self.rows.items()}
+        return self._splits[(fold, split)]
+
+    def batches_for(self, fold: int, split: str, epoch: int, *, rank: int | None = None,
+                    world_size: int | None = None) -> list[dict]:
+        """This rank's collated batches of ``split`` of ``fold`` in ``epoch`` (rank and world size default to the
+        ones given at construction)."""
+        rank = self.rank if rank is None else rank
+        world_size = self.world_size if world_size is None else world_size
+        rows = self.split(fold, split)
+        train = self.config.train
+        if split != "train":
+            size = train.batch_size
+            chunks = ({k: v[i:i + size] for k, v in rows.items()} for i in range(0, len(rows["id"]), size))
+            return [self.collate(b) for index, b in enumerate(chunks) if index % world_size == rank]
+        from ser_platform.train import derive_seed
+
+        seed = derive_seed(train.seed, fold, epoch, rank)
+        shard = np.random.default_rng(derive_seed(train.seed, fold, epoch)).permutation(len(rows["id"]))[
+            rank::world_size]
+        size = max(1, train.batch_size // world_size)
+        pool = POOL_BATCHES * size
+        pools = ({k: v[shard[i:i + pool]] for k, v in rows.items()} for i in range(0, len(shard), pool))
+        if train.samples_per_class <= 0 and not self.config.data.bucket_by_length:
+            return [self.collate(b) for p in pools for b in
+                    ({k: v[i:i + size] for k, v in p.items()} for i in range(0, len(p["id"]), size))]
+        return [self.collate(b) for b in plan_pool_batches(pools, size, samples_per_class=train.samples_per_class,
+                                                            bucket_by_length=self.config.data.bucket_by_length,
+                                                            seed=seed)]
+
+    __call__ = batches_for

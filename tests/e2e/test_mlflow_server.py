@@ -1,4 +1,4 @@
-"""ser_platform.cluster.check_tracking_server against a real `mlflow server` (moved here from
+"""ser_platform.tracking.check_tracking_server against a real `mlflow server` (moved here from
 tests/unit/test_cluster_paths.py, which keeps the checks that need no server)."""
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from ser_platform.cluster import check_tracking_server, mlflow_tracking_uri
+from ser_platform.tracking import TrackingError, check_tracking_server
+from ser_platform.tracking import tracking_uri
 
 from support import free_ports, group_members
 
@@ -30,7 +31,7 @@ def mlflow_server():
     cwd, saved = os.getcwd(), os.environ.pop("MLFLOW_TRACKING_URI", None)
     try:
         os.chdir(workdir)
-        backend = mlflow_tracking_uri(None)
+        backend = tracking_uri(None)
     finally:
         os.chdir(cwd)
         if saved is not None:
@@ -79,6 +80,6 @@ def test_live_mlflow_server_passes(mlflow_server):
 
 def test_live_mlflow_server_on_the_wrong_port_is_reported(mlflow_server):
     wrong = mlflow_server.rsplit(":", 1)[0] + f":{free_ports(1)[0]}"
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(TrackingError) as err:
         check_tracking_server(wrong)
     assert wrong in str(err.value)

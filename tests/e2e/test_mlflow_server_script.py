@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from ser_platform.cluster import check_tracking_server
+from ser_platform.tracking import TrackingError, check_tracking_server
 
 from support import REPO, group_members
 
@@ -39,7 +39,7 @@ def test_mlflow_server_script_binds_the_private_address(tmp_path):
         assert address.is_private and not address.is_loopback and not address.is_unspecified
         check_tracking_server(uri)
         # Bound to that address only: not on every interface, so not on the loopback either.
-        with pytest.raises(RuntimeError, match="unreachable"):
+        with pytest.raises(TrackingError, match="unreachable"):
             check_tracking_server(f"http://127.0.0.1:{port}", timeout=2)
     finally:
         pid_file = state / "server.pid"

@@ -130,7 +130,7 @@ def sweep_job(root, training_dataset, ray_head) -> dict:
     storage = root / "runs"
     sets = [arg for key, value in TINY_SET.items() for arg in ("--set", f"{key}={value}")]
     entrypoint = ["python", "experiments/sweep_loss_weights.py", "--trials", str(TRIALS), "--dataset", training_dataset,
-                  "--mlflow-uri", f"sqlite:///{db}", "--storage", str(storage), "--experiment", EXPERIMENT,
+                  "--mlflow-uri", f"sqlite:///{db}", "--storage", str(storage), "--mlflow-experiment", EXPERIMENT,
                   "--folds", ",".join(map(str, FOLDS)), "--epochs", "1", "--name", "e2e-sweep", *sets]
     started = time.monotonic()
     submit = subprocess.run(

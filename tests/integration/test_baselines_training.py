@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from ser_platform.config import load_config
-from ser_platform.sweep import COMPARE_MODELS_DEMO
+from ser_platform.catalogue import COMPARE_MODELS_DEMO
 
 
 # --- real training: the full model against each single modality ------------------------------------------------
 #
 # The plain-torch loop (train.fit_folds) on the embedded default's own corpus (ser_platform.demo) with the
-# embedded default's own configuration for Table 4 (sweep.COMPARE_MODELS_DEMO: 20 epochs, 16-d encoders, 1.5 s of
+# embedded default's own configuration for Table 4 (catalogue.COMPARE_MODELS_DEMO: 20 epochs, 16-d encoders, 1.5 s of
 # audio), in-process batches as tests/unit/test_train_loop.py makes them, every leave-one-session-out fold; only
 # model.fusion differs. The three models train in two spawned processes (the crossmodal model in one, the two
 # single modalities in the other: about the same work), one torch thread each: ~3 min on 2 cores.

@@ -21,9 +21,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from ser_platform.catalogue import PAPER_GRID
 from ser_platform.config import load_config
 from ser_platform.sweep import run_sweep
-from ser_platform.tables import TABLE2_ROWS
+
+# Table 2's rows as (alpha, beta, paper WA, paper UA), from the catalogue the grid is built from.
+TABLE2_POINTS = [(row.overrides["loss.alpha"], row.overrides["loss.beta"], *row.paper) for row in PAPER_GRID.rows]
 
 TESTS_DIR = Path(__file__).resolve().parent
 CALLS_ENV = "SER_TEST_SWEEP_CALLS"  # file the stand-in appends each call's trial id to
@@ -103,7 +106,7 @@ def test_paper_grid_runs_exactly_table2_points(ray_address, tmp_path):
     assert result.status == "FINISHED" and result.errors == 0
     trials = _runs(result.mlflow_uri, "test_sweep", "tags.`ser.role` = 'trial'")
     points = sorted((float(r.data.params["loss.alpha"]), float(r.data.params["loss.beta"])) for r in trials)
-    assert points == sorted((alpha, beta) for _, alpha, beta, _, _ in TABLE2_ROWS)
+    assert points == sorted((alpha, beta) for alpha, beta, _, _ in TABLE2_POINTS)
     for run in trials:  # three levels: sweep -> trial -> fold, and the trial's summary is the folds' mean
         assert run.data.tags["mlflow.parentRunId"] == result.parent_run_id
         assert run.data.params["table"] == "2" and run.data.params["protocol"] == "loso5"
@@ -117,7 +120,7 @@ def test_paper_grid_runs_exactly_table2_points(ray_address, tmp_path):
     assert table.number == "2" and [row[:3] for row in table.rows] == [
         ["CE Loss", "0", "1"], ["Joint Loss", "0.5", "1"], ["Joint Loss", "1", "0.5"], ["Joint Loss", "1", "1"]]
     # Each row: mean ± std over folds of the formula, computed here independently of the sweep and tables.
-    for row, (_, alpha, beta, paper_wa, paper_ua) in zip(table.rows, TABLE2_ROWS):
+    for row, (alpha, beta, paper_wa, paper_ua) in zip(table.rows, TABLE2_POINTS):
         ua = np.array([standin_scores(alpha, beta, f)["test_ua"] for f in (1, 2, 3, 4, 5)])
         assert row[4] == f"{ua.mean():.3f} ± {ua.std():.3f}"
         assert row[-2:] == [f"{paper_wa:.3f}", f"{paper_ua:.3f}"]

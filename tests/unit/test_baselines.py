@@ -14,10 +14,10 @@ import torch
 
 from ser_platform.config import FUSIONS, ConfigError, ModelConfig, load_config
 from ser_platform.models.ser_model import SERModel, model_summary
-from ser_platform.sweep import COMPARE_MODELS, COMPARE_MODELS_DEMO, EXPERIMENTS
+from ser_platform.catalogue import COMPARE_MODELS, COMPARE_MODELS_DEMO, EXPERIMENTS
 
 from support import TINY_MODEL as TINY
-from support import REPO, check_metric_loss_routing, make_batch, make_model, take
+from support import check_metric_loss_routing, make_batch, make_model, take
 
 PARTS = {  # the top-level modules each mode builds
     "crossmodal": {"text_encoder", "speech_encoder", "fusion", "embedding_layer", "classifier"},
@@ -163,19 +163,15 @@ def test_compare_models_is_table_4_and_every_variant_is_a_valid_config():
 
 
 def test_compare_models_embedded_default_trains_to_convergence_and_the_paper_preset_keeps_its_own():
-    import sys
+    from ser_platform.cli import experiment_config, experiment_parser
 
-    sys.path.insert(0, str(REPO / "experiments"))
-    import sweep_flags
-
-    parser = sweep_flags.build_parser("x")
-    demo = sweep_flags.experiment_config(parser.parse_args([]), COMPARE_MODELS)
+    parser = experiment_parser("compare_models", "x", "")
+    demo = experiment_config(parser.parse_args([]), COMPARE_MODELS)
     assert demo.train.epochs == COMPARE_MODELS_DEMO["train.epochs"] == 20 and demo.model.embed_dim == 16
     assert demo.loss.space == "fused" and demo.data.max_audio_seconds == 1.5
-    flags = sweep_flags.experiment_config(parser.parse_args(["--epochs", "3", "--set", "model.embed_dim=8"]),
-                                          COMPARE_MODELS)
+    flags = experiment_config(parser.parse_args(["--epochs", "3", "--set", "model.embed_dim=8"]), COMPARE_MODELS)
     assert flags.train.epochs == 3 and flags.model.embed_dim == 8  # the user's flags still win
-    paper = sweep_flags.experiment_config(parser.parse_args(["--preset", "paper"]), COMPARE_MODELS)
+    paper = experiment_config(parser.parse_args(["--preset", "paper"]), COMPARE_MODELS)
     assert paper.train.epochs == load_config("paper").train.epochs and paper.model.embed_dim != 16
     assert paper.loss.space == "fused"
 

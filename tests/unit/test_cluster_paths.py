@@ -1,5 +1,6 @@
-"""ser_platform.cluster, on this machine: storage locations, the MLflow tracking URI and server check, Ray Train
-worker resources, and what `ray job submit --working-dir .` leaves behind (.rayignore)."""
+"""On this machine: storage locations (ser_platform.cluster), the MLflow tracking URI and server check
+(ser_platform.tracking.store), Ray Train worker resources (ser_platform.resources), and what
+`ray job submit --working-dir .` leaves behind (.rayignore)."""
 
 from __future__ import annotations
 
@@ -14,16 +15,10 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from ser_platform.cluster import (
-    check_tracking_server,
-    detect_gpu_count,
-    is_object_storage,
-    join_storage,
-    mlflow_tracking_uri,
-    resolve_storage,
-    storage_scheme,
-    worker_resources,
-)
+from ser_platform.cluster import is_object_storage, join_storage, resolve_storage, storage_scheme
+from ser_platform.resources import worker_resources
+from ser_platform.tracking import TrackingError, check_tracking_server
+from ser_platform.tracking import tracking_uri
 
 from support import REPO
 
@@ -141,13 +136,13 @@ def test_bad_storage_location_is_named(location):
 
 def test_flag_wins_over_environment(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000")
-    assert mlflow_tracking_uri("http://10.0.0.9:5000") == "http://10.0.0.9:5000"
+    assert tracking_uri("http://10.0.0.9:5000") == "http://10.0.0.9:5000"
 
 
 @pytest.mark.parametrize("flag", [None, "", "   "])
 def test_environment_when_no_flag(monkeypatch, flag):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://10.0.0.5:5000")
-    assert mlflow_tracking_uri(flag) == "http://10.0.0.5:5000"
+    assert tracking_uri(flag) == "http://10.0.0.5:5000"
 
 
 @pytest.mark.parametrize("env_value", [None, "", "  "])
@@ -157,7 +152,7 @@ def test_default_is_sqlite_in_the_working_directory(monkeypatch, tmp_path, env_v
     else:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", env_value)
     monkeypatch.chdir(tmp_path)
-    uri = mlflow_tracking_uri(None)
+    uri = tracking_uri(None)
     assert uri == f"sqlite:///{tmp_path}/mlflow.db"
     assert uri.startswith("sqlite:////")  # absolute path: four slashes
 
@@ -170,7 +165,7 @@ def test_non_http_uris_have_no_server_to_check(tmp_path):
 def test_closed_port_is_reported_with_the_uri():
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(TrackingError) as err:
         check_tracking_server(uri, timeout=5)
     assert uri in str(err.value) and "unreachable" in str(err.value)
     assert time.monotonic() - started < 5  # refused at once, no waiting for the timeout
@@ -182,7 +177,7 @@ def test_server_that_never_answers_times_out():
         silent.listen(1)  # accepts connections into the backlog, never answers
         uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
         started = time.monotonic()
-        with pytest.raises(RuntimeError, match="unreachable") as err:
+        with pytest.raises(TrackingError, match="unreachable") as err:
             check_tracking_server(uri, timeout=1)
         assert uri in str(err.value)
         assert time.monotonic() - started < 10
@@ -206,10 +201,10 @@ def test_a_server_that_is_not_mlflow_is_reported():
     thread.start()
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        with pytest.raises(RuntimeError, match="'hello'") as err:
+        with pytest.raises(TrackingError, match="'hello'") as err:
             check_tracking_server(base)
         assert base in str(err.value)
-        with pytest.raises(RuntimeError, match="HTTP 404") as err:
+        with pytest.raises(TrackingError, match="HTTP 404") as err:
             check_tracking_server(base + "/prefix")
         assert base + "/prefix" in str(err.value)
     finally:
@@ -271,14 +266,6 @@ def test_bad_worker_resources_quote_the_value(args, bad):
     with pytest.raises(ValueError) as err:
         worker_resources(*args)
     assert bad in str(err.value)
-
-
-def test_gpu_count_without_ray_is_cuda_device_count(monkeypatch):
-    import ray
-    import torch
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    assert detect_gpu_count() == torch.cuda.device_count()
 
 
 # ---- what `ray job submit --working-dir .` ships ----------------------------------------------------------

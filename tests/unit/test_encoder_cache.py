@@ -35,8 +35,7 @@ from ser_platform.data.encoder_cache import (
 )
 from ser_platform.data.errors import DataError
 from ser_platform.data.features import AcousticFeatures
-from ser_platform.data.folds import fold_spec
-from ser_platform.data.loader import make_collate, plan_pool_batches
+from ser_platform.data.loader import LocalFolds, make_collate, read_rows
 from ser_platform.data.parquet import prepare_dataset
 from ser_platform.data.synthetic import write_synthetic_corpus
 from ser_platform.frozen_encoders import build_encoder_cache, cached_collate, entry_requests, open_encoder_cache
@@ -78,8 +77,7 @@ def built(dataset):
 
 
 def rows_of(dataset: str) -> dict[str, np.ndarray]:
-    table = pq.read_table(dataset, columns=["id", "speaker", "label", "mode", "transcript", "audio", "duration"])
-    return {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    return read_rows(dataset, ["id", "speaker", "label", "mode", "transcript", "audio", "duration"])
 
 
 def collate_for(config):
@@ -167,32 +165,13 @@ def test_a_hidden_layer_is_served_as_the_encoder_computes_it(dataset, built):
     assert not torch.allclose(states, last)  # layer 0 really is another layer than the output
 
 
-def folds_from(dataset: str, config, collate):
-    """In-process ``batches_for`` over the Parquet rows (no Ray): fold splits by speaker, balanced batches."""
-    rows = rows_of(dataset)
-
-    def batches_for(fold, split, epoch):
-        speakers = getattr(fold_spec(fold, config.data.protocol), f"{split}_speakers")
-        keep = np.flatnonzero(np.isin(rows["speaker"], sorted(speakers)))
-        part = {k: v[keep] for k, v in rows.items()}
-        if split == "train":
-            pools = [part]
-            batches = plan_pool_batches(pools, config.train.batch_size, samples_per_class=2, bucket_by_length=False,
-                                        seed=epoch)
-        else:
-            batches = ({k: v[i:i + 8] for k, v in part.items()} for i in range(0, len(keep), 8))
-        return [collate(b) for b in batches]
-
-    return batches_for
-
-
 @pytest.mark.slow
 def test_training_on_the_cache_matches_training_with_the_frozen_encoders(dataset, built):
     config = tiny_config(**{"train.epochs": 2})
     cached_config = config.replace({"data.encoder_cache": "auto"})
-    running = fit_folds(config, [1], folds_from(dataset, config, collate_for(config)), log=None)[1]
+    running = fit_folds(config, [1], LocalFolds(dataset, config, collate_for(config)), log=None)[1]
     collate = cached_collate(collate_for(config), open_encoder_cache(cached_config, dataset))
-    served = fit_folds(cached_config, [1], folds_from(dataset, config, collate), log=None)[1]
+    served = fit_folds(cached_config, [1], LocalFolds(dataset, config, collate), log=None)[1]
     a, b = comparable(running), comparable(served)
     for ha, hb in zip(a.pop("history"), b.pop("history")):
         assert ha == pytest.approx(hb, rel=1e-4, abs=1e-5)

@@ -1,6 +1,6 @@
 """`ser predict` end to end: a tiny model trained here with the plain loop, its fold runs logged to a real sqlite
-MLflow store through ray_train's own fold logger (the code path of Ray Train's rank 0, minus Ray), then predictions
-through the command line.
+MLflow store through the fold logger Ray Train's rank 0 uses (``tracking.FoldLogger``, minus Ray), then
+predictions through the command line.
 
 Truths: a direct forward pass of the weights the training loop selected (taken from the hook, not from MLflow),
 on inputs built here independently (soundfile + librosa's resampler, the tokenizer, AcousticFeatures);
@@ -25,13 +25,12 @@ from ser_platform.config import load_config
 from ser_platform.data.features import AcousticFeatures, FeatureParams
 from ser_platform.data.folds import fold_spec
 from ser_platform.data.iemocap import CLASSES
-from ser_platform.data.loader import make_collate
+from ser_platform.data.loader import LocalFolds, make_collate
 from ser_platform.models.ser_model import SERModel
 from ser_platform.models.text import build_tokenizer
-from ser_platform.ray_train import _FoldLogger
 from ser_platform.train import Hooks, fit_folds
 
-from support import TINY_SIZES
+from support import TINY_SIZES, fold_rows
 
 pytestmark = pytest.mark.slow  # every test reads the model `trained` trains first (two folds, MLflow)
 
@@ -43,22 +42,10 @@ TINY = {
 TEXT = "oh no that is wonderful"
 
 
-def rows(n: int, seed: int, prefix: str) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    audio = np.empty(n, dtype=object)
-    audio[:] = [rng.standard_normal(int(rng.integers(3200, 8000))).astype(np.float32) * 0.1 for _ in range(n)]
-    return {"id": np.asarray([f"{prefix}{i}" for i in range(n)], dtype=object),
-            "label": np.asarray([CLASSES[i % 4] for i in range(n)], dtype=object),
-            "mode": np.asarray(["improvised"] * n, dtype=object),
-            "transcript": np.asarray([" ".join(rng.choice(["oh", "no", "great", "sad"], 3)) for _ in range(n)],
-                                     dtype=object),
-            "audio": audio}
-
-
 class LoggingHooks(Hooks):
-    """What ray_train's _RayHooks does on rank 0, without Ray: the same _FoldLogger calls."""
+    """What ray_train's hooks do on rank 0, without Ray: the same FoldLogger calls."""
 
-    def __init__(self, logger: _FoldLogger):
+    def __init__(self, logger: tracking.FoldLogger):
         self.logger = logger
         self.weights: dict[int, dict] = {}
 
@@ -81,17 +68,16 @@ def trained(tmp_path_factory):
     uri = tracking.ensure_store(f"sqlite:///{tmp / 'mlflow.db'}")
     config = load_config("demo", overrides={**TINY, "tracking.mlflow_uri": uri})
     exp = tracking.experiment_id(uri, config.tracking.experiment)
-    parent = tracking.start_run(uri, exp, run_name="train-test", tags={tracking.ROLE_TAG: "train",
-                                                                       tracking.TRAIN_RUN_TAG: "train-test"})
-    logger = _FoldLogger(config, {"tracking_uri": uri, "experiment_id": exp, "parent_run_id": parent.run_id,
-                                  "run_name": "train-test", "tags": {}, "params": {},
-                                  "specs": {k: fold_spec(k) for k in (1, 2)}})
+    parent = tracking.open_train_run(uri, exp, "train-test", config, params={})
+    specs = {k: fold_spec(k) for k in (1, 2)}
+    logger = tracking.FoldLogger(config, tracking.FoldRunContext(
+        tracking_uri=uri, experiment_id=exp, parent_run_id=parent.run_id, train_run="train-test",
+        speakers={k: (sorted(s.test_speakers), sorted(s.val_speakers)) for k, s in specs.items()}))
     collate = make_collate(build_tokenizer(config.model.text), max_text_tokens=32, max_audio_samples=8000)
-    splits = {f: {s: rows(16, 10 * f + i, f"{f}{s}") for i, s in enumerate(("train", "val", "test"))} for f in (1, 2)}
+    local = {f: LocalFolds(fold_rows(f, (16, 16, 16)), config, collate) for f in (1, 2)}
 
     def batches(fold, split, epoch):
-        data = splits[fold][split]
-        return [collate({k: v[i:i + 8] for k, v in data.items()}) for i in range(0, 16, 8)]
+        return local[fold].batches_for(fold, split, epoch)
 
     hooks = LoggingHooks(logger)
     fit_folds(config, [1, 2], batches, hooks=hooks, log=None)

@@ -8,20 +8,16 @@ per-fold spread over seeds; the trial's logged series (fold means, every (fold, 
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
-from mlflow import MlflowClient
 
+from ser_platform.catalogue import COMPARE_MODELS
 from ser_platform.config import ConfigError, load_config
-from ser_platform.sweep import (COMPARE_MODELS, TrialContext, log_trial_result, open_sweep_run, open_trial_run,
-                                trial_metrics, trial_overrides)
-from ser_platform.tables import collect_sweeps, format_table, sweep_tables
-from ser_platform.tracking import ensure_store, experiment_id
+from ser_platform.tables import format_table, sweep_tables
+from ser_platform.tracking import collect_sweeps, ensure_store, experiment_id, trial_metrics
 from ser_platform.train import FoldResult, TrialResult, summarize_trial
 
-from support import REPO
+from support import log_trial, open_sweep
 
 FOLDS, SEEDS = (1, 2, 3), (4, 5, 6)
 
@@ -78,7 +74,6 @@ def test_the_trial_logs_fold_means_over_seeds_and_every_fold_seed_score():
 @pytest.mark.slow
 def test_tables_say_how_many_seeds_and_show_the_spread_per_fold(tmp_path):
     uri = ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = MlflowClient(uri)
     exp = experiment_id(uri, "seeds")
     tables = {}
     for name, seeds in (("one-seed", (0,)), ("three-seeds", SEEDS)):
@@ -86,14 +81,10 @@ def test_tables_say_how_many_seeds_and_show_the_spread_per_fold(tmp_path):
                                                 "tracking.experiment": "seeds", "data.folds": FOLDS,
                                                 "train.seed": seeds[0], "train.seeds": len(seeds),
                                                 **COMPARE_MODELS.defaults})
-        parent = open_sweep_run(client, exp, name, COMPARE_MODELS, config)
-        ctx = TrialContext(base_config=config.to_dict(), experiment=COMPARE_MODELS, sweep_name=name, mlflow_uri=uri,
-                           mlflow_experiment_id=exp, parent_run_id=parent, train_storage="unused")
+        ctx = open_sweep(uri, exp, COMPARE_MODELS, name, config)
         for i, variant in enumerate(COMPARE_MODELS.variants):
-            _, overrides = trial_overrides(COMPARE_MODELS, {"variant": variant})
-            run = open_trial_run(client, ctx, f"t{i}", config.replace(overrides), variant)
-            log_trial_result(client, run.info.run_id, trial_result(0.02 * i, seeds))
-        [sweep] = collect_sweeps(client, exp, parent)
+            log_trial(ctx, f"t{i}", {"variant": variant}, config, trial_result(0.02 * i, seeds))
+        [sweep] = collect_sweeps(uri, exp, ctx.parent_run_id)
         [tables[name]] = sweep_tables(sweep)
     one, three = tables["one-seed"], tables["three-seeds"]
     assert one.number == three.number == "4"
@@ -120,15 +111,12 @@ def test_paired_comparison_pairs_fold_seed_runs_and_fold_means(tmp_path):
     from ser_platform.tables import compare_records, format_run_comparison
 
     uri = ensure_store(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = MlflowClient(uri)
     exp = experiment_id(uri, "compare-seeds")
     config = load_config("demo", overrides={"data.dataset": "/data/x.parquet", "tracking.mlflow_uri": uri,
                                             "tracking.experiment": "compare-seeds", "data.folds": FOLDS,
                                             "train.seed": SEEDS[0], "train.seeds": len(SEEDS),
                                             **COMPARE_MODELS.defaults})
-    parent = open_sweep_run(client, exp, "cmp", COMPARE_MODELS, config)
-    ctx = TrialContext(base_config=config.to_dict(), experiment=COMPARE_MODELS, sweep_name="cmp", mlflow_uri=uri,
-                       mlflow_experiment_id=exp, parent_run_id=parent, train_storage="unused")
+    ctx = open_sweep(uri, exp, COMPARE_MODELS, "cmp", config)
     # The full model 0.04 ahead of "Speech only" plus a seed-dependent wobble, so the two pairings differ.
     wobble = {(f, s): 0.006 * ((f * 5 + s * 3) % 4) for f in FOLDS for s in SEEDS}
     for i, variant in enumerate(COMPARE_MODELS.variants):
@@ -136,12 +124,10 @@ def test_paired_comparison_pairs_fold_seed_runs_and_fold_means(tmp_path):
                         for f in FOLDS} for s in SEEDS}
         result = TrialResult(per_fold=per_seed[SEEDS[0]], summary=summarize_trial(per_seed[SEEDS[0]], per_seed),
                              per_seed=per_seed)
-        _, overrides = trial_overrides(COMPARE_MODELS, {"variant": variant})
-        run = open_trial_run(client, ctx, f"t{i}", config.replace(overrides), variant)
-        log_trial_result(client, run.info.run_id, result)
-    [sweep] = collect_sweeps(client, exp, parent)
+        log_trial(ctx, f"t{i}", {"variant": variant}, config, result)
+    [sweep] = collect_sweeps(uri, exp, ctx.parent_run_id)
     runs = {t.variant: t for t in sweep.trials}
-    comparisons = compare_records(client, runs["Full model"], runs["Speech only"], label_a="A", label_b="B",
+    comparisons = compare_records(uri, runs["Full model"], runs["Speech only"], label_a="A", label_b="B",
                                   metrics=("test_ua",))
     by_pairing = {c.pairing: c.result for c in comparisons}
     assert sorted(by_pairing) == ["folds", "folds x seeds"]
@@ -158,7 +144,7 @@ def test_paired_comparison_pairs_fold_seed_runs_and_fold_means(tmp_path):
     text = format_run_comparison(runs["Full model"], runs["Speech only"], comparisons)
     assert "paired per (fold, seed)" in text and "paired per fold (mean over its seeds)" in text
 
-    [table] = sweep_tables(sweep, client)
+    [table] = sweep_tables(sweep, uri)
     lines = [n for n in table.notes if n.startswith("test UA: Full model − ")]
     assert [line.split(" − ")[1].split(" = ")[0] for line in lines] == \
         ["Speech only", "Text only", "Early fusion", "Crossmodal without FA"]
@@ -166,13 +152,11 @@ def test_paired_comparison_pairs_fold_seed_runs_and_fold_means(tmp_path):
 
 
 def test_seeds_flags_and_validation():
-    sys.path.insert(0, str(REPO / "experiments"))
-    import sweep_flags
+    from ser_platform.cli import build_config, build_parser, experiment_parser
 
-    args = sweep_flags.build_parser("x").parse_args(["--seeds", "3", "--seed", "2"])
-    config = sweep_flags.build_config(args)
+    args = experiment_parser("compare_models", "x", "").parse_args(["--seeds", "3", "--seed", "2"])
+    config = build_config(args)
     assert config.train.seeds == 3 and config.train.seed == 2
-    from ser_platform.cli import build_parser
 
     args = build_parser().parse_args(["train", "--seeds", "2"])
     assert args.seeds == 2

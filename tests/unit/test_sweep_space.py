@@ -3,8 +3,9 @@ tests/integration/test_sweep.py, which runs the sweeps)."""
 
 from __future__ import annotations
 
+from ser_platform.catalogue import PAPER_GRID, trial_overrides
 from ser_platform.config import load_config
-from ser_platform.sweep import PAPER_GRID, search_space, trial_overrides
+from ser_platform.sweep import search_space
 
 
 def test_search_space_is_the_dotted_loss_keys():

@@ -15,13 +15,15 @@ import pytest
 import scipy.stats
 from mlflow import MlflowClient
 
-from ser_platform import cli
+from ser_platform import cli, tracking
+from ser_platform.catalogue import ABLATION, EMBEDDING_SPACE, EXPERIMENTS, SEARCH
 from ser_platform.config import load_config
-from ser_platform.sweep import (ABLATION, EMBEDDING_SPACE, SEARCH, TrialContext, log_trial_result, open_sweep_run,
-                                open_trial_run, trial_overrides)
-from ser_platform.tables import (TABLE1_ROWS, TABLE3_ROWS, TablesError, collect_sweeps, format_table,
-                                 log_tables, sweep_tables, table_markdown, tables_command)
-from ser_platform.tracking import ensure_store, experiment_id
+from ser_platform.sweep import TrialContext
+from ser_platform.tables import (TablesError, build_table, format_table, log_tables, sweep_tables, table_markdown,
+                                 tables_command)
+from ser_platform.tracking import collect_sweeps, ensure_store, experiment_id
+
+from support import log_trial, open_sweep
 
 FOLDS = (1, 2, 3, 4, 5)
 
@@ -50,22 +52,12 @@ class Store:
                                                      "tracking.mlflow_uri": uri, "tracking.experiment": experiment})
 
     def sweep(self, experiment, name: str) -> TrialContext:
-        parent = open_sweep_run(self.client, self.experiment_id, name, experiment, self.config)
-        return TrialContext(base_config=self.config.to_dict(), experiment=experiment, sweep_name=name,
-                            mlflow_uri=self.uri, mlflow_experiment_id=self.experiment_id, parent_run_id=parent,
-                            train_storage="unused")
+        return open_sweep(self.uri, self.experiment_id, experiment, name, self.config)
 
     def trial(self, ctx: TrialContext, trial_id: str, params: dict, scores: dict[int, float] | None,
               status: str | None = None) -> str:
         """Log one trial; ``scores=None`` leaves it unfinished (``status`` then sets its state)."""
-        variant, overrides = trial_overrides(ctx.experiment, params)
-        config = self.config.replace(overrides)
-        run = open_trial_run(self.client, ctx, trial_id, config, variant)
-        if scores is not None:
-            log_trial_result(self.client, run.info.run_id, fold_result(scores))
-        elif status:
-            self.client.set_terminated(run.info.run_id, status)
-        return run.info.run_id
+        return log_trial(ctx, trial_id, params, self.config, None if scores is None else fold_result(scores), status)
 
 
 @pytest.fixture(scope="module")
@@ -94,10 +86,11 @@ def test_table1_rows_are_mean_std_over_folds_and_skip_incomplete_trials(store):
         store.trial(ctx, f"t{i}", {"variant": variant}, scores_for(offset))
     # A later attempt of "without FA" that failed after 2 folds: excluded, the complete one stays in the table.
     store.trial(ctx, "t9", {"variant": "without FA"}, None, status="FAILED")
-    [sweep] = collect_sweeps(store.client, store.experiment_id)
+    [sweep] = collect_sweeps(store.uri, store.experiment_id)
     [table] = sweep_tables(sweep)
     assert table.number == "1"
-    for row, (letter, variant, method, paper_wa, paper_ua) in zip(table.rows, TABLE1_ROWS):
+    for row, catalogue_row in zip(table.rows, ABLATION.rows):
+        (letter, method), (paper_wa, paper_ua), variant = catalogue_row.cells, catalogue_row.paper, catalogue_row.label
         ua = scores_for(offsets[variant])
         wa = {f: v + 0.03 for f, v in ua.items()}
         assert row[:4] == [letter, method, mean_std(wa), mean_std(ua)]
@@ -110,17 +103,17 @@ def test_table1_rows_are_mean_std_over_folds_and_skip_incomplete_trials(store):
 
 def test_table3_and_search_table(store):
     spaces = store.sweep(EMBEDDING_SPACE, "spaces")
-    for i, (space, label, _, _) in enumerate(TABLE3_ROWS):
-        store.trial(spaces, f"s{i}", {"variant": space}, scores_for(0.01 * i))
+    for i, row in enumerate(EMBEDDING_SPACE.rows):
+        store.trial(spaces, f"s{i}", {"variant": row.label}, scores_for(0.01 * i))
     search = store.sweep(SEARCH, "search")
     points = [{"loss.alpha": 0.5, "loss.beta": 1.0, "loss.margin": 0.3, "loss.space": "fused"},
               {"loss.alpha": 0.9, "loss.beta": 0.4, "loss.margin": 1.2, "loss.space": "text"}]
     store.trial(search, "o1", points[0], scores_for(-0.05))
     store.trial(search, "o2", points[1], scores_for(0.08))
     store.trial(search, "o3", {**points[1], "loss.alpha": 0.2}, None)  # still running: not in the table
-    sweeps = {s.name: s for s in collect_sweeps(store.client, store.experiment_id)}
+    sweeps = {s.name: s for s in collect_sweeps(store.uri, store.experiment_id)}
     [table3] = sweep_tables(sweeps["spaces"])
-    assert [row[0] for row in table3.rows] == [label for _, label, _, _ in TABLE3_ROWS]
+    assert [row[0] for row in table3.rows] == [row.cells[0] for row in EMBEDDING_SPACE.rows]
     assert table3.rows[2][2] == mean_std(scores_for(0.02))
     [search_table] = sweep_tables(sweeps["search"])
     # Best validation UA first; the paper's numbers only where the point is one of its Table 2 rows (fused).
@@ -136,31 +129,31 @@ def test_tables_are_logged_on_the_parent_run(store, tmp_path, monkeypatch):
     ctx = store.sweep(ABLATION, "logged")
     for i, variant in enumerate(ABLATION.variants):
         store.trial(ctx, f"t{i}", {"variant": variant}, scores_for(0.02 * i))
-    [table] = sweep_tables(collect_sweeps(store.client, store.experiment_id)[0])
-    paths = log_tables(store.client, ctx.parent_run_id, [table])
+    [table] = sweep_tables(collect_sweeps(store.uri, store.experiment_id)[0])
+    paths = log_tables(tracking.MlflowRun(store.uri, ctx.parent_run_id), [table])
     assert paths == ["tables/table1.json", "tables/table1.md"]
     markdown = Path(store.client.download_artifacts(ctx.parent_run_id, "tables/table1.md", str(tmp_path)))
     assert markdown.read_text() == table_markdown(table)
     frame = store.client.load_table(store.experiment_id, "tables/table1.json", run_ids=[ctx.parent_run_id])
     assert frame["ua_mean"].tolist() == pytest.approx([np.mean(list(scores_for(0.02 * i).values()))
                                                        for i in range(3)])
-    assert frame["paper_ua"].tolist() == [row[4] for row in TABLE1_ROWS]
+    assert frame["paper_ua"].tolist() == [row.paper[1] for row in ABLATION.rows]
 
 
 def test_ser_tables_command(store, capsys, tmp_path):
     ctx = store.sweep(EMBEDDING_SPACE, "cli")
     for i, space in enumerate(EMBEDDING_SPACE.variants):
         store.trial(ctx, f"t{i}", {"variant": space}, scores_for(0.01 * i))
-    assert cli.main(["tables", "--experiment", store.experiment, "--mlflow-uri", store.uri]) == 0
+    assert cli.main(["tables", "--mlflow-experiment", store.experiment, "--mlflow-uri", store.uri]) == 0
     out = capsys.readouterr().out
     assert "Table 3: where the metric loss is applied" in out and "Speech Embedding" in out
     artifacts = [a.path for a in store.client.list_artifacts(ctx.parent_run_id, "tables")]
     assert artifacts == ["tables/table3.json", "tables/table3.md"]
 
-    assert cli.main(["tables", "--experiment", "nope", "--mlflow-uri", store.uri]) == 2
+    assert cli.main(["tables", "--mlflow-experiment", "nope", "--mlflow-uri", store.uri]) == 2
     assert "no MLflow experiment named 'nope'" in capsys.readouterr().err
     missing = tmp_path / "elsewhere" / "mlflow.db"
-    assert cli.main(["tables", "--experiment", store.experiment, "--mlflow-uri", f"sqlite:///{missing}"]) == 2
+    assert cli.main(["tables", "--mlflow-experiment", store.experiment, "--mlflow-uri", f"sqlite:///{missing}"]) == 2
     assert "no MLflow store" in capsys.readouterr().err and not missing.exists()  # not created empty
 
 
@@ -170,7 +163,7 @@ def test_ser_tables_compare_by_variant_name(store, capsys):
     b_scores = {f: v - 0.01 * f - 0.004 * (f % 2) for f, v in a_scores.items()}
     store.trial(ctx, "a", {"variant": "Full model"}, a_scores)
     store.trial(ctx, "b", {"variant": "without FA"}, b_scores)
-    assert cli.main(["tables", "--experiment", store.experiment, "--mlflow-uri", store.uri,
+    assert cli.main(["tables", "--mlflow-experiment", store.experiment, "--mlflow-uri", store.uri,
                      "--compare", "Full model", "without FA"]) == 0
     out = capsys.readouterr().out
     assert "A = Full model [a]" in out and "B = without FA [b]" in out and "protocol loso5" in out
@@ -195,10 +188,10 @@ def test_table1_carries_a_vs_b_and_a_vs_c(store):
     for i, (variant, scores) in enumerate((("Full model", full), ("without FA", without_fa),
                                            ("without metric loss", without_metric))):
         store.trial(ctx, f"t{i}", {"variant": variant}, scores)
-    [sweep] = collect_sweeps(store.client, store.experiment_id)
+    [sweep] = collect_sweeps(store.uri, store.experiment_id)
     [plain] = sweep_tables(sweep)
     assert not any(" vs " in n or "A − B" in n for n in plain.notes)  # no client: no fold histories read
-    [table] = sweep_tables(sweep, store.client)
+    [table] = sweep_tables(sweep, store.uri)
     lines = [n for n in table.notes if n.startswith("test UA: ")]
     assert [line.split(" = ")[0] for line in lines] == ["test UA: A − B", "test UA: A − C"]
     for line, other, verdict in zip(lines, (without_fa, without_metric), ("beyond noise", "within noise")):
@@ -215,7 +208,7 @@ def test_a_table_has_one_protocol(store):
         store.trial(ctx, f"t{i}", {"variant": space}, scores_for(0.01 * i))
     store.config = store.config.replace({"data.protocol": "session5", "data.folds": (1,)})
     store.trial(ctx, "s", {"variant": "speech"}, {1: 0.7})
-    [sweep] = collect_sweeps(store.client, store.experiment_id)
+    [sweep] = collect_sweeps(store.uri, store.experiment_id)
     tables = sweep_tables(sweep)
     assert [(t.slug, t.protocol) for t in tables] == [("table3_loso5", "loso5"), ("table3_session5", "session5")]
     column = tables[0].header.index("protocol")
@@ -223,9 +216,8 @@ def test_a_table_has_one_protocol(store):
     assert [row[column] for row in tables[1].rows] == ["—", "session5", "—"]
     assert tables[1].rows[1][2] == "0.700 ± 0.000" and "protocol session5" in tables[1].title
     # Built directly from the mixed sweep, a table refuses.
-    from ser_platform.tables import table3
     with pytest.raises(TablesError, match=r"would mix protocols \(.*loso5, .*session5\)"):
-        table3(sweep)  # the latest "speech" run is session5's, the others loso5's
+        build_table(EMBEDDING_SPACE, sweep)  # the latest "speech" run is session5's, the others loso5's
 
 
 def test_compare_refuses_other_protocols_and_other_folds(store):
@@ -235,10 +227,27 @@ def test_compare_refuses_other_protocols_and_other_folds(store):
     config = store.config
     store.config = config.replace({"data.protocol": "loso10"})
     store.trial(ctx, "c", {"variant": "without metric loss"}, scores_for(0.0))
-    args = ["tables", "--experiment", store.experiment, "--mlflow-uri", store.uri, "--compare"]
+    args = ["tables", "--mlflow-experiment", store.experiment, "--mlflow-uri", store.uri, "--compare"]
     with pytest.raises(TablesError, match="protocol=loso5.*protocol=loso10"):
         tables_command(experiment=store.experiment, mlflow_uri=store.uri, compare=["Full model", "without metric loss"])
     assert cli.main(args + ["Full model", "without metric loss"]) == 2
     # "without FA" logged 4 of 5 folds: not complete, so not a candidate at all.
     with pytest.raises(TablesError, match="no complete trial run .*'without FA'"):
         tables_command(experiment=store.experiment, mlflow_uri=store.uri, compare=["Full model", "without FA"])
+
+
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS.values() if not e.is_search], ids=lambda e: e.key)
+def test_every_catalogue_row_finds_the_run_its_trial_logged(store, experiment):
+    """The Tune grid and the table come from the same catalogue rows: a run logged for each row (as a grid trial
+    logs it) fills that row, none reads "not run"."""
+    config = store.config.replace(experiment.defaults)
+    ctx = open_sweep(store.uri, store.experiment_id, experiment, f"every-{experiment.key}", config)
+    for i, row in enumerate(experiment.rows):
+        log_trial(ctx, f"t{i}", {"variant": row.label}, config, fold_result(scores_for(0.01 * i)))
+    [table] = sweep_tables(collect_sweeps(store.uri, store.experiment_id, ctx.parent_run_id)[0])
+    assert table.number == experiment.table and len(table.rows) == len(experiment.rows)
+    ua = table.header.index("UA")
+    for i, (row, cells) in enumerate(zip(experiment.rows, table.rows)):
+        assert cells[:len(row.cells)] == list(row.cells)
+        assert cells[ua] == mean_std(scores_for(0.01 * i)), row.label
+    assert not any("not run" in cell for cells in table.rows for cell in cells)

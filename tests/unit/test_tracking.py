@@ -1,4 +1,4 @@
-"""tracking.py against a real MLflow store (SQLite in tmp_path), read back through MlflowClient."""
+"""ser_platform.tracking against a real MLflow store (SQLite in tmp_path), read back through MlflowClient."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import yaml
 from mlflow import MlflowClient
 
 from ser_platform import tracking
+from ser_platform.tracking import schema
 from ser_platform.config import from_dict, load_config
 
 
@@ -66,8 +67,9 @@ def test_experiment_is_created_once_with_artifacts_beside_the_db(store, store_di
 
 def test_runs_nest_and_carry_config_params_and_yaml(store):
     config = load_config("demo", overrides={"loss.alpha": 0.25, "data.folds": [1, 3]})
-    parent = tracking.start_run(store, "nesting", run_name="parent", tags={"ser.role": "train"})
-    child = tracking.start_run(store, "nesting", run_name="fold=1", parent_run_id=parent.run_id, tags={"ser.fold": 1})
+    exp = tracking.experiment_id(store, "nesting")
+    parent = tracking.start_run(store, exp, run_name="parent", tags={"ser.role": "train"})
+    child = tracking.start_run(store, exp, run_name="fold=1", parent_run_id=parent.run_id, tags={"ser.fold": 1})
     child.log_config(config, {"git_commit": "abc", "fold": 1})
     child.log_metrics({"val_ua": 0.5}, step=1)
     child.log_metrics({"val_ua": 0.75}, step=2)
@@ -75,7 +77,7 @@ def test_runs_nest_and_carry_config_params_and_yaml(store):
 
     client = MlflowClient(store)
     run = client.get_run(child.run_id)
-    assert run.data.tags[tracking.PARENT_RUN_TAG] == parent.run_id
+    assert run.data.tags[schema.PARENT_RUN_TAG] == parent.run_id
     assert run.data.tags["ser.fold"] == "1"
     assert run.info.status == "FINISHED"
     flat = config.flat()
@@ -91,17 +93,18 @@ def test_runs_nest_and_carry_config_params_and_yaml(store):
 
 def test_find_or_start_run_continues_the_same_run(store):
     tags = {"ser.role": "train", "ser.train_run": "train-1"}
-    first = tracking.find_or_start_run(store, "continue", run_name="train-1", tags=tags)
-    again = tracking.find_or_start_run(store, "continue", run_name="train-1", tags=tags)
-    other = tracking.find_or_start_run(store, "continue", run_name="train-2", tags={**tags, "ser.train_run": "train-2"})
-    nested = tracking.find_or_start_run(store, "continue", run_name="train-1", tags=tags, parent_run_id=first.run_id)
-    assert again == first
+    exp = tracking.experiment_id(store, "continue")
+    first, created = tracking.find_or_start_run(store, exp, run_name="train-1", tags=tags)
+    again, created_again = tracking.find_or_start_run(store, exp, run_name="train-1", tags=tags)
+    other, _ = tracking.find_or_start_run(store, exp, run_name="train-2", tags={**tags, "ser.train_run": "train-2"})
+    nested, _ = tracking.find_or_start_run(store, exp, run_name="train-1", tags=tags, parent_run_id=first.run_id)
+    assert again == first and created and not created_again
     assert other != first and nested != first
-    assert MlflowClient(store).get_run(nested.run_id).data.tags[tracking.PARENT_RUN_TAG] == first.run_id
+    assert MlflowClient(store).get_run(nested.run_id).data.tags[schema.PARENT_RUN_TAG] == first.run_id
 
 
 def test_confusion_is_logged_as_json_and_figure(store):
-    run = tracking.start_run(store, "confusion", run_name="r")
+    run = tracking.start_run(store, tracking.experiment_id(store, "confusion"), run_name="r")
     matrix = [[3, 1, 0, 0], [0, 2, 0, 1], [0, 0, 4, 0], [1, 0, 0, 5]]
     tracking.log_confusion(run, matrix, ("angry", "happy", "neutral", "sad"))
     client = MlflowClient(store)
@@ -133,7 +136,7 @@ def test_dataset_fingerprint_follows_names_sizes_and_summary(tmp_path):
 
 
 def test_git_commit_is_the_checkout_head():
-    repo = Path(tracking.__file__).resolve().parents[1]
+    repo = Path(tracking.__file__).resolve().parents[2]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
     commit = tracking.git_commit(repo)
     assert commit.removesuffix("-dirty") == head.stdout.strip()
@@ -144,5 +147,5 @@ def test_git_commit_outside_a_checkout_comes_from_the_job_env(monkeypatch, tmp_p
     # `ray job submit --working-dir .` uploads no .git: the submitter passes the commit in SER_GIT_COMMIT.
     monkeypatch.setenv("SER_GIT_COMMIT", "0123abc")
     assert tracking.git_commit(tmp_path) == "0123abc"
-    repo = Path(tracking.__file__).resolve().parents[1]
+    repo = Path(tracking.__file__).resolve().parents[2]
     assert tracking.git_commit(repo) != "0123abc"  # a real checkout wins

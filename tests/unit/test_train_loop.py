@@ -19,12 +19,12 @@ import torch.multiprocessing as mp
 from ser_platform.config import load_config
 from ser_platform.data.features import AcousticFeatures, FeatureParams
 from ser_platform.data.iemocap import CLASSES
-from ser_platform.data.loader import make_collate, plan_pool_batches
+from ser_platform.data.loader import LocalFolds, make_collate
 from ser_platform.models.ser_model import SERModel, SEROutput
 from ser_platform.models.text import build_tokenizer
 from ser_platform.train import Hooks, fit_folds, predict, summarize_trial, train_epoch
 
-from support import TINY_SIZES, comparable
+from support import TINY_SIZES, comparable, fold_rows
 
 TINY = {
     **TINY_SIZES,
@@ -37,46 +37,22 @@ def tiny_config(**overrides):
     return load_config("demo", overrides={**TINY, **overrides})
 
 
-def make_rows(n: int, seed: int, prefix: str) -> dict[str, np.ndarray]:
-    """Random utterances in the dataset's column form (audio 0.2-0.6 s; cropped to 0.5 s by the collate)."""
-    rng = np.random.default_rng(seed)
-    audio = np.empty(n, dtype=object)
-    audio[:] = [rng.standard_normal(int(rng.integers(3200, 9600))).astype(np.float32) * 0.1 for _ in range(n)]
-    return {
-        "id": np.asarray([f"{prefix}_{i:03d}" for i in range(n)], dtype=object),
-        "label": np.asarray([CLASSES[i % 4] for i in range(n)], dtype=object),
-        "mode": np.asarray(["improvised" if i % 3 else "scripted" for i in range(n)], dtype=object),
-        "transcript": np.asarray([" ".join(rng.choice(["oh", "no", "yes", "fine", "great"], 4)) for _ in range(n)],
-                                 dtype=object),
-        "audio": audio,
-        "duration": np.asarray([len(a) / 16000 for a in audio], dtype=np.float32),
-    }
-
-
 class Folds:
-    """In-memory stand-in for the Ray Data side: per fold, train/val/test rows; records every request."""
+    """The library's in-process data path (``loader.LocalFolds``) over random rows, one table per fold; records
+    every request."""
 
     def __init__(self, config, folds=(1, 2)):
         self.config = config
-        self.splits = {f: {"train": make_rows(24, 10 * f, f"f{f}tr"), "val": make_rows(12, 10 * f + 1, f"f{f}va"),
-                           "test": make_rows(12, 10 * f + 2, f"f{f}te")} for f in folds}
         self.collate = make_collate(build_tokenizer(config.model.text), max_text_tokens=32,
                                     max_audio_samples=int(config.data.max_audio_seconds * 16000))
+        self.local = {f: LocalFolds(fold_rows(f, (24, 12, 12)), config, self.collate) for f in folds}
         self.calls: list[tuple[int, str, int]] = []
 
+    def split(self, fold, split):
+        return self.local[fold].split(fold, split)
+
     def batches(self, fold, split, epoch, *, rank=0, world_size=1):
-        rows = self.splits[fold][split]
-        b = self.config.train.batch_size
-        if split == "train":
-            rng = np.random.default_rng([self.config.train.seed, fold, epoch])
-            order = rng.permutation(len(rows["id"]))
-            pools = [{k: v[order] for k, v in rows.items()}]
-            batches = list(plan_pool_batches(pools, b, samples_per_class=self.config.train.samples_per_class,
-                                             bucket_by_length=False, seed=epoch))
-        else:
-            n = len(rows["id"])
-            batches = [{k: v[i:i + b] for k, v in rows.items()} for i in range(0, n, b)]
-        return [self.collate(batch) for index, batch in enumerate(batches) if index % world_size == rank]
+        return self.local[fold].batches_for(fold, split, epoch, rank=rank, world_size=world_size)
 
     def __call__(self, fold, split, epoch):
         self.calls.append((fold, split, epoch))
@@ -233,7 +209,7 @@ def _ddp_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> Non
             features = AcousticFeatures(FeatureParams.from_speech_config(config.model.speech))
             loss_fn = JointLoss(config.loss)
             # One step on this rank's half of one batch of 8 (rank 0: rows 0-3, rank 1: rows 4-7).
-            batch = data.collate({k: v[rank * 4:(rank + 1) * 4] for k, v in data.splits[1]["train"].items()})
+            batch = data.collate({k: v[rank * 4:(rank + 1) * 4] for k, v in data.split(1, "train").items()})
             train_epoch(wrapped, loss_fn, optimizer, [batch], config=config, features=features,
                         device=torch.device("cpu"), world_size=world_size)
             params = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -264,7 +240,7 @@ def test_after_a_ddp_step_every_rank_holds_the_same_parameters(tmp_path):
     model = LinearStandIn()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     data = Folds(config, folds=(1,))
-    batch = data.collate({k: v[:8] for k, v in data.splits[1]["train"].items()})
+    batch = data.collate({k: v[:8] for k, v in data.split(1, "train").items()})
     train_epoch(model, JointLoss(config.loss), optimizer, [batch], config=config,
                 features=AcousticFeatures(FeatureParams.from_speech_config(config.model.speech)),
                 device=torch.device("cpu"))

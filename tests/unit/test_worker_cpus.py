@@ -1,4 +1,4 @@
-"""``ray_train.worker_cpus``: how the auto CPU share splits a cluster among trials and workers (computed, no Ray
+"""``resources.worker_cpus``: how the auto CPU share splits a cluster among trials and workers (computed, no Ray
 started; moved here from tests/integration/test_ray_train.py)."""
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ from ser_platform.config import load_config
 
 
 def test_auto_cpus_share_the_cluster_among_trials_and_workers():
-    from ser_platform.cluster import TRIAL_CPU
-    from ser_platform.ray_train import worker_cpus
+    from ser_platform.resources import TRIAL_CPU, worker_cpus
 
     auto = load_config("demo")  # cpus_per_worker=0: auto
     assert auto.train.cpus_per_worker == 0
