@@ -23,6 +23,7 @@ import soundfile
 
 from ser_platform.cli import main
 from ser_platform.data import parquet
+from ser_platform.data.atomic_folder import AtomicFolder
 from ser_platform.data.errors import DataError
 from ser_platform.data.iemocap import CLASSES, parse_iemocap
 from ser_platform.data.parquet import format_summary, prepare_dataset, read_summary
@@ -374,17 +375,35 @@ def test_a_crash_during_overwrite_keeps_the_old_dataset(session1, tmp_path, monk
     assert sorted(os.listdir(tmp_path)) == ["corpus", "ds"]
 
 
-def test_partials_of_a_killed_run_are_removed(session1, tmp_path):
+def test_partials_of_a_killed_run_are_removed_whatever_the_host_and_pid(session1, tmp_path):
     root, _ = session1
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = tmp_path / f".ds.partial-{socket.gethostname()}-{dead.pid}-0badcafe"
-    stale.mkdir()
-    (stale / "part-00000.parquet").write_bytes(b"half")
-    alive = tmp_path / f".ds.partial-{socket.gethostname()}-{os.getpid()}-00c0ffee"  # a run still going
-    alive.mkdir()
-    prepare_dataset(root, tmp_path / "ds")
-    assert not stale.exists() and alive.exists()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # its pid is alive
+    try:
+        debris = [tmp_path / f".ds.partial-{socket.gethostname()}-{alive.pid}-0badcafe",
+                  tmp_path / ".ds.partial-another-host-1-00c0ffee", tmp_path / ".ds.partial-1a2b3c4d"]
+        for folder in debris:
+            folder.mkdir()
+            (folder / "part-00000.parquet").write_bytes(b"half")
+        prepare_dataset(root, tmp_path / "ds")
+    finally:
+        alive.kill()
+        alive.wait()
+    # No writer held the lock of ds, so whichever run left them, they were debris.
+    assert not any(folder.exists() for folder in debris)
+    assert sorted(os.listdir(tmp_path)) == ["corpus", "ds"]
+
+
+def test_a_second_writer_stops_at_once_and_leaves_the_first_alone(session1, tmp_path):
+    root, _ = session1
+    first = AtomicFolder(tmp_path / "ds", writer="ser prepare", what="dataset", marker="-", is_ours=parquet.is_dataset,
+                         overwrite=False).open()  # a prepare in progress: it holds the lock, its partial exists
+    try:
+        with pytest.raises(DataError, match=r"ds: another writer is writing this dataset now \(`ser prepare`, pid "):
+            prepare_dataset(root, tmp_path / "ds", overwrite=True)
+        assert first.partial.is_dir() and not (tmp_path / "ds").exists()
+    finally:
+        first.abort()
+    assert sorted(os.listdir(tmp_path)) == ["corpus"]
 
 
 def test_read_summary_of_something_else_names_it(tmp_path):
