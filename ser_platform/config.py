@@ -519,7 +519,15 @@ def _read_yaml(path: Path) -> Any:
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
     except (yaml.YAMLError, ConfigError) as err:
-        raise ConfigError(f"{path}: cannot read config: {err}") from None
+        raise ConfigError(f"{path}: cannot read config: {_one_line(err)}") from None
+
+
+def _one_line(err: Exception) -> str:
+    """A YAML error in one line: where, and what (PyYAML's own message spans lines, with a caret drawing)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        what = ", ".join(part for part in (err.context, err.problem) if part)
+        return f"line {err.problem_mark.line + 1}, column {err.problem_mark.column + 1}: {what}"
+    return str(err).splitlines()[0]
 
 
 def load_config(preset_name: str = "demo", yaml_path: str | Path | None = None,
@@ -565,8 +573,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key, yaml.load(raw, Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, ConfigError) as err:
-        problem = str(err).splitlines()[0]
-        raise ConfigError(f"{key}={raw!r}: not a value ({problem}); quote it if it is text") from None
+        raise ConfigError(f"{key}={raw!r}: not a value ({_one_line(err)}); quote it if it is text") from None
 
 
 _DEFAULTS = _flatten(dataclasses.asdict(Config()))  # dotted key -> default value: which keys hold strings

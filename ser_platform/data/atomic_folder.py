@@ -184,7 +184,9 @@ class AtomicFolder:
             raise FileExistsError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it (the "
                                   f"old {self.what} is kept until the new one is complete)")
         if not self.is_ours(out):
-            raise DataError(out, f"exists and is not a {self.what} written by `{self.writer}` (no {self.marker}); "
+            article = "an" if self.what[0] in "aeiou" else "a"
+            raise DataError(out, f"exists and is not {article} {self.what} written by `{self.writer}` (no "
+                                 f"{self.marker}); "
                                  "refusing to replace it: remove it yourself or choose another output folder")
 
     def _clear_debris(self) -> None:

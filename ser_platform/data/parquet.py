@@ -326,8 +326,9 @@ def read_summary(dataset: str | Path) -> dict[str, Any]:
     """The summary stored in a dataset's ``_common_metadata`` (local path or a pyarrow URI: s3://, gs://)."""
     filesystem, root = filesystem_and_path(dataset)
     where = f"{root.rstrip('/')}/{METADATA_FILE}"
-    if filesystem is None and Path(where).exists() and not Path(where).is_file():
-        raise DataError(where, "not a regular file; not a dataset from `ser prepare`")  # a FIFO would block
+    problem = file_problem(where) if filesystem is None else None
+    if problem and problem != "missing":  # a FIFO would block the reader
+        raise DataError(where, f"{problem}; not a dataset from `ser prepare`")
     try:
         schema = pq.read_schema(where, filesystem=filesystem)
     except (FileNotFoundError, OSError, pa.ArrowException) as err:

@@ -47,6 +47,7 @@ import scipy.signal
 import soundfile
 
 from ser_platform.data.atomic_folder import AtomicFolder
+from ser_platform.data.errors import DataError
 from ser_platform.data.iemocap import CLASSES, PAPER_COUNTS
 
 SESSIONS = (1, 2, 3, 4, 5)
@@ -152,9 +153,9 @@ def write_synthetic_corpus(
     only if it is a corpus written here (``is_synthetic_corpus``). ``out`` is resolved (symlinks followed).
     """
     if utterances_per_session < 8:
-        raise ValueError(f"utterances_per_session={utterances_per_session!r}: need at least 8 (two per class)")
+        raise DataError(out, f"utterances_per_session={utterances_per_session!r}: need at least 8 (two per class)")
     if sample_rate < 8000:
-        raise ValueError(f"sample_rate={sample_rate!r}: need at least 8000 Hz for the harmonic source")
+        raise DataError(out, f"sample_rate={sample_rate!r}: need at least 8000 Hz for the harmonic source")
     folder = AtomicFolder(out, writer="ser synth", what="synthetic corpus", marker=MARKER_FILE,
                           is_ours=is_synthetic_corpus, overwrite=overwrite)
     rng = np.random.default_rng(seed)

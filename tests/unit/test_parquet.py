@@ -412,3 +412,40 @@ def test_read_summary_of_something_else_names_it(tmp_path):
 
 
 # Ray Data reading the dataset: tests/integration/test_parquet_ray.py.
+
+
+# --- audio too short for the speech encoder ------------------------------------------------------------------
+
+def test_the_minimum_length_is_wav2vec2s_receptive_field():
+    """Checked against transformers' own wav2vec2 feature encoder: 400 samples give it one frame, 399 none."""
+    import torch
+    from transformers import Wav2Vec2Config
+    from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2FeatureEncoder
+
+    from ser_platform.config import SpeechEncoderConfig
+    from ser_platform.models.speech import build_speech_encoder_config
+
+    base = Wav2Vec2Config()  # wav2vec2-base's conv stack: kernels (10,3,3,3,3,2,2), strides (5,2,2,2,2,2,2)
+    assert parquet.conv_receptive_field(base.conv_kernel, base.conv_stride) == parquet.MIN_AUDIO_SAMPLES == 400
+    tiny = build_speech_encoder_config(SpeechEncoderConfig())
+    assert parquet.conv_receptive_field(tiny.conv_kernel, tiny.conv_stride) == 330 <= parquet.MIN_AUDIO_SAMPLES
+    features = Wav2Vec2FeatureEncoder(Wav2Vec2Config(conv_dim=(4,) * 7)).eval()  # base's stack, narrow channels
+    with torch.no_grad():
+        assert features(torch.zeros(1, 400)).shape[-1] == 1
+        assert features(torch.zeros(1, 400 + 320)).shape[-1] == 2  # one more frame per 320-sample stride
+        with pytest.raises(RuntimeError):
+            features(torch.zeros(1, 399))  # what `ser predict` and `ser cache` met before the rule
+
+
+def test_short_audio_is_refused_after_resampling(tmp_path):
+    wav = tmp_path / "short.wav"
+    _write_wav(wav, np.full(200, 0.1, np.float32), 8000)  # 200 samples at 8 kHz = 400 at 16 kHz: long enough
+    audio, info = parquet.load_audio(wav)
+    assert len(audio) == 400 and info["resampled"]
+    _write_wav(wav, np.full(199, 0.1, np.float32), 8000)
+    with pytest.raises(DataError, match=r"short\.wav: audio of 398 samples \(24\.9 ms at 16000 Hz\) is shorter "
+                                        r"than the speech encoder's receptive field of 400 samples \(25 ms\)"):
+        parquet.load_audio(wav)
+    with pytest.raises(DataError, match=r"^row X: audio of 329 samples"):
+        parquet.check_audio_length(329, "row X")
+    parquet.check_audio_length(330, "row X", min_samples=330)  # an encoder's own field, as ser cache may pass
