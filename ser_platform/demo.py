@@ -1,7 +1,8 @@
 """The embedded default dataset: a synthetic corpus in IEMOCAP's layout and its Parquet, built once under data/demo/.
 
 ``config.data.dataset == ""`` means this dataset. It is written the first time it is needed and reused after
-(only rebuilt if missing or damaged: ``check_dataset``), so the embedded default sweep needs no licensed data and no network.
+(only rebuilt if missing or damaged: ``check_dataset``), so the embedded default sweep needs no licensed data
+and no network.
 """
 
 from __future__ import annotations

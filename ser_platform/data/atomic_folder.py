@@ -7,7 +7,7 @@ never half-written, never by two writers at once, and an existing folder replace
         folder.commit()           # rename into place; an old folder there is removed only afterwards
     # leaving the block without commit (an exception, Ctrl-C, SIGTERM) removes the partial folder
 
-The rules, in the order ``open`` applies them:
+The rules:
 
 * **Where.** ``out`` is resolved, symlinks followed: a link to a dataset elsewhere is replaced at its target, so
   the link stays valid and nothing is written beside the link.
@@ -116,9 +116,16 @@ class AtomicFolder:
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.committed:
             self.abort()
-        if isinstance(exc, OSError) and exc.errno in _NO_ROOM:
-            raise DataError(self.out, f"cannot write the {self.what}: {_NO_ROOM[exc.errno]} ({exc}); nothing "
-                                      "was written, free some space or choose another output folder") from exc
+        full = self.out_of_room(exc) if isinstance(exc, OSError) else None
+        if full is not None:
+            raise full from exc
+
+    def out_of_room(self, err: OSError) -> DataError | None:
+        """The ``DataError`` naming ``out`` for a write that ran out of room (module docstring), else None."""
+        if err.errno not in _NO_ROOM:
+            return None
+        return DataError(self.out, f"cannot write the {self.what}: {_NO_ROOM[err.errno]} ({err}); nothing was "
+                                   "written, free some space or choose another output folder")
 
     def open(self) -> "AtomicFolder":
         """Lock, clear a killed run's debris, check the target and create the partial folder."""

@@ -295,8 +295,14 @@ class EntryWriter:
     def _flush(self) -> None:
         if not self.rows:
             return
-        pq.write_table(arrow_table(self.rows, ENTRY_SCHEMA), self.partial / f"part-{self.parts:05d}.parquet",
-                       compression="zstd", use_byte_stream_split=["states.list.element"])
+        try:
+            pq.write_table(arrow_table(self.rows, ENTRY_SCHEMA), self.partial / f"part-{self.parts:05d}.parquet",
+                           compression="zstd", use_byte_stream_split=["states.list.element"])
+        except OSError as err:
+            full = self.folder.out_of_room(err)
+            if full is None:
+                raise
+            raise full from err
         self.parts += 1
         self.rows, self.nbytes = [], 0
 

@@ -229,13 +229,8 @@ def _parse_dialog(
     wav_dir = session_dir / "sentences" / "wav" / dialog
     utterances = []
     for ev in kept:
-        if unusable or ev.id not in transcripts or ev.id in repeats:
-            problem = f"no transcript line for {ev.id}"
-            if unusable:
-                problem = f"{unusable} (needed for {ev.id})"
-            elif ev.id in repeats:
-                problem = (f"lines {' and '.join(map(str, repeats[ev.id]))} give {ev.id} different transcripts; "
-                           "keep the right one")
+        problem = _transcript_problem(ev.id, transcripts, repeats, unusable)
+        if problem:
             _fail_or_skip(result, skip_bad, transcript_file, problem)
             continue
         wav_path = wav_dir / f"{ev.id}.wav"
@@ -322,6 +317,16 @@ def _read_transcripts(path: Path) -> tuple[dict[str, tuple[str, int]], dict[str,
         elif transcripts[utt_id][0] != text:
             repeats.setdefault(utt_id, [transcripts[utt_id][1]]).append(number)
     return transcripts, repeats
+
+
+def _transcript_problem(utt_id: str, transcripts: dict, repeats: dict, unusable: str | None) -> str | None:
+    """Why ``utt_id`` has no usable transcript (the file is unusable, its line is missing or repeated), or None."""
+    if unusable:
+        return f"{unusable} (needed for {utt_id})"
+    if utt_id in repeats:
+        lines = " and ".join(map(str, repeats[utt_id]))
+        return f"lines {lines} give {utt_id} different transcripts; keep the right one"
+    return None if utt_id in transcripts else f"no transcript line for {utt_id}"
 
 
 def _wav_duration(wav_path: Path, ev: _Evaluation, result: ParseResult, skip_bad: bool) -> float | None:

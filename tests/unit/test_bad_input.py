@@ -161,6 +161,12 @@ def _cache_writer_fails(folder: Path) -> None:
         raise DataError("row Ses01F_impro01_F000", "the encoder failed (simulated)")
 
 
+def _cache_disk_full(folder: Path) -> None:
+    with EntryWriter(folder / "ds.cache", EncoderKey("speech", "tiny", "tiny-abc", -1)) as writer:
+        writer.add("Ses01F_impro01_F000", np.random.default_rng(0).random((2000, 16), np.float32), 16000)
+        writer.commit({})
+
+
 def _two_cache_writers(folder: Path) -> None:
     key = EncoderKey("speech", "facebook/wav2vec2-base", "unknown", 6)
     with EntryWriter(folder / "ds.cache", key), EntryWriter(folder / "ds.cache", key):
@@ -318,7 +324,9 @@ CASES = [
          "corpus: cannot read config: is a folder"),
     Case("--config that is a FIFO", ("model-summary", "--config", "c.yaml"), 2, "c.yaml: cannot read config: is a "
          "FIFO", setup=lambda f: os.mkfifo(f / "c.yaml")),
-    Case("--config with two documents", ("model-summary", "--config", "c.yaml"), 2, "c.yaml: cannot read config: line 2, column 1: expected a single document in the stream, but found another document",
+    Case("--config with two documents", ("model-summary", "--config", "c.yaml"), 2,
+         "c.yaml: cannot read config: line 2, column 1: expected a single document in the stream, but found "
+         "another document",
          setup=lambda f: (f / "c.yaml").write_text("train: {epochs: 3}\n---\ntrain: {epochs: 4}\n")),
     Case("--config with a list at the top", ("model-summary", "--config", "c.yaml"), 2,
          "c.yaml: expected a mapping at the top level, got list",
@@ -362,6 +370,9 @@ CASES = [
     # The encoder cache's writer and the short-audio rule ser cache and predict share.
     Case("a failed cache run leaves no empty key folders", _cache_writer_fails, 2,
          "row Ses01F_impro01_F000: the encoder failed"),
+    Case("a cache run onto a full disk (file size limit)", _cache_disk_full, 2,
+         "layer=-1: cannot write the encoder-cache entry: file size limit exceeded",
+         setup=lambda f: _limit_file_size(20_000)),
     Case("two cache writers of one entry", _two_cache_writers, 2,
          "layer=6: another writer is writing this encoder-cache entry now (`ser cache`, pid"),
     Case("a cache entry's place taken by a folder it did not write",
