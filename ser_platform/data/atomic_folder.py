@@ -41,6 +41,7 @@ import shutil
 import signal
 import socket
 import threading
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -87,6 +88,19 @@ def _release_signals() -> None:
         for signum, handler in list(_saved_handlers.items()):
             signal.signal(signum, handler)
             del _saved_handlers[signum]
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a folder of ours, read-only ones included (a dataset someone made read-only to protect it:
+    replacing it with --overwrite was asked for). What cannot be removed is named in a warning."""
+    def writable_then_retry(function, failed, _):
+        os.chmod(os.path.dirname(failed), 0o700)
+        function(failed)
+
+    try:
+        shutil.rmtree(path, onerror=writable_then_retry)
+    except OSError as err:
+        warnings.warn(f"{path}: could not remove it ({err.strerror or err}); remove it yourself", stacklevel=2)
 
 
 def _problem(err: OSError) -> str:
@@ -199,12 +213,12 @@ class AtomicFolder:
     def _clear_debris(self) -> None:
         """Partial and old folders of ``out`` left by a killed run (the lock says no writer is alive)."""
         for path in sorted(self.out.parent.glob(f".{self.out.name}.partial-*")):
-            shutil.rmtree(path, ignore_errors=True)
+            _remove_tree(path)
         for path in sorted(self.out.parent.glob(f".{self.out.name}.old-*")):
             if not self.out.exists() and path.is_dir() and self.is_ours(path):
                 os.rename(path, self.out)  # killed between the two renames of a replace: put it back
             else:
-                shutil.rmtree(path, ignore_errors=True)
+                _remove_tree(path)
 
     # --- closing ------------------------------------------------------------------------------------------------
 
@@ -230,7 +244,7 @@ class AtomicFolder:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_tree(old)
         self._release()
         return self.out
 

@@ -119,6 +119,12 @@ def _chmod(path: Path, mode: int) -> None:
     path.chmod(mode)
 
 
+def _read_only_dataset(folder: Path) -> None:
+    for part in (folder / "ds").iterdir():
+        part.chmod(0o444)
+    (folder / "ds").chmod(0o555)
+
+
 def _thesis(folder: Path, name: str = "thesis") -> None:
     (folder / name).mkdir()
     (folder / name / "thesis.tex").write_text("three years of work")
@@ -233,6 +239,8 @@ CASES = [
     Case("prepare into a read-only folder", ("prepare", "--source", "corpus", "--out", "ro/out"), 2,
          "cannot write the dataset {tmp}/ro/out here (Permission denied)",
          setup=lambda f: (f / "ro").mkdir(mode=0o555), no_dac=True),
+    Case("prepare --overwrite onto a read-only dataset of its own", ("prepare", "--source", "corpus", "--out", "ds",
+         "--overwrite"), 0, "Parquet dataset {tmp}/ds", setup=_read_only_dataset, no_dac=True, writes=("ds",)),
     Case("prepare onto a full disk (file size limit)", PREPARE, 2,
          "{tmp}/out: cannot write the dataset: file size limit exceeded", setup=lambda f: _limit_file_size(60_000)),
     Case("prepare --out on object storage", ("prepare", "--source", "corpus", "--out", "s3://bucket/ds"), 2,
