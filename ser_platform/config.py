@@ -403,7 +403,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 def _coerce(key: str, value: Any, current: Any) -> Any:
     """A YAML/CLI value as the type of the field's current value: strings are parsed ("0.5" -> 0.5, "false" ->
     False, "1,3" -> (1, 3)), a single fold is a tuple of one, None is "" for a string; anything else of the wrong
-    type is refused here (module docstring), the finite and range checks follow in ``__post_init__``."""
+    type is refused here (module docstring); finiteness and ranges are checked in ``__post_init__``."""
     if isinstance(current, bool):
         if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
             return value.strip().lower() in ("true", "yes")
@@ -429,7 +429,6 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
             except ValueError:
                 raise ConfigError(f"{key}={value!r}: expected a number") from None
         _check(isinstance(number, numbers.Real) and not isinstance(number, bool), key, value, "a number")
-        _check(math.isfinite(number), key, value, "a finite number")
         return float(number)
     if isinstance(current, str):
         if value is None:
@@ -439,10 +438,10 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
     return value
 
 
-def _check_preset_key(where: str, value: Any, chosen: str) -> None:
+def _check_preset_key(value: Any, chosen: str) -> None:
     """A ``preset`` key in a YAML file or an override may only repeat the preset ``--preset`` chose."""
     if value != chosen:
-        raise ConfigError(f"{where}preset={value!r}: presets are chosen only by --preset (this command's is "
+        raise ConfigError(f"preset={value!r}: presets are chosen only by --preset (this command's is "
                           f"{chosen!r}); pass --preset {value} instead, or drop the key")
 
 
@@ -456,7 +455,7 @@ def apply_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ConfigError(f"unknown config key {key!r}{hint}")
         if key == "preset":
-            _check_preset_key("", value, config.preset)
+            _check_preset_key(value, config.preset)
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
@@ -542,7 +541,7 @@ def load_config(preset_name: str = "demo", yaml_path: str | Path | None = None,
             raise ConfigError(f"{path}: expected a mapping at the top level, got {type(tree).__name__}")
         try:
             if "preset" in tree:
-                _check_preset_key("", tree["preset"], preset_name)
+                _check_preset_key(tree["preset"], preset_name)
             config = from_dict(_deep_merge(config.to_dict(), tree))
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None

@@ -68,7 +68,7 @@ import soundfile
 import threadpoolctl
 
 from ser_platform.data.atomic_folder import AtomicFolder, resolved
-from ser_platform.data.errors import DataError, SkippedInput, file_problem
+from ser_platform.data.errors import DataError, SkippedInput, file_problem, unreadable
 from ser_platform.data.features import FeatureParams, features_from_power, power_spectrogram_librosa
 from ser_platform.data.iemocap import CLASSES, Utterance, parse_iemocap
 from ser_platform.data.overlap import format_overlap, transcript_overlap
@@ -358,7 +358,7 @@ def _dataset_entries(dataset: str | Path) -> list[tuple[str, str, int]]:
         except FileNotFoundError as err:
             raise DataError(err.filename or dataset, "does not exist (a dangling link or a deleted file?)") from None
         except OSError as err:
-            raise DataError(err.filename or dataset, f"cannot read it ({err.strerror or err})") from None
+            raise DataError(err.filename or dataset, unreadable(err)) from None
     else:
         from pyarrow import fs
 
@@ -374,9 +374,15 @@ def check_dataset(dataset: str | Path) -> dict[str, Any]:
     folder or FIFO inside it, a part whose columns differ, a part the summary lists but that is gone, a part it
     does not list, or a row count that differs from the summary."""
     filesystem, root = filesystem_and_path(dataset)
-    if filesystem is None and not Path(root).is_dir():
-        problem = "is a file, not a dataset folder" if Path(root).exists() else "does not exist"
-        raise DataError(dataset, problem + " (expected a folder written by `ser prepare`)")
+    if filesystem is None:
+        try:
+            is_folder = stat.S_ISDIR(os.stat(root).st_mode)
+        except FileNotFoundError:
+            raise DataError(dataset, "does not exist (expected a folder written by `ser prepare`)") from None
+        except OSError as err:
+            raise DataError(dataset, unreadable(err)) from None
+        if not is_folder:
+            raise DataError(dataset, "is a file, not a dataset folder (expected a folder written by `ser prepare`)")
     summary = read_summary(dataset)
     expected = pq.read_schema(f"{root.rstrip('/')}/{METADATA_FILE}", filesystem=filesystem).remove_metadata()
     advice = "re-run `ser prepare --overwrite` or restore the dataset from a copy"

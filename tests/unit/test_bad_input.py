@@ -125,6 +125,16 @@ def _read_only_dataset(folder: Path) -> None:
     (folder / "ds").chmod(0o555)
 
 
+def _move_into(path: Path, folder: Path, *, name: str | None = None, mode: int = 0o755,
+               corpus_marker: bool = True) -> None:
+    """Move ``path`` into a new ``folder`` (as ``name``), then give the folder ``mode``."""
+    folder.mkdir(parents=True)
+    shutil.move(path, folder / (name or path.name))
+    if not corpus_marker:
+        (folder / (name or path.name) / ".ser_synthetic_corpus.json").unlink()
+    folder.chmod(mode)
+
+
 def _thesis(folder: Path, name: str = "thesis") -> None:
     (folder / name).mkdir()
     (folder / name / "thesis.tex").write_text("three years of work")
@@ -161,10 +171,17 @@ def _foreign_part(folder: Path) -> None:
     pq.write_table(table, folder / "ds" / "part-00000.parquet")
 
 
-def _cache_writer_fails(folder: Path) -> None:
-    with EntryWriter(folder / "ds.cache", EncoderKey("text", "tiny", "tiny-abc", -1)) as writer:
-        writer.add("Ses01F_impro01_F000", np.zeros((3, 4), np.float32), 3)
+def _cache_writers_fail(folder: Path) -> None:
+    """As ``ser cache`` writes: one writer per (modality, layer), sharing key folders, aborted in creation order."""
+    keys = [EncoderKey("text", "tiny", "tiny-abc", -1), EncoderKey("text", "tiny", "tiny-abc", 0),
+            EncoderKey("speech", "tiny", "tiny-def", -1)]
+    writers = [EntryWriter(folder / "ds.cache", key) for key in keys]
+    try:
+        writers[0].add("Ses01F_impro01_F000", np.zeros((3, 4), np.float32), 3)
         raise DataError("row Ses01F_impro01_F000", "the encoder failed (simulated)")
+    finally:
+        for writer in writers:
+            writer.abort()
 
 
 def _cache_disk_full(folder: Path) -> None:
@@ -302,7 +319,7 @@ CASES = [
          "model.num_heads=0: expected >= 1"),
     Case("--set model.text.name= (empty)", ("model-summary", "--set", "model.text.name="), 2,
          "model.text.name='': expected a checkpoint name"),
-    Case("--set train.lr=inf", ("model-summary", "--set", "train.lr=inf"), 2, "train.lr='inf': expected a finite"),
+    Case("--set train.lr=inf", ("model-summary", "--set", "train.lr=inf"), 2, "train.lr=inf: expected a finite"),
     Case("--set train.lr=.nan", ("model-summary", "--set", "train.lr=.nan"), 2, "train.lr=nan: expected a finite"),
     Case("--set train.epochs=true", ("model-summary", "--set", "train.epochs=true"), 2,
          "train.epochs=True: expected an integer"),
@@ -366,17 +383,23 @@ CASES = [
          "{tmp}/ds/part-00000.parquet: its columns differ from the dataset's", setup=_foreign_part),
     Case("a dataset without its _common_metadata", lambda f: check_dataset(f / "ds"), 2,
          "{tmp}/ds: cannot read _common_metadata", setup=lambda f: (f / "ds" / "_common_metadata").unlink()),
+    Case("a dataset given as a file:// URI, holding a foreign file", lambda f: check_dataset(f"file://{f}/ds"), 2,
+         "{tmp}/ds/notes.txt: not a part file", setup=lambda f: (f / "ds" / "notes.txt").write_text("remember")),
     Case("a dataset path that does not exist", lambda f: check_dataset(f / "nowhere"), 2,
          "{tmp}/nowhere: does not exist"),
     Case("a dataset path that is a file", lambda f: check_dataset(f / "victim.json"), 2,
          "{tmp}/victim.json: is a file, not a dataset folder"),
-    Case("an unreadable dataset folder", lambda f: check_dataset(f / "ds"), 2, "{tmp}/ds",
+    Case("an unreadable dataset folder", lambda f: check_dataset(f / "ds"), 2,
+         "{tmp}/ds/_common_metadata: cannot read it (Permission denied",
          setup=lambda f: _chmod(f / "ds", 0), no_dac=True),
+    Case("a dataset in a folder that cannot be searched", lambda f: check_dataset(f / "locked" / "ds"), 2,
+         "{tmp}/locked/ds: cannot read it (Permission denied",
+         setup=lambda f: _move_into(f / "ds", f / "locked", mode=0o600), no_dac=True),
     Case("a dataset with hidden files beside its parts (readers skip them)", lambda f: check_dataset(f / "ds"), 0,
          setup=lambda f: (f / "ds" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")),
 
     # The encoder cache's writer and the short-audio rule ser cache and predict share.
-    Case("a failed cache run leaves no empty key folders", _cache_writer_fails, 2,
+    Case("a failed cache run leaves no empty key folders", _cache_writers_fail, 2,
          "row Ses01F_impro01_F000: the encoder failed"),
     Case("a cache run onto a full disk (file size limit)", _cache_disk_full, 2,
          "layer=-1: cannot write the encoder-cache entry: file size limit exceeded",
@@ -386,15 +409,14 @@ CASES = [
     Case("a cache entry's place taken by a folder it did not write",
          lambda f: EntryWriter(f / "ds.cache", EncoderKey("text", "tiny", "r", -1)), 2,
          "layer=-1: exists and is not an encoder-cache entry written by `ser cache`",
-         setup=lambda f: _thesis(f, "ds.cache/text/tiny@r/layer=-1")
-         if (f / "ds.cache/text/tiny@r").mkdir(parents=True) is None else None),
+         setup=lambda f: _move_into(f / "corpus", f / "ds.cache/text/tiny@r", name="layer=-1")),
     Case("a dataset row too short for the speech encoder", lambda f: check_audio_length(120, "row Ses01F_x_F000"), 2,
          "row Ses01F_x_F000: audio of 120 samples (7.5 ms at 16000 Hz)"),
 
     # The demo builder: replaces only what it wrote, rebuilds a damaged dataset.
     Case("the demo builder meets a corpus folder of the user's", _demo, 2,
          "{tmp}/demo/corpus: exists and is not a synthetic corpus written by `ser synth`",
-         setup=lambda f: (f / "demo").mkdir() or _thesis(f / "demo", "corpus")),
+         setup=lambda f: _move_into(f / "corpus", f / "demo", name="corpus", corpus_marker=False)),
     Case("the demo builder rebuilds a dataset with a deleted part", _demo, 0, setup=_damaged_demo,
          writes=("demo/parquet",)),
 ]

@@ -61,7 +61,7 @@ def test_dotted_overrides_coerce_to_the_field_type():
         ({"model.attn_implementation": "flash"}, "model.attn_implementation='flash'"),
         # Issue 15: values once accepted without a word, or that crashed later.
         ({"train.lr": float("inf")}, "train.lr=inf: expected a finite number"),
-        ({"train.lr": "nan"}, "train.lr='nan': expected a finite number"),
+        ({"train.lr": "nan"}, "train.lr=nan: expected a finite number"),
         ({"train.weight_decay": -1}, "train.weight_decay=-1.0: expected >= 0"),
         ({"train.grad_clip": -5}, "train.grad_clip=-5.0: expected >= 0 (0 turns clipping off)"),
         ({"train.gpus_per_worker": -1}, "train.gpus_per_worker=-1.0: expected >= 0"),
