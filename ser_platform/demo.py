@@ -7,7 +7,6 @@ and no network.
 
 from __future__ import annotations
 
-import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,29 +20,20 @@ DEMO_SEED = 0
 @contextmanager
 def _exclusive(lock_path: Path) -> Iterator[None]:
     """Serialise builders: two sweeps started at once must not write the same corpus twice (the second waits,
-    then finds the dataset built). The lock file is removed when done; a waiter that took the lock of a file
-    removed meanwhile takes the new one (inode check), so two builders never hold it at once."""
+    then finds the dataset built). The lock file is removed when done."""
+    from ser_platform.data.atomic_folder import lock_file, unlock_file
     from ser_platform.data.errors import DataError
 
-    while True:
-        try:
-            lock_path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(lock_path, "a")
-        except OSError as err:
-            raise DataError(lock_path.parent, f"cannot write the demo dataset here ({err.strerror or err}); run "
-                                              "from a folder you can write to, or pass a --dataset") from None
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            if os.path.samestat(os.fstat(handle.fileno()), os.stat(lock_path)):
-                break
-        except FileNotFoundError:
-            pass
-        handle.close()
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = lock_file(lock_path, holder=f"the demo dataset builder, pid {os.getpid()}", wait=True)
+    except OSError as err:
+        raise DataError(lock_path.parent, f"cannot write the demo dataset here ({err.strerror or err}); run from "
+                                          "a folder you can write to, or pass a --dataset") from None
     try:
         yield
     finally:
-        lock_path.unlink(missing_ok=True)
-        handle.close()
+        unlock_file(lock_path, fd)
 
 
 def ensure_demo_dataset(root: str | Path = "data/demo", *, utterances_per_session: int = DEMO_UTTERANCES_PER_SESSION,

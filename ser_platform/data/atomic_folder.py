@@ -47,7 +47,7 @@ from typing import Callable
 
 from ser_platform.data.errors import DataError
 
-__all__ = ["AtomicFolder", "resolved"]
+__all__ = ["AtomicFolder", "lock_file", "resolved", "unlock_file"]
 
 # Errors of the writing side: the output's file system is full or refuses writes. Converted to DataError.
 _NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
@@ -101,6 +101,38 @@ def _remove_tree(path: Path) -> None:
         shutil.rmtree(path, onerror=writable_then_retry)
     except OSError as err:
         warnings.warn(f"{path}: could not remove it ({err.strerror or err}); remove it yourself", stacklevel=2)
+
+
+def lock_file(path: Path, *, holder: str = "", wait: bool = False) -> int | None:
+    """An exclusive ``flock`` on ``path`` (created if absent): its descriptor, or None if another process holds
+    it and ``wait`` is false. ``holder`` (who takes it) is written into the file for the error others see.
+    Safe against ``unlock_file`` removing the file meanwhile: a lock taken on a removed file is dropped and the
+    new file locked instead, so two processes never both hold ``path``."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False  # its holder removed it as we took it: take the new one
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, holder.encode())
+            return fd
+        os.close(fd)
+
+
+def unlock_file(path: Path, fd: int) -> None:
+    """Remove the lock file (while still holding it, see ``lock_file``), then release it."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    os.close(fd)
 
 
 def _problem(err: OSError) -> str:
@@ -175,25 +207,15 @@ class AtomicFolder:
             _made_here.add(folder)
 
     def _lock(self) -> None:
-        while True:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._lock_fd = lock_file(self.lock_path, holder=f"`{self.writer}`, pid {os.getpid()} on "
+                                                         f"{socket.gethostname()}")
+        if self._lock_fd is None:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                raise DataError(self.out, f"another writer is writing this {self.what} now ({holder}); wait for "
-                                          "it to finish or choose another output folder") from None
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.lock_path))
-            except FileNotFoundError:
-                same = False  # its holder removed it as we took it: take the new one
-            if same:
-                break
-            os.close(fd)
-        self._lock_fd = fd
-        os.ftruncate(fd, 0)
-        os.write(fd, f"`{self.writer}`, pid {os.getpid()} on {socket.gethostname()}".encode())
+                holder = self.lock_path.read_text(errors="replace").strip() or "another process"
+            except OSError:
+                holder = "another process"
+            raise DataError(self.out, f"another writer is writing this {self.what} now ({holder}); wait for it "
+                                      "to finish or choose another output folder")
 
     def _check_target(self) -> None:
         out = self.out
@@ -264,11 +286,7 @@ class AtomicFolder:
 
     def _release(self) -> None:
         if self._lock_fd is not None:
-            try:
-                os.unlink(self.lock_path)  # while still holding it (see _lock)
-            except FileNotFoundError:
-                pass
-            os.close(self._lock_fd)
+            unlock_file(self.lock_path, self._lock_fd)
             self._lock_fd = None
         if self._signals_held:
             _release_signals()

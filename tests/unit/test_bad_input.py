@@ -293,7 +293,7 @@ CASES = [
     Case("a wav shorter than the encoder's receptive field", PREPARE, 2,
          "{wav}: audio of 399 samples (24.9 ms at 16000 Hz) is shorter than the speech encoder's receptive field",
          setup=lambda f: _write_wav(_victim(f, "wav"), 399)),
-    Case("a wav of exactly the receptive field", PREPARE, 0, '"utterances": 8',
+    Case("a wav of exactly the receptive field, with features", PREPARE + ("--features",), 0, '"utterances": 8',
          setup=lambda f: _write_wav(_victim(f, "wav"), 400), writes=("out",)),
     Case("a short wav at another rate, judged after resampling", PREPARE, 2, "audio of 200 samples",
          setup=lambda f: _write_wav(_victim(f, "wav"), 100, rate=8000)),
