@@ -31,10 +31,11 @@ channels that differ are an error, because IEMOCAP's sentence wavs are mono head
 two different microphones would mix the other actor in. Other sample rates are resampled to 16 kHz (soxr,
 librosa's default high-quality resampler) and counted per rate (``resampled``) — not an error.
 
-Audio shorter than the speech encoder's receptive field is refused (``check_audio_length``, the one rule that
-``prepare``, ``ser cache`` and ``ser predict`` share): wav2vec2-base's CNN turns 400 samples (25 ms at 16 kHz)
-into its first frame and raises on anything shorter; no real utterance is that short, so it is a cutting
-error, not something to pad. Source rates outside 4 kHz..768 kHz are refused too (a header claiming 1 Hz
+Audio shorter than the speech encoder's receptive field is refused by one rule, ``check_audio_length``, for
+every place audio enters: ``load_audio`` applies it (so ``prepare`` and ``ser predict``), and code that reads a
+dataset's rows (``ser cache``) calls it per row. wav2vec2-base's CNN turns 400 samples (25 ms at 16 kHz) into
+its first frame and raises on anything shorter; no real utterance is that short, so it is a cutting error,
+not something to pad (padding would feed the encoder mostly silence and label it). Source rates outside 4 kHz..768 kHz are refused too (a header claiming 1 Hz
 would otherwise be resampled into gigabytes).
 
 Nothing is half-written, nothing is replaced that ``prepare`` did not write, and two runs cannot write one
