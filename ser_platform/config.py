@@ -3,17 +3,35 @@
 A config is built from a preset (``demo`` or ``paper``), then optionally a YAML file (data only, unknown keys
 rejected), then dotted overrides (``{"loss.alpha": 0.5}``) — the same dotted keys the Tune search space uses.
 Every dataclass validates itself in ``__post_init__`` and quotes the bad value in its error.
+
+Validation at the edge, one ``ConfigError`` that quotes the key and the value:
+
+* types are strict (``_check_fields``): a bool is not a number (``epochs: true`` is refused) and a number is not a
+  bool (``focus_attention: 2``); every float is finite (no ``inf``, no ``nan``); an int takes an integral float
+  (``epochs: 3.0``) but not ``3.5``; a string field takes a string (an empty ``--set KEY=`` is ``""``);
+* ranges make sense: heads >= 1 and dividing their width, ``lr`` > 0, ``grad_clip`` >= 0 (0 = clipping off),
+  GPUs and CPUs >= 0, seeds >= 0, folds within the protocol (``data.folds=3`` is the single fold 3),
+  ``sweep.metric`` one of ``REPORTED_METRICS``;
+* the preset is chosen by ``--preset`` alone: a ``preset`` key (YAML or ``--set``) must name that same preset
+  (a resolved config saved from a run carries one), anything else is refused rather than relabelling a config;
+* YAML: one document, a mapping, no key twice (PyYAML would keep the last one without a word), UTF-8.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field, fields, is_dataclass
+import math
+import numbers
+import re
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
+
+from ser_platform.data.errors import file_problem
+from ser_platform.data.folds import num_folds
 
 PROTOCOLS = ("loso5", "loso10", "session5")
 EMBEDDING_SPACES = ("fused", "speech", "text")
@@ -23,6 +41,9 @@ ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
 # the pooled speech and text embeddings concatenated -> F(x); one modality alone (the other network not built).
 FUSIONS = ("crossmodal", "early", "speech_only", "text_only")
 TINY_ENCODER = "tiny"  # build a small randomly initialised encoder from its config class: no download
+# What a trial reports to Tune (mean and spread over folds): the metrics sweep.metric may name.
+REPORTED_METRICS = ("val_ua_mean", "val_ua_std", "val_wa_mean", "val_wa_std", "test_wa_mean", "test_wa_std",
+                    "test_ua_mean", "test_ua_std")
 
 
 class ConfigError(ValueError):
@@ -32,6 +53,36 @@ class ConfigError(ValueError):
 def _check(condition: bool, key: str, value: Any, expected: str) -> None:
     if not condition:
         raise ConfigError(f"{key}={value!r}: expected {expected}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_fields(config: Any, prefix: str) -> None:
+    """Every scalar field of the dataclass ``config`` has its default's type (module docstring); ints given for
+    float fields become floats. Nested dataclasses and tuples check themselves."""
+    for f in fields(config):
+        default, value, key = f.default, getattr(config, f.name), prefix + f.name
+        if default is MISSING:
+            continue  # a nested dataclass (default_factory)
+        if isinstance(default, bool):
+            _check(isinstance(value, bool), key, value, "true or false")
+        elif isinstance(default, int):
+            _check(_is_int(value), key, value, "an integer")
+            setattr(config, f.name, int(value))
+        elif isinstance(default, float):
+            _check(isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value), key,
+                   value, "a finite number")
+            setattr(config, f.name, float(value))
+        elif isinstance(default, str):
+            _check(isinstance(value, str), key, value, "a string")
+
+
+def _check_heads(prefix: str, width_key: str, width: int, heads_key: str, heads: int) -> None:
+    _check(heads >= 1, prefix + heads_key, heads, ">= 1")
+    _check(width >= 1 and width % heads == 0, prefix + width_key, width,
+           f"a positive multiple of {prefix}{heads_key}={heads}")
 
 
 @dataclass
@@ -50,15 +101,28 @@ class DataConfig:
     encoder_cache: str = ""
 
     def __post_init__(self) -> None:
-        self.folds = tuple(int(f) for f in self.folds)
+        _check_fields(self, "data.")
+        folds = (self.folds,) if _is_int(self.folds) else self.folds
+        _check(isinstance(folds, (tuple, list)) and all(_is_int(f) for f in folds), "data.folds", self.folds,
+               "fold numbers, e.g. 1,2,3 or a single 3")
+        self.folds = tuple(int(f) for f in folds)
         _check(self.protocol in PROTOCOLS, "data.protocol", self.protocol, f"one of {PROTOCOLS}")
-        _check(len(self.folds) > 0 and all(f >= 1 for f in self.folds), "data.folds", self.folds, "fold numbers >= 1")
+        count = num_folds(self.protocol)
+        _check(len(self.folds) > 0 and all(1 <= f <= count for f in self.folds), "data.folds", self.folds,
+               f"fold numbers in 1..{count} (protocol {self.protocol!r} has {count} fold{'s' * (count > 1)})")
         _check(len(set(self.folds)) == len(self.folds), "data.folds", self.folds, "no repeated fold")
         _check(self.sample_rate > 0, "data.sample_rate", self.sample_rate, "a positive rate in Hz")
         _check(self.max_audio_seconds > 0, "data.max_audio_seconds", self.max_audio_seconds, "> 0")
         _check(self.max_text_tokens > 2, "data.max_text_tokens", self.max_text_tokens, "> 2")
         _check(self.eval_subset in ("all", "improvised", "scripted"), "data.eval_subset", self.eval_subset,
                "'all', 'improvised' or 'scripted'")
+
+
+def _check_tiny_sizes(config: Any, prefix: str) -> None:
+    """The "tiny" encoder's sizes (text and speech alike): layers >= 1, heads dividing the width, seed >= 0."""
+    _check(config.tiny_num_layers >= 1, prefix + "tiny_num_layers", config.tiny_num_layers, ">= 1")
+    _check_heads(prefix, "tiny_hidden_size", config.tiny_hidden_size, "tiny_num_heads", config.tiny_num_heads)
+    _check(config.tiny_seed >= 0, prefix + "tiny_seed", config.tiny_seed, ">= 0")
 
 
 @dataclass
@@ -72,8 +136,10 @@ class TextEncoderConfig:
     layer: int = -1  # states used: -1 = the encoder's output (last_hidden_state), L = hidden_states[L], 0 = embeddings
 
     def __post_init__(self) -> None:
-        _check(bool(self.name), "model.text.name", self.name, "a checkpoint name, a local path or 'tiny'")
+        _check_fields(self, "model.text.")
+        _check(bool(self.name.strip()), "model.text.name", self.name, "a checkpoint name, a local path or 'tiny'")
         _check(self.layer >= -1, "model.text.layer", self.layer, "-1 (the output) or a hidden-state index >= 0")
+        _check_tiny_sizes(self, "model.text.")
 
 
 @dataclass
@@ -94,11 +160,16 @@ class SpeechEncoderConfig:
     lstm_hidden: int = 32  # per direction, BiLSTM of each acoustic feature encoder
 
     def __post_init__(self) -> None:
-        _check(bool(self.name), "model.speech.name", self.name, "a checkpoint name, a local path or 'tiny'")
+        _check_fields(self, "model.speech.")
+        _check(bool(self.name.strip()), "model.speech.name", self.name, "a checkpoint name, a local path or 'tiny'")
         _check(self.layer >= -1, "model.speech.layer", self.layer, "-1 (the output) or a hidden-state index >= 0")
-        for key in ("n_mfcc", "n_mels", "cnn_channels", "lstm_hidden"):
+        _check_tiny_sizes(self, "model.speech.")
+        for key in ("n_mfcc", "n_mels", "cnn_channels", "lstm_hidden", "tiny_conv_dim"):
             value = getattr(self, key)
             _check(isinstance(value, int) and value > 0, f"model.speech.{key}", value, "a positive integer")
+        _check(self.n_mfcc <= self.n_mels, "model.speech.n_mfcc", self.n_mfcc,
+               f"<= model.speech.n_mels={self.n_mels} (MFCCs are DCT coefficients of the mel bands)")
+        _check(self.win_ms > 0, "model.speech.win_ms", self.win_ms, "> 0")
         _check(0 < self.hop_ms <= self.win_ms, "model.speech.hop_ms", self.hop_ms, f"in (0, win_ms={self.win_ms}]")
 
 
@@ -124,12 +195,12 @@ class ModelConfig:
     num_classes: int = 4
 
     def __post_init__(self) -> None:
+        _check_fields(self, "model.")
         _check(self.encoders in ("finetune", "frozen"), "model.encoders", self.encoders, "'finetune' or 'frozen'")
         _check(self.fusion in FUSIONS, "model.fusion", self.fusion, f"one of {FUSIONS}")
         _check(self.attn_implementation in ATTN_IMPLEMENTATIONS, "model.attn_implementation",
                self.attn_implementation, f"one of {ATTN_IMPLEMENTATIONS}")
-        _check(self.embed_dim > 0 and self.embed_dim % self.num_heads == 0, "model.embed_dim", self.embed_dim,
-               f"a positive multiple of model.num_heads={self.num_heads}")
+        _check_heads("model.", "embed_dim", self.embed_dim, "num_heads", self.num_heads)
         _check(self.num_layers >= 1, "model.num_layers", self.num_layers, ">= 1")
         _check(self.embedding_dim >= 1, "model.embedding_dim", self.embedding_dim, ">= 1")
         _check(self.sigma_min > 0, "model.sigma_min", self.sigma_min, "> 0")
@@ -150,6 +221,7 @@ class LossConfig:
     miner: str = "all"  # "all" = every valid triplet of the batch (Γ of eq. 8); "semihard" / "hard" are options
 
     def __post_init__(self) -> None:
+        _check_fields(self, "loss.")
         _check(self.alpha >= 0, "loss.alpha", self.alpha, ">= 0")
         _check(self.beta >= 0, "loss.beta", self.beta, ">= 0")
         _check(self.alpha + self.beta > 0, "loss.alpha+loss.beta", self.alpha + self.beta, "> 0")
@@ -182,14 +254,21 @@ class TrainConfig:
     trainer_scope: str = "trial"
 
     def __post_init__(self) -> None:
+        _check_fields(self, "train.")
         for key in ("epochs", "batch_size", "num_workers"):
             value = getattr(self, key)
             _check(isinstance(value, int) and value >= 1, f"train.{key}", value, "an integer >= 1")
         _check(self.lr > 0, "train.lr", self.lr, "> 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, ">= 0")
+        _check(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, ">= 0 (0 turns clipping off)")
+        _check(self.seed >= 0, "train.seed", self.seed, ">= 0")
         _check(isinstance(self.seeds, int) and self.seeds >= 1, "train.seeds", self.seeds, "an integer >= 1")
         _check(self.patience >= 0, "train.patience", self.patience, ">= 0")
         _check(self.samples_per_class >= 0, "train.samples_per_class", self.samples_per_class, ">= 0")
         _check(self.cpus_per_worker >= 0, "train.cpus_per_worker", self.cpus_per_worker, ">= 0 (0 = auto)")
+        _check(self.gpus_per_worker >= 0, "train.gpus_per_worker", self.gpus_per_worker, ">= 0")
+        _check(self.gpus_per_worker > 0 or not self.use_gpu, "train.gpus_per_worker", self.gpus_per_worker,
+               "> 0 with train.use_gpu=true")
         _check(self.precision in ("fp32", "bf16"), "train.precision", self.precision, "'fp32' or 'bf16'")
         _check(self.max_failures >= -1, "train.max_failures", self.max_failures, ">= -1 (-1 = unlimited)")
         _check(self.trainer_scope in ("trial", "fold"), "train.trainer_scope", self.trainer_scope, "'trial' or 'fold'")
@@ -207,9 +286,12 @@ class SweepConfig:
     grid: str = ""  # "" = Optuna search; "paper" = exactly Table 2's (alpha, beta) points
 
     def __post_init__(self) -> None:
+        _check_fields(self, "sweep.")
         _check(self.trials >= 1, "sweep.trials", self.trials, ">= 1")
         _check(self.max_concurrent >= 1, "sweep.max_concurrent", self.max_concurrent, ">= 1")
+        _check(self.metric in REPORTED_METRICS, "sweep.metric", self.metric, f"one of {REPORTED_METRICS}")
         _check(self.mode in ("max", "min"), "sweep.mode", self.mode, "'max' or 'min'")
+        _check(self.seed >= 0, "sweep.seed", self.seed, ">= 0")
         _check(self.grid in ("", "paper"), "sweep.grid", self.grid, "'' or 'paper'")
 
 
@@ -221,6 +303,10 @@ class TrackingConfig:
     # Each fold run keeps its selected weights + config as artifacts model/ for `ser predict`: 1.2 MB per fold for
     # the demo model, ~1.8 GB for the fine-tuned paper model (frozen encoders' weights are never stored).
     log_model: bool = True
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "tracking.")
+        _check(bool(self.experiment.strip()), "tracking.experiment", self.experiment, "an experiment name")
 
 
 @dataclass
@@ -234,6 +320,8 @@ class Config:
     preset: str = "demo"
 
     def __post_init__(self) -> None:
+        _check_fields(self, "")
+        _check(self.preset in PRESETS, "preset", self.preset, f"one of {sorted(PRESETS)}")
         # The metric loss needs its embedding space to exist: a single-modality model has no other modality's.
         missing = {"speech_only": "text", "text_only": "speech"}.get(self.model.fusion)
         if self.loss.space == missing:
@@ -313,31 +401,48 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _coerce(key: str, value: Any, current: Any) -> Any:
-    """Coerce a YAML/CLI value to the type of the field's current value (str "0.5" -> 0.5 for floats)."""
+    """A YAML/CLI value as the type of the field's current value: strings are parsed ("0.5" -> 0.5, "false" ->
+    False, "1,3" -> (1, 3)), a single fold is a tuple of one, None is "" for a string; anything else of the wrong
+    type is refused here (module docstring); finiteness and ranges are checked in ``__post_init__``."""
     if isinstance(current, bool):
-        if isinstance(value, str):
-            if value.lower() in ("true", "1", "yes"):
-                return True
-            if value.lower() in ("false", "0", "no"):
-                return False
-            raise ConfigError(f"{key}={value!r}: expected true or false")
-        return bool(value)
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
+            return value.strip().lower() in ("true", "yes")
+        _check(isinstance(value, bool), key, value, "true or false")
+        return value
     if isinstance(current, tuple):
-        if isinstance(value, str):
-            value = [v for v in value.split(",") if v.strip()]
-        return tuple(_coerce(key, v, current[0]) if current else v for v in value)
-    try:
-        if isinstance(current, int) and not isinstance(value, bool):
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError
+        items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+        _check(value is not None and all(_is_int(v) or isinstance(v, str) and v.strip() for v in items), key, value,
+               "integers, e.g. 1,2,3 or a single 3")
+        return tuple(_coerce(key, v, current[0]) if current else v for v in items)
+    if isinstance(current, int):
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
             return int(value)
-        if isinstance(current, float):
-            return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}={value!r}: expected a {type(current).__name__}") from None
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        _check(_is_int(value), key, value, "an integer")
+        return int(value)
+    if isinstance(current, float):
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}={value!r}: expected a number") from None
+        _check(isinstance(number, numbers.Real) and not isinstance(number, bool), key, value, "a number")
+        return float(number)
     if isinstance(current, str):
+        if value is None:
+            return ""
+        _check(isinstance(value, str) or _is_int(value), key, value, "a string")
         return str(value)
     return value
+
+
+def _check_preset_key(value: Any, chosen: str) -> None:
+    """A ``preset`` key in a YAML file or an override may only repeat the preset ``--preset`` chose."""
+    if value != chosen:
+        raise ConfigError(f"preset={value!r}: presets are chosen only by --preset (this command's is "
+                          f"{chosen!r}); pass --preset {value} instead, or drop the key")
 
 
 def apply_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
@@ -349,6 +454,8 @@ def apply_overrides(config: Config, overrides: Mapping[str, Any]) -> Config:
             near = [k for k in known if k.split(".")[-1] == key.split(".")[-1]]
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise ConfigError(f"unknown config key {key!r}{hint}")
+        if key == "preset":
+            _check_preset_key(value, config.preset)
         node = tree
         *parents, leaf = key.split(".")
         for part in parents:
@@ -362,7 +469,9 @@ def from_dict(tree: Mapping[str, Any]) -> Config:
     return _build(Config, tree, "")
 
 
-def _build(cls: type, tree: Mapping[str, Any], prefix: str) -> Any:
+def _build(cls: type, tree: Mapping[str, Any] | None, prefix: str) -> Any:
+    if tree is None:
+        tree = {}  # a YAML section whose keys are all commented out
     if not isinstance(tree, Mapping):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {tree!r}")
     names = {f.name: f for f in fields(cls)}
@@ -380,23 +489,60 @@ def _build(cls: type, tree: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error, not the last one winning."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            try:
+                first = seen.setdefault(key, line)
+            except TypeError:
+                continue  # an unhashable key: the base class reports it
+            if first != line:
+                raise ConfigError(f"line {line}: key {key!r} given twice (first at line {first})")
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_yaml(path: Path) -> Any:
+    problem = file_problem(path)
+    if problem:
+        raise ConfigError(f"{path}: cannot read config: {'file missing' if problem == 'missing' else problem}")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read config: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})") from None
+    except (yaml.YAMLError, ConfigError) as err:
+        raise ConfigError(f"{path}: cannot read config: {_one_line(err)}") from None
+
+
+def _one_line(err: Exception) -> str:
+    """A YAML error in one line: where, and what (PyYAML's own message spans lines, with a caret drawing)."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        what = ", ".join(part for part in (err.context, err.problem) if part)
+        return f"line {err.problem_mark.line + 1}, column {err.problem_mark.column + 1}: {what}"
+    return str(err).splitlines()[0]
+
+
 def load_config(preset_name: str = "demo", yaml_path: str | Path | None = None,
                 overrides: Mapping[str, Any] | None = None) -> Config:
-    """Preset, then YAML (data only; may name a different ``preset``), then dotted overrides."""
+    """Preset, then YAML (data only; a ``preset`` key must repeat ``preset_name``), then dotted overrides."""
     config = preset(preset_name)
     if yaml_path is not None:
         path = Path(yaml_path)
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: cannot read config: {err}") from None
+        tree = _read_yaml(path)
+        tree = {} if tree is None else tree
         if not isinstance(tree, Mapping):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        if "preset" in tree:
-            config = preset(tree["preset"])
-        merged = _deep_merge(config.to_dict(), tree)
+            raise ConfigError(f"{path}: expected a mapping at the top level, got {type(tree).__name__}")
         try:
-            config = from_dict(merged)
+            if "preset" in tree:
+                _check_preset_key(tree["preset"], preset_name)
+            config = from_dict(_deep_merge(config.to_dict(), tree))
         except ConfigError as err:
             raise ConfigError(f"{path}: {err}") from None
     if overrides:
@@ -415,8 +561,18 @@ def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, An
 
 
 def parse_override(text: str) -> tuple[str, Any]:
-    """``"loss.alpha=0.5"`` -> ``("loss.alpha", 0.5)``, the value read as YAML (so numbers and booleans work)."""
+    """``"loss.alpha=0.5"`` -> ``("loss.alpha", 0.5)``: the value read as YAML (so numbers and booleans work),
+    except for string fields, which keep the text as written (``tracking.experiment=1.10`` stays "1.10")."""
     if "=" not in text:
         raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. loss.alpha=0.5")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    key = key.strip()
+    if isinstance(_DEFAULTS.get(key), str):
+        return key, raw.strip()
+    try:
+        return key, yaml.load(raw, Loader=_UniqueKeyLoader)
+    except (yaml.YAMLError, ConfigError) as err:
+        raise ConfigError(f"{key}={raw!r}: not a value ({_one_line(err)}); quote it if it is text") from None
+
+
+_DEFAULTS = _flatten(dataclasses.asdict(Config()))  # dotted key -> default value: which keys hold strings

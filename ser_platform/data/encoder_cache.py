@@ -21,8 +21,10 @@ sample rate, ``max_audio_samples``, waveform normalisation and attention-mask ru
 raises :class:`StaleCacheError` naming every difference; a missing entry is reported with the entries that do
 exist and how each differs (name, revision or layer).
 
-Nothing is half-written: an entry's parts go to a hidden sibling folder that is renamed into place only when
-complete (``parquet.py``'s ``_replace``: an old entry is removed only after the new one is in place).
+Nothing is half-written: an entry is an ``AtomicFolder`` (``data/atomic_folder.py``): its parts go to a hidden
+partial folder renamed into place only when complete; an old entry is removed only after the new one is in
+place, and only if it is an entry (its ``_common_metadata`` holds the metadata); two runs cannot write one
+entry at once; a run that fails removes its partial folder and the key folders it created (``ROOT/text/NAME@REV``).
 
 This module only stores and reads states; ``ser_platform/frozen_encoders.py`` computes them (data imports no
 model). :class:`CachedStatesCollate` wraps the loader's collate and adds ``text_states`` (B, T_L, D_t) and
@@ -35,7 +37,6 @@ from __future__ import annotations
 import collections
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -47,8 +48,9 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 from torch.nn.utils.rnn import pad_sequence
 
+from ser_platform.data.atomic_folder import AtomicFolder
 from ser_platform.data.errors import DataError
-from ser_platform.data.parquet import METADATA_FILE, _partial_name, _remove_stale_partials, _replace, _table
+from ser_platform.data.parquet import METADATA_FILE, arrow_table, filesystem_and_path
 
 __all__ = [
     "CACHE_SUFFIX",
@@ -120,23 +122,13 @@ class EncoderKey:
         return f"{self.name}@{self.revision} layer {self.layer}"
 
 
-def _filesystem(path: str | Path):
-    """(pyarrow filesystem or None, path string) for a local path or a URI (s3://, gs://, file://)."""
-    text = str(path)
-    if "://" in text:
-        from pyarrow import fs
-
-        return fs.FileSystem.from_uri(text)
-    return None, str(Path(text).expanduser())
-
-
 def _join(root: str | Path, relative: str) -> str:
     return str(root).rstrip("/") + "/" + relative
 
 
 def read_entry_metadata(entry: str | Path) -> dict[str, Any]:
     """The metadata stored in an entry's ``_common_metadata``; ``DataError`` if it is not a complete entry."""
-    filesystem, where = _filesystem(entry)
+    filesystem, where = filesystem_and_path(entry)
     try:
         schema = pq.read_schema(f"{where.rstrip('/')}/{METADATA_FILE}", filesystem=filesystem)
     except (FileNotFoundError, OSError, pa.ArrowException) as err:
@@ -147,8 +139,16 @@ def read_entry_metadata(entry: str | Path) -> dict[str, Any]:
     return json.loads(metadata[ENTRY_KEY])
 
 
+def _is_entry(path: Path) -> bool:
+    try:
+        read_entry_metadata(path)
+    except DataError:
+        return False
+    return True
+
+
 def _exists(path: str) -> bool:
-    filesystem, where = _filesystem(path)
+    filesystem, where = filesystem_and_path(path)
     if filesystem is None:
         return Path(where).exists()
     from pyarrow import fs
@@ -158,7 +158,7 @@ def _exists(path: str) -> bool:
 
 def list_entries(root: str | Path, modality: str) -> list[dict[str, Any]]:
     """Metadata of every complete entry of ``modality`` under ``root`` (each with its ``path``)."""
-    filesystem, where = _filesystem(root)
+    filesystem, where = filesystem_and_path(root)
     base = f"{where.rstrip('/')}/{modality}"
     if filesystem is None:
         candidates = sorted(str(p) for p in Path(base).glob("*/layer=*") if p.is_dir())
@@ -244,7 +244,9 @@ class EntryWriter:
             writer.add(row_id, states, source_length)   # states (T, hidden_size) float32
             writer.commit(metadata)
 
-    Leaving the block without ``commit`` (or with an exception) removes the temporary folder.
+    Leaving the block without ``commit`` (or with an exception) removes the temporary folder, and the key
+    folders created for it. An existing entry is replaced (the caller decided it is stale), but a folder at the
+    entry's place that is not an entry is refused, and so is a second writer of the same entry.
     """
 
     def __init__(self, root: str | Path, key: EncoderKey, *, part_bytes: int = PART_BYTES):
@@ -252,12 +254,11 @@ class EntryWriter:
             raise DataError(root, "the cache is written to a local folder (atomic rename needs one); copy it to "
                                   "object storage afterwards, e.g. `aws s3 sync`")
         self.key = key
-        self.out = Path(root).expanduser().absolute() / key.relative_path
         self.part_bytes = int(part_bytes)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(self.out)
-        self.partial = self.out.parent / _partial_name(self.out)
-        self.partial.mkdir()
+        self.folder = AtomicFolder(Path(root).expanduser() / key.relative_path, writer="ser cache",
+                                   what="encoder-cache entry", marker=f"{METADATA_FILE} with its metadata",
+                                   is_ours=_is_entry, overwrite=True).open()
+        self.out, self.partial = self.folder.out, self.folder.partial
         self.rows: list[dict[str, Any]] = []
         self.nbytes = 0
         self.parts = 0
@@ -294,8 +295,14 @@ class EntryWriter:
     def _flush(self) -> None:
         if not self.rows:
             return
-        pq.write_table(_table(self.rows, ENTRY_SCHEMA), self.partial / f"part-{self.parts:05d}.parquet",
-                       compression="zstd", use_byte_stream_split=["states.list.element"])
+        try:
+            pq.write_table(arrow_table(self.rows, ENTRY_SCHEMA), self.partial / f"part-{self.parts:05d}.parquet",
+                           compression="zstd", use_byte_stream_split=["states.list.element"])
+        except OSError as err:
+            full = self.folder.out_of_room(err)
+            if full is None:
+                raise
+            raise full from err
         self.parts += 1
         self.rows, self.nbytes = [], 0
 
@@ -308,12 +315,12 @@ class EntryWriter:
         full = json.loads(json.dumps(full, sort_keys=True, default=str))
         schema = ENTRY_SCHEMA.with_metadata({ENTRY_KEY: json.dumps(full, sort_keys=True).encode()})
         pq.write_metadata(schema, self.partial / METADATA_FILE)
-        _replace(self.partial, self.out)
+        self.folder.commit()
         self.committed = True
         return self.out
 
     def abort(self) -> None:
-        shutil.rmtree(self.partial, ignore_errors=True)
+        self.folder.abort()
 
 
 # --- reading -----------------------------------------------------------------------------------------------
@@ -340,7 +347,7 @@ class EncoderStates:
     def load(cls, path: str, *, expected_ids: Iterable[str] | None = None) -> "EncoderStates":
         """Read the entry at ``path``; with ``expected_ids``, raise ``DataError`` naming ids it lacks."""
         metadata = read_entry_metadata(path)
-        filesystem, where = _filesystem(path)
+        filesystem, where = filesystem_and_path(path)
         table = pq.read_table(where, filesystem=filesystem, schema=ENTRY_SCHEMA)
         states = cls(path, table, metadata)
         if expected_ids is not None:

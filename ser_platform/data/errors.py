@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,3 +22,25 @@ class SkippedInput:
 
     path: str
     problem: str
+
+
+def file_problem(path: str | Path) -> str | None:
+    """What stops ``path`` being read as a regular file, phrased for a ``DataError`` ("missing", "cannot read it
+    (Permission denied ...)", "is a folder", "is a FIFO"), or None. Never opens a FIFO, which would block."""
+    try:
+        mode = Path(path).stat().st_mode
+        if stat.S_ISREG(mode):
+            with open(path, "rb"):
+                return None
+    except FileNotFoundError:
+        return "missing"
+    except OSError as err:
+        return unreadable(err)
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    return "is a FIFO, not a file" if stat.S_ISFIFO(mode) else "is not a regular file"
+
+
+def unreadable(err: OSError) -> str:
+    """The problem of an ``OSError`` met reading a file or folder, phrased for a ``DataError``."""
+    return f"cannot read it ({err.strerror or err}; check its permissions and those of the folders above it)"

@@ -35,19 +35,27 @@ which actor wore the motion-capture markers.
 
 Bad input raises :class:`DataError` naming the file (and line) and the problem; with ``skip_bad=True`` the
 utterance is skipped instead and a :class:`SkippedInput` recorded, except when there is nothing to parse at
-all (no root, no session folder), which always raises.
+all (no root, no session folder, a root that cannot be read), which always raises. Among the bad inputs:
+
+* text files that are not UTF-8 (a UTF-8 byte-order mark is fine): guessing another encoding would store
+  wrong words without a word (``café`` read as Latin-1 is ``cafÃ©``); the error names the byte and line;
+* files and folders that cannot be read (permissions): named, never silently dropped; an unreadable
+  EmoEvaluation folder skips its session, an unreadable transcription or wav file its utterances;
+* an utterance id on two transcript lines with different texts (naming both lines): which one is right
+  cannot be known. The same line repeated word for word is read once, since it is unambiguous.
 """
 
 from __future__ import annotations
 
 import collections
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import soundfile
 
-from ser_platform.data.errors import DataError, SkippedInput
+from ser_platform.data.errors import DataError, SkippedInput, file_problem, unreadable
 
 CLASSES = ("angry", "happy", "neutral", "sad")
 LABEL_MAP = {"ang": "angry", "hap": "happy", "exc": "happy", "neu": "neutral", "sad": "sad"}
@@ -112,12 +120,11 @@ def parse_iemocap(root: str | Path, *, skip_bad: bool = False, progress: bool = 
     result = ParseResult(utterances=[])
     for number, session_dir in sessions:
         emo_dir = session_dir / "dialog" / "EmoEvaluation"
-        files = sorted(p for p in emo_dir.glob("*.txt") if p.is_file() and not p.name.startswith("."))
-        if not files:
-            problem = "no dialog .txt files (is the session complete?)"
-            if not emo_dir.is_dir():
-                problem = "folder missing (is the session complete?)"
-            _fail_or_skip(result, skip_bad, emo_dir, problem)
+        try:
+            files = _dialog_files(emo_dir)
+        except DataError as err:
+            _fail_or_skip(result, skip_bad, err.path, err.problem)
+            continue
         dialog_files += [(number, session_dir, f) for f in files]
 
     if progress:
@@ -132,19 +139,38 @@ def parse_iemocap(root: str | Path, *, skip_bad: bool = False, progress: bool = 
 
 
 def _session_dirs(root: Path) -> list[tuple[int, Path]]:
-    if not root.exists():
-        raise DataError(root, "folder does not exist")
-    if not root.is_dir():
-        raise DataError(root, "is not a folder; expected the IEMOCAP_full_release folder")
-    sessions = sorted(
-        (int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _SESSION_DIR.match(p.name))
-    )
+    try:
+        if not root.exists():
+            raise DataError(root, "folder does not exist")
+        if not root.is_dir():
+            raise DataError(root, "is not a folder; expected the IEMOCAP_full_release folder")
+        with os.scandir(root) as listing:
+            entries = [(entry.name, entry.is_dir()) for entry in listing]
+    except OSError as err:
+        raise DataError(root, unreadable(err)) from None
+    sessions = sorted((int(m.group(1)), root / name) for name, is_dir in entries
+                      if is_dir and (m := _SESSION_DIR.match(name)))
     if not sessions:
         hint = ""
         if (root / "IEMOCAP_full_release").is_dir():
             hint = f"; did you mean {root / 'IEMOCAP_full_release'}?"
         raise DataError(root, f"no Session1..Session5 folder found; expected the IEMOCAP_full_release folder{hint}")
     return sessions
+
+
+def _dialog_files(emo_dir: Path) -> list[Path]:
+    """The dialog files at the top of an EmoEvaluation folder; ``DataError`` if there are none or it is unreadable."""
+    try:
+        with os.scandir(emo_dir) as listing:
+            files = sorted(Path(e.path) for e in listing
+                           if e.name.endswith(".txt") and not e.name.startswith(".") and e.is_file())
+    except (FileNotFoundError, NotADirectoryError):
+        raise DataError(emo_dir, "folder missing (is the session complete?)") from None
+    except OSError as err:
+        raise DataError(emo_dir, unreadable(err)) from None
+    if not files:
+        raise DataError(emo_dir, "no dialog .txt files (is the session complete?)")
+    return files
 
 
 def _fail_or_skip(result: ParseResult, skip_bad: bool, path: str | Path, problem: str) -> None:
@@ -154,12 +180,20 @@ def _fail_or_skip(result: ParseResult, skip_bad: bool, path: str | Path, problem
 
 
 def _read_lines(path: Path) -> list[str]:
-    data = path.read_bytes()
+    """The lines of a UTF-8 text file (a byte-order mark is dropped); ``DataError`` naming the file otherwise."""
+    problem = file_problem(path)
+    if problem:
+        raise DataError(path, "file missing" if problem == "missing" else problem)
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        # A few hand-edited corpus copies are Latin-1; every byte string decodes as Latin-1.
-        text = data.decode("latin-1")
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(path, unreadable(err)) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(path, f"line {line}: not UTF-8 text (byte {data[err.start]:#04x} at offset {err.start}); "
+                              "re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)") from None
     return text.splitlines()
 
 
@@ -186,14 +220,17 @@ def _parse_dialog(
         return []
 
     transcript_file = session_dir / "dialog" / "transcriptions" / f"{dialog}.txt"
-    transcripts = _read_transcripts(transcript_file) if transcript_file.is_file() else {}
+    try:
+        transcripts, repeats = _read_transcripts(transcript_file)
+        unusable = None
+    except DataError as err:
+        transcripts, repeats = {}, {}
+        unusable = "transcription file missing" if err.problem == "file missing" else err.problem
     wav_dir = session_dir / "sentences" / "wav" / dialog
     utterances = []
     for ev in kept:
-        if ev.id not in transcripts:
-            problem = f"no transcript line for {ev.id}"
-            if not transcript_file.is_file():
-                problem = f"transcription file missing (needed for {ev.id})"
+        problem = _transcript_problem(ev.id, transcripts, repeats, unusable)
+        if problem:
             _fail_or_skip(result, skip_bad, transcript_file, problem)
             continue
         wav_path = wav_dir / f"{ev.id}.wav"
@@ -211,7 +248,7 @@ def _parse_dialog(
                 mode="improvised" if "impro" in dialog else "scripted",
                 label=LABEL_MAP[ev.raw_label],
                 raw_label=ev.raw_label,
-                transcript=transcripts[ev.id],
+                transcript=transcripts[ev.id][0],
                 wav_path=str(wav_path),
                 duration=duration,
             )
@@ -228,9 +265,14 @@ def _read_evaluations(
     if not dialog.startswith(f"Ses{session:02d}"):
         _fail_or_skip(result, skip_bad, emo_file, f"dialog {dialog} does not belong to Session{session}")
         return []
+    try:
+        lines = _read_lines(emo_file)
+    except DataError as err:
+        _fail_or_skip(result, skip_bad, err.path, err.problem)
+        return []
     evaluations = []
     first_seen = {}  # id -> line number; ids carry their dialog's name, so repeats can only be in this file
-    for number, line in enumerate(_read_lines(emo_file), start=1):
+    for number, line in enumerate(lines, start=1):
         stripped = line.strip()
         if not stripped or stripped.startswith("%"):
             continue
@@ -261,19 +303,38 @@ def _read_evaluations(
     return evaluations
 
 
-def _read_transcripts(path: Path) -> dict[str, str]:
-    transcripts = {}
-    for line in _read_lines(path):
+def _read_transcripts(path: Path) -> tuple[dict[str, tuple[str, int]], dict[str, list[int]]]:
+    """id -> (text, line number), and id -> the line numbers of an id given different texts (module docstring)."""
+    transcripts: dict[str, tuple[str, int]] = {}
+    repeats: dict[str, list[int]] = {}
+    for number, line in enumerate(_read_lines(path), start=1):
         m = _TRANSCRIPT_LINE.match(line.strip())
-        if m is not None:
-            # First line wins: ids are unique in the released corpus; a repeat would be an editing slip.
-            transcripts.setdefault(m.group("id"), m.group("text").strip())
-    return transcripts
+        if m is None:
+            continue
+        utt_id, text = m.group("id"), m.group("text").strip()
+        if utt_id not in transcripts:
+            transcripts[utt_id] = (text, number)
+        elif transcripts[utt_id][0] != text:
+            repeats.setdefault(utt_id, [transcripts[utt_id][1]]).append(number)
+    return transcripts, repeats
+
+
+def _transcript_problem(utt_id: str, transcripts: dict, repeats: dict, unusable: str | None) -> str | None:
+    """Why ``utt_id`` has no usable transcript (the file is unusable, its line is missing or repeated), or None."""
+    if unusable:
+        return f"{unusable} (needed for {utt_id})"
+    if utt_id in repeats:
+        lines = " and ".join(map(str, repeats[utt_id]))
+        return f"lines {lines} give {utt_id} different transcripts; keep the right one"
+    return None if utt_id in transcripts else f"no transcript line for {utt_id}"
 
 
 def _wav_duration(wav_path: Path, ev: _Evaluation, result: ParseResult, skip_bad: bool) -> float | None:
-    if not wav_path.is_file():
-        _fail_or_skip(result, skip_bad, wav_path, f"wav missing (listed at {ev.source.name} line {ev.line_number})")
+    problem = file_problem(wav_path)  # soundfile would say "System error" for most of these, or block on a FIFO
+    if problem:
+        if problem == "missing":
+            problem = f"wav missing (listed at {ev.source.name} line {ev.line_number})"
+        _fail_or_skip(result, skip_bad, wav_path, problem)
         return None
     try:
         info = soundfile.info(str(wav_path))

@@ -18,7 +18,7 @@ transcripts that occur verbatim in training (IEMOCAP's scripted dialogs reuse th
 
 Adding columns (e.g. cached frozen-encoder states): declare the fields in a tuple beside ``ACOUSTIC_FIELDS``
 and add it in ``dataset_schema`` (or pass ``extra_fields``), then put a value under the same names in each row
-dict. ``_table`` builds every column from the schema alone: ``list<float32>`` columns take 1-d numpy arrays
+dict. ``arrow_table`` builds every column from the schema alone: ``list<float32>`` columns take 1-d numpy arrays
 (flatten 2-d states row-major and store their frame count in an int32 column, as ``mfcc``/``num_frames`` do),
 scalar columns take Python values.
 
@@ -31,10 +31,23 @@ channels that differ are an error, because IEMOCAP's sentence wavs are mono head
 two different microphones would mix the other actor in. Other sample rates are resampled to 16 kHz (soxr,
 librosa's default high-quality resampler) and counted per rate (``resampled``) — not an error.
 
-Nothing is half-written: parts go to a hidden sibling folder that is renamed to ``out`` only when complete
-(and removed on any error). An existing dataset at ``out`` is kept unless ``overwrite=True``, and even then it
-is replaced only after the new one is complete; ``overwrite`` refuses to replace a folder that is not a
-dataset written here.
+Audio shorter than the speech encoder's receptive field is refused by one rule, ``check_audio_length``, for
+every place audio enters: ``load_audio`` applies it (so ``prepare`` and ``ser predict``), and code that reads a
+dataset's rows (``ser cache``) calls it per row. wav2vec2-base's CNN turns 400 samples (25 ms at 16 kHz) into
+its first frame and raises on anything shorter; no real utterance is that short, so it is a cutting error,
+not something to pad (padding would feed the encoder mostly silence and label it). Source rates outside 4 kHz..768 kHz are refused too (a header claiming 1 Hz
+would otherwise be resampled into gigabytes).
+
+Nothing is half-written, nothing is replaced that ``prepare`` did not write, and two runs cannot write one
+``out`` at once: ``out`` is an ``AtomicFolder`` (``data/atomic_folder.py``): parts go to a hidden partial folder
+renamed to ``out`` only when complete; a dataset at ``out`` is replaced only with ``overwrite=True``, only if
+it is a dataset written here (its ``_common_metadata`` holds the summary), and only after the new one is
+complete. ``out`` may not be inside the source corpus, nor hold it (resolved paths: ``..`` and symlinks
+followed).
+
+``check_dataset(path)`` checks a finished dataset before any work starts (reads ``_common_metadata`` and every
+part's footer, no data): a zero-byte, truncated or foreign file, a folder, a part with other columns, a
+deleted part and a row count that differs from the summary are each named.
 """
 
 from __future__ import annotations
@@ -42,9 +55,8 @@ from __future__ import annotations
 import collections
 import json
 import os
-import secrets
-import shutil
-import socket
+import re
+import stat
 import struct
 import time
 from pathlib import Path
@@ -56,7 +68,8 @@ import pyarrow.parquet as pq
 import soundfile
 import threadpoolctl
 
-from ser_platform.data.errors import DataError, SkippedInput
+from ser_platform.data.atomic_folder import AtomicFolder, resolved
+from ser_platform.data.errors import DataError, SkippedInput, file_problem, unreadable
 from ser_platform.data.features import FeatureParams, features_from_power, power_spectrogram_librosa
 from ser_platform.data.iemocap import CLASSES, Utterance, parse_iemocap
 from ser_platform.data.overlap import format_overlap, transcript_overlap
@@ -69,6 +82,11 @@ METADATA_FILE = "_common_metadata"
 ROWS_PER_PART = 64  # ~18 MB of 4.5 s utterances, ~60 MB with features: bounded memory, many parallel reads
 PART_BYTES = 64 * 2**20  # a part is closed early when its arrays reach this size (long utterances, features)
 ROW_GROUP_ROWS = 16
+PART_NAME = re.compile(r"^part-\d{5}\.parquet$")
+# wav2vec2-base's CNN (kernels 10,3,3,3,3,2,2; strides 5,2,2,2,2,2,2: conv_receptive_field) needs 400 samples
+# for one frame; the tiny encoder's stack needs 330. The larger is the rule, so a dataset serves every encoder.
+MIN_AUDIO_SAMPLES = 400
+SOURCE_RATES = (4_000, 768_000)  # Hz: outside this a wav header is broken, not speech
 
 BASE_FIELDS = (
     pa.field("id", pa.string(), nullable=False),
@@ -123,21 +141,48 @@ def _wav_truncation(path: Path) -> str | None:
     return None
 
 
+def conv_receptive_field(kernels: Sequence[int], strides: Sequence[int]) -> int:
+    """Input samples a stack of 1-d convolutions needs for one output frame (e.g. a wav2vec2 config's
+    ``conv_kernel`` and ``conv_stride``): r = k_1 + sum_i (k_i - 1) * s_1 * ... * s_(i-1)."""
+    field, jump = 1, 1
+    for kernel, stride in zip(kernels, strides, strict=True):
+        field += (kernel - 1) * jump
+        jump *= stride
+    return field
+
+
+def check_audio_length(num_samples: int, where: str | Path, *, sample_rate: int = SAMPLE_RATE,
+                       min_samples: int = MIN_AUDIO_SAMPLES) -> None:
+    """Refuse audio shorter than the speech encoder's receptive field (module docstring): ``DataError`` naming
+    ``where`` (a file, or ``"row ID"``). ``min_samples``: an encoder's own ``conv_receptive_field``."""
+    if num_samples < min_samples:
+        raise DataError(where, f"audio of {num_samples} samples ({1000 * num_samples / sample_rate:.1f} ms at "
+                               f"{sample_rate} Hz) is shorter than the speech encoder's receptive field of "
+                               f"{min_samples} samples ({1000 * min_samples / sample_rate:.0f} ms); too short to "
+                               "be an utterance (a cutting error?)")
+
+
 def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, *,
                mix_channels: bool = False) -> tuple[np.ndarray, dict[str, Any]]:
     """Decode ``path`` to a mono float32 signal at ``sample_rate``; raise ``DataError`` naming the file.
 
     ``mix_channels``: average channels that differ instead of refusing them (``ser predict`` on a user's own
-    recording; corpora keep refusing, see the module docstring).
+    recording; corpora keep refusing, see the module docstring). Audio shorter than ``MIN_AUDIO_SAMPLES`` after
+    resampling is refused (``check_audio_length``).
     Returns the signal and what was done to it: ``{"source_rate": int, "resampled": bool, "downmixed": bool}``.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(path, "audio file missing")
+    problem = file_problem(path)
+    if problem:
+        raise DataError(path, "audio file missing" if problem == "missing" else problem)
     problem = _wav_truncation(path)
     if problem:
         raise DataError(path, problem)
     try:
+        rate = soundfile.info(str(path)).samplerate
+        if not SOURCE_RATES[0] <= rate <= SOURCE_RATES[1]:
+            raise DataError(path, f"sample rate {rate} Hz in its header; expected {SOURCE_RATES[0]} to "
+                                  f"{SOURCE_RATES[1]} Hz (a broken header?)")
         audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, soundfile.SoundFileError) as err:  # LibsndfileError: corrupt header or data
         raise DataError(path, f"corrupt audio, cannot decode it ({err})") from None
@@ -159,6 +204,7 @@ def load_audio(path: str | Path, sample_rate: int = SAMPLE_RATE, *,
         import librosa
 
         audio = librosa.resample(audio, orig_sr=rate, target_sr=sample_rate, res_type="soxr_hq").astype(np.float32)
+    check_audio_length(len(audio), path, sample_rate=sample_rate)
     return audio, {"source_rate": int(rate), "resampled": resampled, "downmixed": downmixed}
 
 
@@ -174,8 +220,9 @@ def _list_column(values: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(flat, type=value_type))
 
 
-def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    """One column per schema field, built from the field's type alone (see the module docstring)."""
+def arrow_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """One column per schema field, built from the field's type alone (see the module docstring): ``list<>``
+    columns from 1-d numpy arrays, scalar columns from Python values."""
     columns = []
     for f in schema:
         values = [row[f.name] for row in rows]
@@ -207,7 +254,7 @@ class _PartWriter:
     def flush(self) -> None:
         if not self.rows:
             return
-        table = _table(self.rows, self.schema)
+        table = arrow_table(self.rows, self.schema)
         # Byte-stream split makes float32 samples compressible: zstd then saves ~35 % over snappy, and is faster.
         floats = [f"{f.name}.list.element" for f in self.schema if pa.types.is_list(f.type)
                   and pa.types.is_floating(f.type.value_type)]
@@ -217,51 +264,14 @@ class _PartWriter:
         self.rows, self.nbytes = [], 0
 
 
-def _check_target(out: Path, overwrite: bool) -> None:
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return  # nothing there, or an empty folder: nothing to lose
-    if not overwrite:
-        raise FileExistsError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it "
-                              "(the old dataset is kept until the new one is complete)")
-    if not (out / METADATA_FILE).is_file():
-        raise DataError(out, f"exists and is not a dataset written by `ser prepare` (no {METADATA_FILE}); "
-                             "refusing to replace it, remove it yourself or choose another --out")
-
-
-def _partial_name(out: Path) -> str:
-    return f".{out.name}.partial-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _remove_stale_partials(out: Path) -> None:
-    """Remove partial folders left by a ``prepare`` on this host that was killed outright (SIGKILL, power)."""
-    prefix = f".{out.name}.partial-{socket.gethostname()}-"
-    for path in out.parent.glob(f"{prefix}*"):
-        pid = path.name[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:  # alive, someone else's
-            pass
-
-
-def _replace(partial: Path, out: Path) -> None:
-    """Move the complete ``partial`` folder to ``out``; an old dataset there is removed only afterwards."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if not out.exists():
-        os.rename(partial, out)
-        return
-    old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-    os.rename(out, old)
+def is_dataset(path: str | Path) -> bool:
+    """Whether ``path`` is a dataset written by ``ser prepare`` (its ``_common_metadata`` holds the summary):
+    the marker ``prepare --overwrite`` requires before it replaces a folder."""
     try:
-        os.rename(partial, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        read_summary(path)
+    except DataError:
+        return False
+    return True
 
 
 # --- the summary -------------------------------------------------------------------------------------------
@@ -300,16 +310,26 @@ def _summary(*, source: Path, out: Path, utterances: list[Utterance], seconds: f
     return json.loads(json.dumps(summary))  # exactly what read_summary will give back
 
 
+def filesystem_and_path(path: str | Path):
+    """(pyarrow filesystem, path in it) for a URI (s3://, gs://, file://), (None, the local path) otherwise."""
+    text = str(path)
+    if "://" not in text:
+        return None, str(Path(text).expanduser())
+    from pyarrow import fs
+
+    try:
+        return fs.FileSystem.from_uri(text)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(path, f"cannot open this location ({err})") from None
+
+
 def read_summary(dataset: str | Path) -> dict[str, Any]:
     """The summary stored in a dataset's ``_common_metadata`` (local path or a pyarrow URI: s3://, gs://)."""
-    text = str(dataset)
-    if "://" in text:
-        from pyarrow import fs
-
-        filesystem, root = fs.FileSystem.from_uri(text)
-    else:
-        filesystem, root = None, str(Path(text).expanduser())
+    filesystem, root = filesystem_and_path(dataset)
     where = f"{root.rstrip('/')}/{METADATA_FILE}"
+    problem = file_problem(where) if filesystem is None else None
+    if problem and problem != "missing":  # a FIFO would block the reader
+        raise DataError(where, f"{problem}; not a dataset from `ser prepare`")
     try:
         schema = pq.read_schema(where, filesystem=filesystem)
     except (FileNotFoundError, OSError, pa.ArrowException) as err:
@@ -318,7 +338,86 @@ def read_summary(dataset: str | Path) -> dict[str, Any]:
     metadata = schema.metadata or {}
     if SUMMARY_KEY not in metadata:
         raise DataError(dataset, f"{METADATA_FILE} holds no {SUMMARY_KEY.decode()}: not written by `ser prepare`")
-    return json.loads(metadata[SUMMARY_KEY])
+    try:
+        return json.loads(metadata[SUMMARY_KEY])
+    except ValueError as err:
+        raise DataError(dataset, f"{METADATA_FILE}: its summary is not valid JSON ({err})") from None
+
+
+def _dataset_entries(dataset: str | Path) -> list[tuple[str, str, int]]:
+    """(name, "file" | "folder" | "other", size) of each entry of a dataset folder that readers would read:
+    Ray Data and pyarrow.dataset skip names starting with "." or "_"."""
+    filesystem, root = filesystem_and_path(dataset)
+    entries = []
+    if filesystem is None:
+        try:
+            with os.scandir(root) as listing:
+                for entry in listing:
+                    info = entry.stat()  # follows symlinks: a link to a part file is that file
+                    kind = "file" if stat.S_ISREG(info.st_mode) else "folder" if stat.S_ISDIR(info.st_mode) else "other"
+                    entries.append((entry.name, kind, info.st_size))
+        except FileNotFoundError as err:
+            raise DataError(err.filename or dataset, "does not exist (a dangling link or a deleted file?)") from None
+        except OSError as err:
+            raise DataError(err.filename or dataset, unreadable(err)) from None
+    else:
+        from pyarrow import fs
+
+        for info in filesystem.get_file_info(fs.FileSelector(root, recursive=False)):
+            kind = {fs.FileType.File: "file", fs.FileType.Directory: "folder"}.get(info.type, "other")
+            entries.append((info.base_name, kind, info.size or 0))
+    return sorted(e for e in entries if not e[0].startswith((".", "_")))
+
+
+def check_dataset(dataset: str | Path) -> dict[str, Any]:
+    """Check a dataset folder before any work starts and return its summary. Reads ``_common_metadata`` and each
+    part file's footer only (no data). ``DataError`` naming the file: a zero-byte, truncated or foreign file, a
+    folder or FIFO inside it, a part whose columns differ, a part the summary lists but that is gone, a part it
+    does not list, or a row count that differs from the summary."""
+    filesystem, root = filesystem_and_path(dataset)
+    if filesystem is None:
+        try:
+            is_folder = stat.S_ISDIR(os.stat(root).st_mode)
+        except FileNotFoundError:
+            raise DataError(dataset, "does not exist (expected a folder written by `ser prepare`)") from None
+        except OSError as err:
+            raise DataError(dataset, unreadable(err)) from None
+        if not is_folder:
+            raise DataError(dataset, "is a file, not a dataset folder (expected a folder written by `ser prepare`)")
+    summary = read_summary(dataset)
+    expected = pq.read_schema(f"{root.rstrip('/')}/{METADATA_FILE}", filesystem=filesystem).remove_metadata()
+    advice = "re-run `ser prepare --overwrite` or restore the dataset from a copy"
+    rows = {}
+    for name, kind, size in _dataset_entries(dataset):
+        where = f"{str(dataset).rstrip('/')}/{name}"
+        if kind != "file" or not PART_NAME.match(name):
+            what = {"folder": "a folder", "other": "not a regular file"}.get(kind, "not a part file of the dataset")
+            raise DataError(where, f"{what} inside the dataset folder; Ray Data would read it as part of the "
+                                   "dataset: move it out (readers skip names starting with '.' or '_')")
+        if size == 0:
+            raise DataError(where, f"empty part file (0 bytes); {advice}")
+        try:
+            footer = pq.read_metadata(f"{root.rstrip('/')}/{name}", filesystem=filesystem)
+        except (OSError, pa.ArrowException) as err:
+            raise DataError(where, f"corrupt or truncated part file, cannot read its footer ({err}); {advice}"
+                            ) from None
+        schema = footer.schema.to_arrow_schema().remove_metadata()
+        if not schema.equals(expected):
+            differ = sorted(set(map(str, schema)) ^ set(map(str, expected)))
+            raise DataError(where, f"its columns differ from the dataset's ({'; '.join(differ)}): a part of "
+                                   f"another dataset? {advice}")
+        rows[name] = footer.num_rows
+    listed = {f"part-{i:05d}.parquet" for i in range(int(summary.get("parts", len(rows))))}
+    missing, unlisted = sorted(listed - set(rows)), sorted(set(rows) - listed)
+    if missing or unlisted:
+        name = (missing or unlisted)[0]
+        problem = (f"part file missing ({len(missing)} of the {len(listed)} parts the summary lists are gone)"
+                   if missing else f"a part file the summary does not list (it lists {len(listed)})")
+        raise DataError(f"{str(dataset).rstrip('/')}/{name}", f"{problem}; {advice}")
+    if sum(rows.values()) != summary["utterances"]:
+        raise DataError(dataset, f"its part files hold {sum(rows.values())} rows, the summary lists "
+                                 f"{summary['utterances']} utterances; {advice}")
+    return summary
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -376,6 +475,53 @@ def _progress(items: Iterable[Utterance], total: int, enabled: bool):
     return tqdm(items, total=total, desc="prepare", unit="utt", disable=not enabled)
 
 
+def _source_and_out(source: str | Path, out: str | Path) -> tuple[Path, Path]:
+    """Both resolved (symlinks and ``..`` followed); ``DataError`` if one holds the other or ``out`` is remote."""
+    if "://" in str(out):
+        raise DataError(out, "prepare writes a local folder (atomic rename needs one); copy the finished dataset "
+                             "to object storage afterwards, e.g. `aws s3 sync`")
+    source, out = resolved(source), resolved(out)
+    if out == source or source in out.parents:
+        raise DataError(out, f"is inside the source corpus {source}; write the dataset elsewhere")
+    if out in source.parents:
+        raise DataError(out, f"holds the source corpus {source}; replacing it would delete the corpus, write the "
+                             "dataset elsewhere")
+    return source, out
+
+
+def _encode(parsed, writer: _PartWriter, *, features: bool, skip_bad: bool, progress: bool,
+            clock: dict[str, float]) -> dict[str, Any]:
+    """Decode (and featurise) every parsed utterance into ``writer``; what was kept, skipped, resampled."""
+    params = FeatureParams()
+    done = {"kept": [], "skipped": list(parsed.skipped), "resampled": collections.Counter(), "downmixed": 0,
+            "seconds": 0.0}
+    for u in _progress(parsed.utterances, len(parsed.utterances), progress):
+        tick = time.perf_counter()
+        try:
+            audio, info = load_audio(u.wav_path)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            done["skipped"].append(SkippedInput(err.path, err.problem))
+            continue
+        finally:
+            clock["decode"] += time.perf_counter() - tick
+        done["resampled"][info["source_rate"]] += info["resampled"]
+        done["downmixed"] += info["downmixed"]
+        row = _row(u, audio)
+        if features:
+            tick = time.perf_counter()
+            mfcc, spectrogram = features_from_power(power_spectrogram_librosa(audio, params), params)
+            row.update(mfcc=mfcc, spectrogram=spectrogram, num_frames=mfcc.shape[0])
+            clock["features"] += time.perf_counter() - tick
+        tick = time.perf_counter()
+        writer.add(row)
+        clock["write"] += time.perf_counter() - tick
+        done["kept"].append(u)
+        done["seconds"] += len(audio) / SAMPLE_RATE
+    return done
+
+
 def prepare_dataset(
     source: str | Path,
     out: str | Path,
@@ -394,83 +540,40 @@ def prepare_dataset(
     wall seconds spent in ``parse``, ``decode``, ``features``, ``write`` and ``total``.
     """
     started = time.perf_counter()
-    if "://" in str(out):
-        raise DataError(out, "prepare writes a local folder (atomic rename needs one); copy the finished dataset "
-                             "to object storage afterwards, e.g. `aws s3 sync`")
     if rows_per_part < 1 or part_bytes < 1:
         raise ValueError(f"rows_per_part={rows_per_part!r}, part_bytes={part_bytes!r}: expected positive sizes")
-    source, out = Path(source).expanduser().absolute(), Path(out).expanduser().absolute()
-    if out == source or source in out.parents:
-        raise DataError(out, f"is inside the source corpus {source}; write the dataset elsewhere")
-    _check_target(out, overwrite)
-
+    source, out = _source_and_out(source, out)
     clock = {"parse": 0.0, "decode": 0.0, "features": 0.0, "write": 0.0}
-    tick = time.perf_counter()
-    parsed = parse_iemocap(source, skip_bad=skip_bad, progress=progress)
-    clock["parse"] += time.perf_counter() - tick
-    if not parsed.utterances:
-        raise DataError(source, "no utterance with a 4-class label (angry, happy/excited, neutral, sad) was found"
-                        + (f"; {len(parsed.skipped)} input(s) skipped as bad" if parsed.skipped else ""))
-
-    schema = dataset_schema(features=features)
-    params = FeatureParams()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out)
-    partial = out.parent / _partial_name(out)
-    partial.mkdir()
+    # The lock and the target checks come first: a second run or a refused --out stops before any work.
+    folder = AtomicFolder(out, writer="ser prepare", what="dataset", marker=f"{METADATA_FILE} with its summary",
+                          is_ours=is_dataset, overwrite=overwrite)
     # One BLAS thread: the per-utterance matrices are small, and on a busy machine OpenBLAS's spinning threads
     # made the mel projection ~100x slower (16 ms instead of 0.13 ms per 2 s utterance, measured here).
-    blas = threadpoolctl.threadpool_limits(1, user_api="blas")
-    try:
-        writer = _PartWriter(partial, schema, rows_per_part, part_bytes)
-        kept: list[Utterance] = []
-        skipped = list(parsed.skipped)
-        resampled: collections.Counter = collections.Counter()
-        downmixed = 0
-        seconds = 0.0
-        for u in _progress(parsed.utterances, len(parsed.utterances), progress):
-            tick = time.perf_counter()
-            try:
-                audio, info = load_audio(u.wav_path)
-            except DataError as err:
-                if not skip_bad:
-                    raise
-                skipped.append(SkippedInput(err.path, err.problem))
-                continue
-            finally:
-                clock["decode"] += time.perf_counter() - tick
-            resampled[info["source_rate"]] += info["resampled"]
-            downmixed += info["downmixed"]
-            row = _row(u, audio)
-            if features:
-                tick = time.perf_counter()
-                mfcc, spectrogram = features_from_power(power_spectrogram_librosa(audio, params), params)
-                row.update(mfcc=mfcc, spectrogram=spectrogram, num_frames=mfcc.shape[0])
-                clock["features"] += time.perf_counter() - tick
-            tick = time.perf_counter()
-            writer.add(row)
-            clock["write"] += time.perf_counter() - tick
-            kept.append(u)
-            seconds += len(audio) / SAMPLE_RATE
-        if not kept:
-            raise DataError(source, f"every utterance was skipped as bad ({len(skipped)} inputs); nothing to write")
+    with folder, threadpoolctl.threadpool_limits(1, user_api="blas"):
+        tick = time.perf_counter()
+        parsed = parse_iemocap(source, skip_bad=skip_bad, progress=progress)
+        clock["parse"] += time.perf_counter() - tick
+        if not parsed.utterances:
+            raise DataError(source, "no utterance with a 4-class label (angry, happy/excited, neutral, sad) was "
+                            "found" + (f"; {len(parsed.skipped)} input(s) skipped as bad" if parsed.skipped else ""))
+        schema = dataset_schema(features=features)
+        writer = _PartWriter(folder.partial, schema, rows_per_part, part_bytes)
+        done = _encode(parsed, writer, features=features, skip_bad=skip_bad, progress=progress, clock=clock)
+        if not done["kept"]:
+            raise DataError(source, f"every utterance was skipped as bad ({len(done['skipped'])} inputs); nothing "
+                                    "to write")
         tick = time.perf_counter()
         writer.flush()
         summary = _summary(
-            source=source, out=out, utterances=kept, seconds=seconds, parse_dropped=parsed.dropped,
-            skipped=skipped, resampled=+resampled, downmixed=downmixed, features=features, schema=schema,
-            parts=writer.parts, rows_per_part=rows_per_part,
+            source=source, out=out, utterances=done["kept"], seconds=done["seconds"], parse_dropped=parsed.dropped,
+            skipped=done["skipped"], resampled=+done["resampled"], downmixed=done["downmixed"], features=features,
+            schema=schema, parts=writer.parts, rows_per_part=rows_per_part,
         )
         metadata = dict(schema.metadata or {})
         metadata[SUMMARY_KEY] = json.dumps(summary, sort_keys=True).encode()
-        pq.write_metadata(schema.with_metadata(metadata), partial / METADATA_FILE)
-        _replace(partial, out)
+        pq.write_metadata(schema.with_metadata(metadata), folder.partial / METADATA_FILE)
+        folder.commit()
         clock["write"] += time.perf_counter() - tick
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    finally:
-        blas.restore_original_limits()
     if timings is not None:
         timings.update(clock, total=time.perf_counter() - started)
     return summary

@@ -29,13 +29,16 @@ How it is generated (all from one ``numpy`` generator seeded by ``seed``, so a s
 
 The default (60 kept utterances per session, 375 WAVs in all) is sized for the demo preset: five folds train
 in minutes on two CPU cores.
+
+The corpus is an ``AtomicFolder`` (``data/atomic_folder.py``): written under a hidden partial name and renamed
+into place, one writer at a time, and it carries a marker file (``MARKER_FILE``, JSON: the writer and its
+settings). ``overwrite=True`` replaces only a folder holding that marker: never a real corpus, never anything
+else a user pointed it at by mistake.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,9 +46,13 @@ import numpy as np
 import scipy.signal
 import soundfile
 
+from ser_platform.data.atomic_folder import AtomicFolder
+from ser_platform.data.errors import DataError
 from ser_platform.data.iemocap import CLASSES, PAPER_COUNTS
 
 SESSIONS = (1, 2, 3, 4, 5)
+MARKER_FILE = ".ser_synthetic_corpus.json"  # what `overwrite` looks for (module docstring)
+WRITER = "ser_platform.data.synthetic"
 _DROPPED_PER_KEPT = 0.25  # distractor utterances written per kept one
 _EXC_SHARE = 1041 / 1636  # share of happy written as "exc" in the real corpus
 _ONE_MODALITY_SHARE = 0.36  # of emotional utterances; with ~69 % emotional that is ~25 % of all kept
@@ -121,6 +128,14 @@ class _Turn:
     num_samples: int = 0
 
 
+def is_synthetic_corpus(path: str | Path) -> bool:
+    """Whether ``path`` holds the marker file this module writes (the only folders ``overwrite`` replaces)."""
+    try:
+        return json.loads((Path(path) / MARKER_FILE).read_text()).get("written_by") == WRITER
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def write_synthetic_corpus(
     out: str | Path,
     *,
@@ -134,68 +149,41 @@ def write_synthetic_corpus(
 
     ``utterances_per_session`` counts the kept (4-class) utterances; a quarter as many with dropped labels
     come on top. The corpus is written to a temporary sibling folder and renamed into place at the end, so a
-    crash never leaves half a corpus; an existing non-empty ``out`` is replaced only with ``overwrite=True``.
+    crash never leaves half a corpus; an existing non-empty ``out`` is replaced only with ``overwrite=True``, and
+    only if it is a corpus written here (``is_synthetic_corpus``). ``out`` is resolved (symlinks followed).
     """
     if utterances_per_session < 8:
-        raise ValueError(f"utterances_per_session={utterances_per_session!r}: need at least 8 (two per class)")
+        raise DataError(out, f"utterances_per_session={utterances_per_session!r}: need at least 8 (two per class)")
     if sample_rate < 8000:
-        raise ValueError(f"sample_rate={sample_rate!r}: need at least 8000 Hz for the harmonic source")
-    out = Path(out).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out}: folder exists and is not empty; pass overwrite=True to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
+        raise DataError(out, f"sample_rate={sample_rate!r}: need at least 8000 Hz for the harmonic source")
+    folder = AtomicFolder(out, writer="ser synth", what="synthetic corpus", marker=MARKER_FILE,
+                          is_ours=is_synthetic_corpus, overwrite=overwrite)
     rng = np.random.default_rng(seed)
     scripts = {s: {e: [_sentence(rng, e) for _ in range(_SCRIPT_LINES_PER_EMOTION)] for e in CLASSES} for s in _SCRIPTS}
     num_dropped = round(utterances_per_session * _DROPPED_PER_KEPT)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(SESSIONS) * (utterances_per_session + num_dropped), desc="synthetic corpus", unit="wav")
-
-    partial = _fresh_sibling(out, "partial")
-    try:
-        (partial / "README.txt").write_text(
+    with folder:
+        settings = {"seed": seed, "utterances_per_session": utterances_per_session, "sample_rate": sample_rate}
+        (folder.partial / "README.txt").write_text(
             "Synthetic corpus in the layout of IEMOCAP_full_release, written by ser_platform.data.synthetic\n"
             f"(seed={seed}, utterances_per_session={utterances_per_session}, sample_rate={sample_rate}).\n"
             "Not speech: harmonic tones whose prosody follows the label. See the module docstring.\n",
             newline="\n",
         )
-        for session in SESSIONS:
-            _write_session(partial, session, utterances_per_session, num_dropped, sample_rate, scripts, rng, bar)
-        _replace(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-    return out
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
 
-
-def _replace(partial: Path, out: Path) -> None:
-    """Move the finished corpus into place; any old ``out`` is moved aside first and deleted last."""
-    if not out.exists():
-        os.rename(partial, out)
-        return
-    old = _fresh_sibling(out, "old")
-    os.rename(out, old / "corpus")
-    os.rename(partial, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _fresh_sibling(out: Path, kind: str) -> Path:
-    """A new hidden folder beside ``out`` (same file system, so rename is atomic), with the umask's mode."""
-    while True:
-        path = out.parent / f".{out.name}.{kind}-{secrets.token_hex(4)}"
+            bar = tqdm(total=len(SESSIONS) * (utterances_per_session + num_dropped), desc="synthetic corpus",
+                       unit="wav")
         try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
+            for session in SESSIONS:
+                _write_session(folder.partial, session, utterances_per_session, num_dropped, sample_rate, scripts,
+                               rng, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+        (folder.partial / MARKER_FILE).write_text(json.dumps({"written_by": WRITER, **settings}, sort_keys=True))
+        return folder.commit()
 
 
 def _quota(total: int, shares: dict[str, float]) -> dict[str, int]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import re
 import shutil
 from pathlib import Path
@@ -394,3 +395,43 @@ def test_utterance_evaluated_twice(session1):
     result = parse_iemocap(root, skip_bad=True)  # the first evaluation stands, the repeat is skipped
     assert [x.id for x in result.utterances] == [x.id for x in kept]
     assert [s.path for s in result.skipped] == [str(emo)]
+
+
+def test_text_that_is_not_utf8_is_named_not_guessed(session1):
+    root, kept = session1
+    u, dialog, _, trans, _ = victim(root, kept)
+    trans.write_bytes(trans.read_bytes() + f"{u.id}X [001.0000-002.0000]: café\n".encode("latin-1"))
+    lines = trans.read_bytes().count(b"\n")
+    lost = {k.id for k in kept if k.id.startswith(dialog + "_")}  # the dialog's transcripts cannot be trusted
+    assert_strict_and_skipping(root, kept, lost, trans.name, rf"line {lines}: not UTF-8 text \(byte 0xe9 at offset")
+    trans.write_bytes(trans.read_bytes().replace("é".encode("latin-1"), "é".encode("utf-8")))
+    assert len(parse_iemocap(root).utterances) == len(kept)  # the same text in UTF-8 is fine
+
+
+def test_a_utf8_byte_order_mark_is_not_part_of_the_first_id(session1):
+    root, kept = session1
+    _, _, emo, trans, _ = victim(root, kept)
+    for path in (emo, trans):
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert [u.transcript for u in parse_iemocap(root).utterances] == [u.transcript for u in kept]
+
+
+def test_an_id_with_two_different_transcripts_is_named_with_both_lines(session1):
+    root, kept = session1
+    u, _, _, trans, _ = victim(root, kept)
+    first = edit_line(trans, f"{u.id} [", lambda line: line)
+    original = trans.read_text().split("\n")[first - 1]
+    trans.write_text(trans.read_text() + original + "\n")  # word for word: unambiguous, read once
+    assert [x.transcript for x in parse_iemocap(root).utterances] == [x.transcript for x in kept]
+    trans.write_text(trans.read_text() + original.split("]:")[0] + "]: Something else.\n")
+    repeat = len(trans.read_text().split("\n")) - 1
+    assert_strict_and_skipping(root, kept, {u.id}, trans.name,
+                               f"lines {first} and {repeat} give {u.id} different transcripts")
+
+
+def test_a_fifo_in_place_of_a_wav_is_named_never_opened(session1):
+    root, kept = session1
+    u, _, _, _, wav = victim(root, kept)
+    wav.unlink()
+    os.mkfifo(wav)  # opening it for reading would wait for a writer forever
+    assert_strict_and_skipping(root, kept, {u.id}, wav.name, "is a FIFO, not a file")

@@ -23,6 +23,7 @@ import soundfile
 
 from ser_platform.cli import main
 from ser_platform.data import parquet
+from ser_platform.data.atomic_folder import AtomicFolder
 from ser_platform.data.errors import DataError
 from ser_platform.data.iemocap import CLASSES, parse_iemocap
 from ser_platform.data.parquet import format_summary, prepare_dataset, read_summary
@@ -374,17 +375,35 @@ def test_a_crash_during_overwrite_keeps_the_old_dataset(session1, tmp_path, monk
     assert sorted(os.listdir(tmp_path)) == ["corpus", "ds"]
 
 
-def test_partials_of_a_killed_run_are_removed(session1, tmp_path):
+def test_partials_of_a_killed_run_are_removed_whatever_the_host_and_pid(session1, tmp_path):
     root, _ = session1
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    stale = tmp_path / f".ds.partial-{socket.gethostname()}-{dead.pid}-0badcafe"
-    stale.mkdir()
-    (stale / "part-00000.parquet").write_bytes(b"half")
-    alive = tmp_path / f".ds.partial-{socket.gethostname()}-{os.getpid()}-00c0ffee"  # a run still going
-    alive.mkdir()
-    prepare_dataset(root, tmp_path / "ds")
-    assert not stale.exists() and alive.exists()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # its pid is alive
+    try:
+        debris = [tmp_path / f".ds.partial-{socket.gethostname()}-{alive.pid}-0badcafe",
+                  tmp_path / ".ds.partial-another-host-1-00c0ffee", tmp_path / ".ds.partial-1a2b3c4d"]
+        for folder in debris:
+            folder.mkdir()
+            (folder / "part-00000.parquet").write_bytes(b"half")
+        prepare_dataset(root, tmp_path / "ds")
+    finally:
+        alive.kill()
+        alive.wait()
+    # No writer held the lock of ds, so whichever run left them, they were debris.
+    assert not any(folder.exists() for folder in debris)
+    assert sorted(os.listdir(tmp_path)) == ["corpus", "ds"]
+
+
+def test_a_second_writer_stops_at_once_and_leaves_the_first_alone(session1, tmp_path):
+    root, _ = session1
+    first = AtomicFolder(tmp_path / "ds", writer="ser prepare", what="dataset", marker="-", is_ours=parquet.is_dataset,
+                         overwrite=False).open()  # a prepare in progress: it holds the lock, its partial exists
+    try:
+        with pytest.raises(DataError, match=r"ds: another writer is writing this dataset now \(`ser prepare`, pid "):
+            prepare_dataset(root, tmp_path / "ds", overwrite=True)
+        assert first.partial.is_dir() and not (tmp_path / "ds").exists()
+    finally:
+        first.abort()
+    assert sorted(os.listdir(tmp_path)) == ["corpus"]
 
 
 def test_read_summary_of_something_else_names_it(tmp_path):
@@ -393,3 +412,40 @@ def test_read_summary_of_something_else_names_it(tmp_path):
 
 
 # Ray Data reading the dataset: tests/integration/test_parquet_ray.py.
+
+
+# --- audio too short for the speech encoder ------------------------------------------------------------------
+
+def test_the_minimum_length_is_wav2vec2s_receptive_field():
+    """Checked against transformers' own wav2vec2 feature encoder: 400 samples give it one frame, 399 none."""
+    import torch
+    from transformers import Wav2Vec2Config
+    from transformers.models.wav2vec2.modeling_wav2vec2 import Wav2Vec2FeatureEncoder
+
+    from ser_platform.config import SpeechEncoderConfig
+    from ser_platform.models.speech import build_speech_encoder_config
+
+    base = Wav2Vec2Config()  # wav2vec2-base's conv stack: kernels (10,3,3,3,3,2,2), strides (5,2,2,2,2,2,2)
+    assert parquet.conv_receptive_field(base.conv_kernel, base.conv_stride) == parquet.MIN_AUDIO_SAMPLES == 400
+    tiny = build_speech_encoder_config(SpeechEncoderConfig())
+    assert parquet.conv_receptive_field(tiny.conv_kernel, tiny.conv_stride) == 330 <= parquet.MIN_AUDIO_SAMPLES
+    features = Wav2Vec2FeatureEncoder(Wav2Vec2Config(conv_dim=(4,) * 7)).eval()  # base's stack, narrow channels
+    with torch.no_grad():
+        assert features(torch.zeros(1, 400)).shape[-1] == 1
+        assert features(torch.zeros(1, 400 + 320)).shape[-1] == 2  # one more frame per 320-sample stride
+        with pytest.raises(RuntimeError):
+            features(torch.zeros(1, 399))  # what `ser predict` and `ser cache` met before the rule
+
+
+def test_short_audio_is_refused_after_resampling(tmp_path):
+    wav = tmp_path / "short.wav"
+    _write_wav(wav, np.full(200, 0.1, np.float32), 8000)  # 200 samples at 8 kHz = 400 at 16 kHz: long enough
+    audio, info = parquet.load_audio(wav)
+    assert len(audio) == 400 and info["resampled"]
+    _write_wav(wav, np.full(199, 0.1, np.float32), 8000)
+    with pytest.raises(DataError, match=r"short\.wav: audio of 398 samples \(24\.9 ms at 16000 Hz\) is shorter "
+                                        r"than the speech encoder's receptive field of 400 samples \(25 ms\)"):
+        parquet.load_audio(wav)
+    with pytest.raises(DataError, match=r"^row X: audio of 329 samples"):
+        parquet.check_audio_length(329, "row X")
+    parquet.check_audio_length(330, "row X", min_samples=330)  # an encoder's own field, as ser cache may pass

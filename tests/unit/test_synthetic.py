@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import re
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ser_platform.data import synthetic
+from ser_platform.data.errors import DataError
 from ser_platform.data.iemocap import CLASSES, PAPER_COUNTS, parse_iemocap
 from ser_platform.data.synthetic import write_synthetic_corpus
 
@@ -131,18 +133,24 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
     assert not set(wavs_a) & set(wavs_c)  # another seed: not one waveform in common
 
 
-def test_refuses_to_clobber_and_replaces_only_when_asked(tmp_path):
+def test_refuses_to_clobber_and_replaces_only_its_own_corpus(tmp_path):
     out = tmp_path / "corpus"
     out.mkdir()
     (out / "precious.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
         write_synthetic_corpus(out, utterances_per_session=8)
+    # Not a corpus written here (no marker): refused even with overwrite, the folder untouched.
+    with pytest.raises(DataError, match="not a synthetic corpus written by `ser synth` .*remove it yourself"):
+        write_synthetic_corpus(out, utterances_per_session=8, overwrite=True)
     assert [p.name for p in out.iterdir()] == ["precious.txt"]
-    root = write_synthetic_corpus(out, utterances_per_session=8, overwrite=True)
-    assert root == out and not (out / "precious.txt").exists() and (out / "Session5").is_dir()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no temporary siblings left
+    out.joinpath("precious.txt").unlink()
+    first = write_synthetic_corpus(out, utterances_per_session=8, seed=1)  # an empty folder is a fine target
+    assert synthetic.is_synthetic_corpus(first) and digest(first) != {}
+    root = write_synthetic_corpus(out, utterances_per_session=8, seed=2, overwrite=True)  # its own: replaced
+    assert root == out and json.loads((out / synthetic.MARKER_FILE).read_text())["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus"]  # no temporary siblings, no lock left
     (tmp_path / "a_file").write_text("x")
-    with pytest.raises(FileExistsError, match="not a folder"):
+    with pytest.raises(DataError, match="exists and is not a folder"):
         write_synthetic_corpus(tmp_path / "a_file", utterances_per_session=8, overwrite=True)
 
 
@@ -150,8 +158,8 @@ def test_refuses_to_clobber_and_replaces_only_when_asked(tmp_path):
 def test_a_crash_leaves_no_half_corpus(tmp_path, monkeypatch, existing):
     out = tmp_path / "corpus"
     if existing:
-        out.mkdir()
-        (out / "precious.txt").write_text("keep me")
+        write_synthetic_corpus(out, utterances_per_session=8, seed=5)
+    before = digest(out) if existing else None
     real_write, calls = soundfile.write, []
 
     def failing_write(*args, **kwargs):
@@ -165,7 +173,7 @@ def test_a_crash_leaves_no_half_corpus(tmp_path, monkeypatch, existing):
         write_synthetic_corpus(out, utterances_per_session=8, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["corpus"] if existing else [])
     if existing:
-        assert [p.name for p in out.iterdir()] == ["precious.txt"]
+        assert digest(out) == before
 
 
 def test_arguments_are_checked(tmp_path):

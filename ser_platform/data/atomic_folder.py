@@ -1,0 +1,293 @@
+"""Folders a tool writes as a whole (``ser synth``'s corpus, ``ser prepare``'s dataset, ``ser cache``'s entries):
+never half-written, never by two writers at once, and an existing folder replaced only if the tool wrote it.
+
+    folder = AtomicFolder(out, writer="ser prepare", what="dataset", marker="...", is_ours=..., overwrite=...)
+    with folder:                  # open(): lock, checks, a fresh hidden partial folder
+        ...write into folder.partial...
+        folder.commit()           # rename into place; an old folder there is removed only afterwards
+    # leaving the block without commit (an exception, Ctrl-C, SIGTERM) removes the partial folder
+
+The rules:
+
+* **Where.** ``out`` is resolved, symlinks followed: a link to a dataset elsewhere is replaced at its target, so
+  the link stays valid and nothing is written beside the link.
+* **One writer.** An exclusive ``flock`` on ``.OUT.lock`` beside ``out``, taken without waiting: a second writer
+  stops at once with an error naming the first one's host and pid. The lock file is removed when done (after
+  the lock is held, the file's inode is checked against the path, so removing it cannot let two writers in).
+  ``flock`` also works across hosts on NFSv4 and most cluster file systems; not on NFSv3 without lockd.
+* **Overwrite only what the tool wrote.** A non-empty ``out`` is replaced only with ``overwrite=True`` and when
+  ``is_ours(out)`` recognises the writer's marker (a dataset's summary, a corpus' marker file, a cache entry's
+  metadata); an empty folder is a fine target.
+* **Nothing to find later.** The partial folder is ``.OUT.partial-HOST-PID-RANDOM`` beside ``out`` (same file
+  system, so the final rename is atomic). Holding the lock proves that no other writer of ``out`` is alive, so
+  any ``.OUT.partial-*`` found at open is debris of a killed run (SIGKILL, a power cut) on any host, and is
+  removed. While a folder is open, SIGTERM and SIGHUP (default action: die without cleaning up) raise
+  ``SystemExit(128 + signal)`` instead, so the partial folder goes as it does on Ctrl-C (KeyboardInterrupt).
+  Parent folders that ``open`` created for ``out`` are removed again if the write does not complete.
+* **Replace.** The old ``out`` is renamed to ``.OUT.old-*``, the partial one to ``out`` (signals held back
+  between the two renames), and the old one is deleted last. A run killed between the renames leaves a
+  ``.OUT.old-*`` and no ``out``: the next open puts it back.
+* **Errors name the folder.** A folder that cannot be written (permission denied, read-only file system) and a
+  write that runs out of room (no space left, quota, file size limit) raise ``DataError`` naming the folder.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import secrets
+import shutil
+import signal
+import socket
+import threading
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from ser_platform.data.errors import DataError
+
+__all__ = ["AtomicFolder", "lock_file", "resolved", "unlock_file"]
+
+# Errors of the writing side: the output's file system is full or refuses writes. Converted to DataError.
+_NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EFBIG: "file size limit exceeded", errno.EROFS: "read-only file system"}
+_CLEANUP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)
+_open_count = 0
+_saved_handlers: dict[int, object] = {}
+# Folders that open() created in this process: a failed write removes them again if empty, also when another
+# folder created them (the encoder cache's layers share their key folders).
+_made_here: set[Path] = set()
+
+
+def resolved(path: str | Path) -> Path:
+    """``path`` made absolute with ``~`` expanded and every symlink and ``..`` resolved (the real location)."""
+    return Path(path).expanduser().resolve()
+
+
+def _raise_exit(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _hold_signals_for_cleanup() -> None:
+    """While a folder is open, turn SIGTERM/SIGHUP into SystemExit (main thread only; handlers someone else
+    installed are left alone)."""
+    global _open_count
+    _open_count += 1
+    if _open_count > 1 or threading.current_thread() is not threading.main_thread():
+        return
+    for signum in _CLEANUP_SIGNALS:
+        if signal.getsignal(signum) == signal.SIG_DFL:
+            _saved_handlers[signum] = signal.signal(signum, _raise_exit)
+
+
+def _release_signals() -> None:
+    global _open_count
+    _open_count = max(0, _open_count - 1)
+    if _open_count == 0 and threading.current_thread() is threading.main_thread():
+        for signum, handler in list(_saved_handlers.items()):
+            signal.signal(signum, handler)
+            del _saved_handlers[signum]
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a folder of ours, read-only ones included (a dataset someone made read-only to protect it:
+    replacing it with --overwrite was asked for). What cannot be removed is named in a warning."""
+    def writable_then_retry(function, failed, _):
+        os.chmod(os.path.dirname(failed), 0o700)
+        function(failed)
+
+    try:
+        shutil.rmtree(path, onerror=writable_then_retry)
+    except OSError as err:
+        warnings.warn(f"{path}: could not remove it ({err.strerror or err}); remove it yourself", stacklevel=2)
+
+
+def lock_file(path: Path, *, holder: str = "", wait: bool = False) -> int | None:
+    """An exclusive ``flock`` on ``path`` (created if absent): its descriptor, or None if another process holds
+    it and ``wait`` is false. ``holder`` (who takes it) is written into the file for the error others see.
+    Safe against ``unlock_file`` removing the file meanwhile: a lock taken on a removed file is dropped and the
+    new file locked instead, so two processes never both hold ``path``."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False  # its holder removed it as we took it: take the new one
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, holder.encode())
+            return fd
+        os.close(fd)
+
+
+def unlock_file(path: Path, fd: int) -> None:
+    """Remove the lock file (while still holding it, see ``lock_file``), then release it."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    os.close(fd)
+
+
+def _problem(err: OSError) -> str:
+    return err.strerror or str(err)
+
+
+class AtomicFolder:
+    """One folder written as a whole (module docstring). ``writer`` names the tool in messages (``ser
+    prepare``), ``what`` the kind of folder (``dataset``), ``marker`` what ``is_ours`` looks for."""
+
+    def __init__(self, out: str | Path, *, writer: str, what: str, marker: str, is_ours: Callable[[Path], bool],
+                 overwrite: bool):
+        self.out = resolved(out)
+        self.writer, self.what, self.marker = writer, what, marker
+        self.is_ours, self.overwrite = is_ours, overwrite
+        self.lock_path = self.out.parent / f".{self.out.name}.lock"
+        self.partial: Path | None = None
+        self.committed = False
+        self._lock_fd: int | None = None
+        self._signals_held = False
+
+    # --- opening ------------------------------------------------------------------------------------------------
+
+    def __enter__(self) -> "AtomicFolder":
+        return self.open()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed:
+            self.abort()
+        full = self.out_of_room(exc) if isinstance(exc, OSError) else None
+        if full is not None:
+            raise full from exc
+
+    def out_of_room(self, err: OSError) -> DataError | None:
+        """The ``DataError`` naming ``out`` for a write that ran out of room (module docstring), else None."""
+        if err.errno not in _NO_ROOM:
+            return None
+        return DataError(self.out, f"cannot write the {self.what}: {_NO_ROOM[err.errno]} ({err}); nothing was "
+                                   "written, free some space or choose another output folder")
+
+    def open(self) -> "AtomicFolder":
+        """Lock, clear a killed run's debris, check the target and create the partial folder."""
+        _hold_signals_for_cleanup()
+        self._signals_held = True
+        try:
+            self._make_parents()
+            self._lock()
+            self._clear_debris()
+            self._check_target()
+            self.partial = self.out.parent / (f".{self.out.name}.partial-{socket.gethostname()}-{os.getpid()}-"
+                                              f"{secrets.token_hex(4)}")
+            self.partial.mkdir()
+        except BaseException as err:
+            self.abort()
+            if isinstance(err, OSError) and (err.errno in _NO_ROOM or err.errno in (errno.EACCES, errno.EPERM)):
+                where = err.filename or self.out.parent
+                raise DataError(where, f"cannot write the {self.what} {self.out} here ({_problem(err)}); choose "
+                                       "an output folder you can write to") from None
+            raise
+        return self
+
+    def _make_parents(self) -> None:
+        missing = []
+        parent = self.out.parent
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        if not parent.is_dir():
+            raise DataError(parent, f"is a file, not a folder; cannot write the {self.what} {self.out} under it")
+        for folder in reversed(missing):
+            folder.mkdir()
+            _made_here.add(folder)
+
+    def _lock(self) -> None:
+        self._lock_fd = lock_file(self.lock_path, holder=f"`{self.writer}`, pid {os.getpid()} on "
+                                                         f"{socket.gethostname()}")
+        if self._lock_fd is None:
+            try:
+                holder = self.lock_path.read_text(errors="replace").strip() or "another process"
+            except OSError:
+                holder = "another process"
+            raise DataError(self.out, f"another writer is writing this {self.what} now ({holder}); wait for it "
+                                      "to finish or choose another output folder")
+
+    def _check_target(self) -> None:
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise DataError(out, f"exists and is not a folder; choose another output for the {self.what}")
+        if not out.exists() or not any(out.iterdir()):
+            return  # nothing there, or an empty folder: nothing to lose
+        if not self.overwrite:
+            raise FileExistsError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it (the "
+                                  f"old {self.what} is kept until the new one is complete)")
+        if not self.is_ours(out):
+            article = "an" if self.what[0] in "aeiou" else "a"
+            raise DataError(out, f"exists and is not {article} {self.what} written by `{self.writer}` (no "
+                                 f"{self.marker}); "
+                                 "refusing to replace it: remove it yourself or choose another output folder")
+
+    def _clear_debris(self) -> None:
+        """Partial and old folders of ``out`` left by a killed run (the lock says no writer is alive)."""
+        for path in sorted(self.out.parent.glob(f".{self.out.name}.partial-*")):
+            _remove_tree(path)
+        for path in sorted(self.out.parent.glob(f".{self.out.name}.old-*")):
+            if not self.out.exists() and path.is_dir() and self.is_ours(path):
+                os.rename(path, self.out)  # killed between the two renames of a replace: put it back
+            else:
+                _remove_tree(path)
+
+    # --- closing ------------------------------------------------------------------------------------------------
+
+    def commit(self) -> Path:
+        """Move the complete partial folder to ``out``; an old folder there is removed only afterwards."""
+        if self.partial is None or self.committed:
+            raise RuntimeError(f"{self.out}: commit() without open(), or twice")
+        old = None
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, *_CLEANUP_SIGNALS})
+        try:
+            if self.out.is_dir() and not any(self.out.iterdir()):
+                self.out.rmdir()
+            elif self.out.exists():
+                old = self.out.parent / f".{self.out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+                os.rename(self.out, old)
+            try:
+                os.rename(self.partial, self.out)
+            except BaseException:
+                if old is not None:
+                    os.rename(old, self.out)
+                raise
+            self.committed = True
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if old is not None:
+            _remove_tree(old)
+        self._release()
+        return self.out
+
+    def abort(self) -> None:
+        """Remove the partial folder, release the lock, remove the parent folders ``open`` created."""
+        if self.partial is not None and not self.committed:
+            shutil.rmtree(self.partial, ignore_errors=True)
+        self._release()
+        folder = self.out.parent
+        while folder in _made_here:
+            try:
+                folder.rmdir()
+            except OSError:
+                break  # not empty: another writer's, or someone else's files appeared; keep it and its parents
+            _made_here.discard(folder)
+            folder = folder.parent
+
+    def _release(self) -> None:
+        if self._lock_fd is not None:
+            unlock_file(self.lock_path, self._lock_fd)
+            self._lock_fd = None
+        if self._signals_held:
+            _release_signals()
+            self._signals_held = False
