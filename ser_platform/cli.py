@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from typing import Any, Sequence
 
@@ -344,8 +345,16 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> 
     except KeyboardInterrupt:
         if debug:
             raise
+        # A library that caught the same Ctrl-C (pyarrow's stop handler) may raise it again while the stack
+        # unwinds, which would end the process by SIGINT instead of exit 130: the rest of the way is ignored.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         print(f"{parser.prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except SystemExit as stop:  # SIGTERM/SIGHUP while a folder was being written (data.atomic_folder)
+        if isinstance(stop.code, int) and stop.code > 128:
+            print(f"{parser.prog}: stopped by signal {stop.code - 128}; nothing half-written was left",
+                  file=sys.stderr)
+        raise
     except Exception as err:
         if debug or not _expected(err):
             raise

@@ -124,17 +124,21 @@ def absolute_location(uri_or_path: str) -> str:
 
 
 def resolve_dataset(dataset: str) -> str:
-    """``data.dataset`` as an absolute path or URI: the embedded synthetic dataset when ``""`` (built on first
-    use), a local path that must exist, or an object-storage URI (checked by the reader)."""
+    """``data.dataset`` as an absolute path or URI, checked (``data.parquet.check_dataset``: every part file's
+    footer against the summary): the embedded synthetic dataset when ``""`` (built on first use), a local path that
+    must exist, or an object-storage URI."""
     if not dataset:
         from ser_platform.demo import ensure_demo_dataset
 
         return ensure_demo_dataset()
+    from ser_platform.data.parquet import check_dataset
+
     location = absolute_location(dataset)
     if is_local(location):
         path = Path(urlsplit(location).path if location.startswith("file://") else location)
         if not path.exists():
             raise FileNotFoundError(f"data.dataset={dataset!r}: {path} does not exist (make one with `ser prepare`)")
+    check_dataset(location)  # corrupt, foreign or missing part files are named before any work starts
     return location
 
 

@@ -49,6 +49,8 @@ from ser_platform.data.encoder_cache import (
     check_entry,
     default_cache_root,
 )
+from ser_platform.data.errors import DataError
+from ser_platform.data.parquet import check_audio_length, conv_receptive_field
 
 __all__ = ["build_encoder_cache", "cache_command", "cache_root", "cached_collate", "encoder_revision",
            "entry_requests", "modalities", "open_encoder_cache"]
@@ -243,6 +245,14 @@ def _add_batch(batch: Mapping[str, Any], encoders: Mapping[str, Any], todo: Mapp
                 writer.add(row_id, values[i, :counts[i]], sources[i])
 
 
+def _receptive_field(config: Config) -> int:
+    """Samples the speech encoder's convolutions need for one frame (``parquet.conv_receptive_field``)."""
+    from ser_platform.models.speech import build_speech_encoder_config
+
+    hf_config = build_speech_encoder_config(config.model.speech)
+    return conv_receptive_field(hf_config.conv_kernel, hf_config.conv_stride)
+
+
 def _compute(config: Config, dataset: str, todo: Mapping[str, Sequence[EntryRequest]],
              writers: Mapping[tuple[str, int], EntryWriter], *, batch_size: int, device: torch.device,
              total: int, progress: bool) -> None:
@@ -258,9 +268,13 @@ def _compute(config: Config, dataset: str, todo: Mapping[str, Sequence[EntryRequ
                            feature_params=FeatureParams.from_speech_config(config.model.speech,
                                                                            config.data.sample_rate))
     encoders = _encoders(config, todo, device)
+    min_samples = _receptive_field(config) if "speech" in todo else 0
     columns = ["id", "label", "mode", "transcript", "audio", "duration"]
     with tqdm(total=total, desc="ser cache", unit="utt", disable=not progress) as bar, torch.inference_mode():
         for pool in iter_pools(dataset, columns, POOL_BATCHES * batch_size):
+            for row_id, audio in zip(pool["id"], pool["audio"]):  # before the encoder, which would crash on it
+                check_audio_length(len(audio), f"{dataset}: row {row_id}", sample_rate=config.data.sample_rate,
+                                   min_samples=min_samples)
             order = np.argsort(np.asarray(pool["duration"], dtype=np.float64), kind="stable")
             for start in range(0, len(order), batch_size):
                 batch = collate({c: v[order[start:start + batch_size]] for c, v in pool.items()})
@@ -279,23 +293,29 @@ def build_encoder_cache(config: Config, dataset: str, *, root: str | None = None
     (same key, settings and dataset fingerprint) are kept unless ``force``; a stale one is replaced, atomically.
     Returns one dict per entry: ``path``, ``status`` ("written" | "up to date"), ``rows``, ``seconds``.
     """
-    from ser_platform.data.parquet import read_summary
+    from ser_platform.data.parquet import check_dataset
 
     if not is_local(dataset):
         raise StaleCacheError(dataset, "`ser cache` reads a local dataset and writes the cache beside it; copy both "
                                        "to object storage afterwards")
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}: expected >= 1")
-    utterances = int(read_summary(dataset)["utterances"])
+    utterances = int(check_dataset(dataset)["utterances"])
     config = config.replace({"model.encoders": "frozen"})
     root = root or default_cache_root(dataset)
+    if Path(root).resolve().is_relative_to(Path(dataset).resolve()):
+        raise DataError(root, f"the cache folder lies inside the dataset {dataset}: its files would join the "
+                              f"dataset's; pass another --out")
     todo, report = _todo(root, entry_requests(config, dataset, layers=layers), force, log)
     if not todo:
         return report
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    writers = {(m, r.key.layer): EntryWriter(root, r.key) for m, wanted in todo.items() for r in wanted}
+    writers: dict[tuple[str, int], EntryWriter] = {}
     started = time.perf_counter()
     try:
+        for modality, wanted in todo.items():  # inside the try: writers already open are aborted if one fails
+            for request in wanted:
+                writers[(modality, request.key.layer)] = EntryWriter(root, request.key)
         _compute(config, dataset, todo, writers, batch_size=batch_size, device=device, total=utterances,
                  progress=progress)
         seconds = time.perf_counter() - started
@@ -308,8 +328,8 @@ def build_encoder_cache(config: Config, dataset: str, *, root: str | None = None
             for request in wanted:
                 writer = writers[(modality, request.key.layer)]
                 if writer.count != utterances:
-                    raise RuntimeError(f"{request.key.describe()}: wrote {writer.count} rows, the dataset summary "
-                                       f"lists {utterances} utterances")
+                    raise DataError(dataset, f"{request.key.describe()}: {writer.count} rows were read, the dataset "
+                                             f"summary lists {utterances} utterances")
                 path = writer.commit({**provenance, "dataset_fingerprint": request.dataset_fingerprint,
                                       "settings": dict(request.settings)})
                 report.append({"path": str(path), "status": "written", "rows": writer.count, "seconds": seconds})

@@ -366,7 +366,7 @@ def train_folds(config: Config, *, run_name: str, storage_path: str, parent_run_
 
     init_ray()
     quiet_ray()
-    dataset = resolve_dataset(config.data.dataset)
+    dataset = config.data.dataset or resolve_dataset("")  # resolved by the entry point (cluster.resolve_locations)
     uri = tracking.ensure_store(tracking.resolve_tracking_uri(config))
     experiment_id = tracking.experiment_id(uri, config.tracking.experiment)
     params, encoder_cache = _inputs(config, dataset)

@@ -15,6 +15,8 @@ instead of spelling them, so a typo is an ImportError, not an empty table row.
 
 from __future__ import annotations
 
+from ser_platform.config import REPORTED_METRICS
+
 PARENT_RUN_TAG = "mlflow.parentRunId"  # how MLflow (and its UI) nests runs
 
 ROLE_TAG = "ser.role"
@@ -43,9 +45,9 @@ SWEEP_KIND = "sweep.kind"
 TRIAL_ID = "trial_id"
 SEARCH_VARIANT = "search"  # the variant of an Optuna trial (its point is in its params)
 
-# What a trial reports, mean and sample std over its folds (x seeds); the sweep's objective is one of them.
-SUMMARY_METRICS = ("val_ua_mean", "val_ua_std", "val_wa_mean", "val_wa_std", "test_wa_mean", "test_wa_std",
-                   "test_ua_mean", "test_ua_std")
+# What a trial reports, mean and sample std over its folds (x seeds); the sweep's objective (sweep.metric, which
+# the config validates against the same tuple) is one of them.
+SUMMARY_METRICS = REPORTED_METRICS
 FOLDS_COMPLETED = "folds_completed"
 # Per-fold series on a trial run, logged with step = fold number (see ``fold_series``).
 FOLD_SERIES_KEYS = ("val_ua", "val_wa", "test_wa", "test_ua", "best_epoch")

@@ -157,10 +157,10 @@ def test_string_fields_keep_the_text_as_written():
 
 
 def test_reported_metrics_are_those_the_sweep_reports():
-    from ser_platform import sweep
+    from ser_platform.tracking import schema
     from ser_platform.config import REPORTED_METRICS
 
-    assert REPORTED_METRICS == sweep.REPORTED_METRICS  # sweep.py will import the constant (issue 15)
+    assert schema.SUMMARY_METRICS is REPORTED_METRICS  # what a trial logs is what the config accepts
     with pytest.raises(ConfigError, match="sweep.metric='bogus': expected one of"):
         apply_overrides(preset("demo"), {"sweep.metric": "bogus"})
 
