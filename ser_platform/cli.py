@@ -337,8 +337,11 @@ def _one_line(err: BaseException) -> str:
 
 
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    """Parse ``argv`` and run its command behind the error boundary (module docstring)."""
-    args = parser.parse_args(argv)
+    """Parse ``argv`` and run its command behind the error boundary (module docstring); the exit code."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help (0), or a usage error argparse has already printed (2)
+        return stop.code if isinstance(stop.code, int) else EXIT_ERROR
     debug = getattr(args, "debug", False) or os.environ.get("SER_DEBUG", "") not in ("", "0")
     try:
         return int(args.func(args) or 0)

@@ -22,6 +22,7 @@ the training collate (crop to ``data.max_audio_seconds``, tokenizer, padding) an
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 import tempfile
@@ -108,6 +109,10 @@ def predict_proba(fold_model: FoldModel, items: Sequence[tuple[str | Path, str]]
     config = fold_model.config
     rate = config.data.sample_rate
     audio = [load_audio(path, rate, mix_channels=True)[0] for path, _ in items]  # every file checked first
+    for (path, _), signal in zip(items, audio):
+        if len(signal) > config.data.max_audio_seconds * rate:  # as in training: the collate keeps the start
+            print(f"note: {path} is {len(signal) / rate:.1f} s long; the model reads its first "
+                  f"{config.data.max_audio_seconds:g} s (data.max_audio_seconds, as in training)", file=sys.stderr)
     params = FeatureParams.from_speech_config(config.model.speech, rate)
     collate = make_collate(build_tokenizer(config.model.text), max_text_tokens=config.data.max_text_tokens,
                            max_audio_samples=int(round(config.data.max_audio_seconds * rate)), feature_params=params)
@@ -132,25 +137,33 @@ def predict_proba(fold_model: FoldModel, items: Sequence[tuple[str | Path, str]]
 
 def read_csv_items(path: str | Path) -> list[tuple[Path, str]]:
     """``(wav, text)`` rows of a CSV with columns ``wav`` and ``text``; relative wav paths are taken relative to the
-    CSV's folder. ``DataError`` naming the file (and row) for a missing file, missing columns or an empty list."""
+    CSV's folder. An empty text cell is an utterance without words; a row without a text cell at all (fewer
+    cells than the header) is a mistake. ``DataError`` naming the file (and line) for a missing or non-UTF-8
+    file, missing columns, a missing or empty cell, or no rows."""
     from ser_platform.data.errors import DataError
 
     path = Path(path)
     if not path.is_file():
         raise DataError(path, "CSV file missing")
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        columns = [c.strip() for c in (reader.fieldnames or [])]
-        if "wav" not in columns or "text" not in columns:
-            raise DataError(path, f"expected columns 'wav' and 'text', found {columns}")
-        items = []
-        for line, row in enumerate(reader, start=2):
-            row = {k.strip(): v for k, v in row.items() if k is not None}
-            wav = (row.get("wav") or "").strip()
-            if not wav:
-                raise DataError(f"{path}, line {line}", "empty 'wav' cell")
-            wav_path = Path(wav).expanduser()
-            items.append((wav_path if wav_path.is_absolute() else path.parent / wav_path, row.get("text") or ""))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(path, f"not UTF-8 text (byte {err.start}); save the CSV as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    if "wav" not in columns or "text" not in columns:
+        raise DataError(path, f"expected columns 'wav' and 'text', found {columns}")
+    items = []
+    for row in reader:
+        where = f"{path}, line {reader.line_num}"
+        row = {k.strip(): v for k, v in row.items() if k is not None}
+        wav = (row.get("wav") or "").strip()
+        if not wav:
+            raise DataError(where, "empty 'wav' cell")
+        if row.get("text") is None:
+            raise DataError(where, "no 'text' cell (write an empty one, `file.wav,`, for an utterance without words)")
+        wav_path = Path(wav).expanduser()
+        items.append((wav_path if wav_path.is_absolute() else path.parent / wav_path, row["text"]))
     if not items:
         raise DataError(path, "no rows")
     return items

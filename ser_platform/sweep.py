@@ -34,7 +34,8 @@ from typing import Any, Callable
 
 from ser_platform import tracking
 from ser_platform.catalogue import PAPER_GRID, SEARCH, Experiment, experiment as catalogue_entry, trial_overrides
-from ser_platform.cluster import DEFAULT_STORAGE, is_local, join_storage, resolve_locations, resolve_storage
+from ser_platform.cluster import (DEFAULT_STORAGE, absolute_location, is_local, join_storage, resolve_locations,
+                                  resolve_storage)
 from ser_platform.config import Config, ConfigError, from_dict
 from ser_platform.resources import TRIAL_CPU, max_concurrent_trials
 from ser_platform.tables import Table, format_table, log_tables, sweep_tables
@@ -313,8 +314,9 @@ def _check_experiment(config: Config, experiment: Experiment) -> None:
 
 def _start_or_resume(config: Config, experiment: Experiment | None, name: str | None,
                      resume: bool) -> tuple[Config, Experiment, str, dict[str, Any]]:
-    """(config, experiment, name, stored meta) of a new sweep, or of the one ``--resume`` continues."""
-    storage = config.tracking.storage or DEFAULT_STORAGE
+    """(config, experiment, name, stored meta) of a new sweep (its locations resolved), or of the one ``--resume``
+    continues (the configuration it stored, resolved when it started)."""
+    storage = absolute_location(config.tracking.storage or DEFAULT_STORAGE)
     if resume:
         name = name or _latest_sweep(storage)
         meta = _read_meta(join_storage(storage, name))
@@ -328,7 +330,7 @@ def _start_or_resume(config: Config, experiment: Experiment | None, name: str | 
         raise FileExistsError(f"sweep {name!r} already exists in {storage}: pass --resume to continue it, "
                               f"or choose another --name")
     _check_experiment(config, experiment)
-    return config, experiment, name, {}
+    return resolve_locations(config), experiment, name, {}
 
 
 def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str | None = None,
@@ -340,7 +342,6 @@ def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str
     import ray
 
     started = time.perf_counter()
-    config = resolve_locations(config)
     config, experiment, name, meta = _start_or_resume(config, experiment, name, resume)
     if resume and verbose:
         print(f"resuming sweep {name!r} ({experiment.title}) with its stored configuration")

@@ -413,6 +413,35 @@ CASES = [
     Case("a dataset row too short for the speech encoder", lambda f: check_audio_length(120, "row Ses01F_x_F000"), 2,
          "row Ses01F_x_F000: audio of 120 samples (7.5 ms at 16000 Hz)"),
 
+    # Commands that read runs or train: a bad argument, a missing store or an unreachable tracking server fails
+    # before any work, in one line (port 9 is discard, closed here: refused at once).
+    Case("tables with an unreachable tracking server", ("tables", "--mlflow-uri", "http://127.0.0.1:9"), 2,
+         "MLflow tracking server 'http://127.0.0.1:9' is unreachable"),
+    Case("tables on a store that does not exist", ("tables", "--mlflow-uri", "sqlite:///nowhere/mlflow.db"), 2,
+         "no MLflow store at sqlite:///{tmp}/nowhere/mlflow.db"),
+    Case("predict with an unreachable tracking server",
+         ("predict", "--run", "0123abcd", "--wav", "{wav}", "--text", "hi", "--mlflow-uri", "http://127.0.0.1:9"), 2,
+         "MLflow tracking server 'http://127.0.0.1:9' is unreachable"),
+    Case("predict with a CSV row that has no text cell", ("predict", "--run", "0123abcd", "--csv", "rows.csv"), 2,
+         "rows.csv, line 3: no 'text' cell",
+         setup=lambda f: (f / "rows.csv").write_text(f"wav,text\n{_victim(f, 'wav')},hello\n{_victim(f, 'wav')}\n")),
+    Case("predict with a CSV that is not UTF-8", ("predict", "--run", "0123abcd", "--csv", "rows.csv"), 2,
+         "rows.csv: not UTF-8 text", setup=lambda f: (f / "rows.csv").write_bytes("wav,text\na.wav,café\n".encode("latin-1"))),
+    Case("train with an unreachable tracking server",
+         ("train", "--dataset", "ds", "--folds", "1", "--mlflow-uri", "http://127.0.0.1:9"), 2,
+         "MLflow tracking server 'http://127.0.0.1:9' is unreachable"),
+    Case("train on a dataset with a deleted part", ("train", "--dataset", "ds", "--mlflow-uri", "sqlite:///m.db"), 2,
+         "part file missing", setup=lambda f: next((f / "ds").glob("part-*")).unlink()),
+    Case("sweep with an unreachable tracking server",
+         ("sweep", "--experiment", "ablation", "--dataset", "ds", "--mlflow-uri", "http://127.0.0.1:9"), 2,
+         "MLflow tracking server 'http://127.0.0.1:9' is unreachable"),
+    Case("sweep --resume of a sweep that does not exist", ("sweep", "--resume", "--name", "nope"), 2,
+         "--resume: no sweep named 'nope'"),
+    Case("sweep of an experiment the catalogue does not have", ("sweep", "--experiment", "table9"), 2,
+         "invalid choice: 'table9'"),
+    Case("cache into the dataset's own folder", ("cache", "--dataset", "ds", "--out", "ds/cache"), 2,
+         "the cache folder lies inside the dataset"),
+
     # The demo builder: replaces only what it wrote, rebuilds a damaged dataset.
     Case("the demo builder meets a corpus folder of the user's", _demo, 2,
          "{tmp}/demo/corpus: exists and is not a synthetic corpus written by `ser synth`",
@@ -485,7 +514,7 @@ def _run(case: Case, folder: Path) -> tuple[int, str]:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         if isinstance(case.run, tuple):
-            code = main(list(case.run))
+            code = main([_fill(arg, folder) for arg in case.run])
         else:
             try:
                 case.run(folder)

@@ -207,3 +207,16 @@ def test_bad_runs_and_arguments_are_clear_errors(trained, capsys):
     code, _, err = run_predict(capsys, "--run", trained["runs"][1], "--csv", trained["tmp"] / "none.csv",
                                "--mlflow-uri", trained["uri"])
     assert code == 2 and "none.csv" in err
+
+
+def test_a_long_wav_is_cropped_as_in_training_and_predict_says_so(trained, capsys):
+    long_wav = trained["tmp"] / "long.wav"
+    soundfile.write(long_wav, 0.1 * np.sin(2 * np.pi * 200 * np.arange(16000) / 16000), 16000, subtype="FLOAT")
+    code, result, err = run_predict(capsys, "--run", trained["runs"][1], "--wav", long_wav, "--text", TEXT,
+                                    "--mlflow-uri", trained["uri"], "--json")
+    assert code == 0 and f"note: {long_wav} is 1.0 s long; the model reads its first 0.5 s" in err
+    [got] = probabilities(result)  # the cropped signal: the first 0.5 s alone give the same probabilities
+    short = trained["tmp"] / "first-half.wav"
+    soundfile.write(short, soundfile.read(long_wav, dtype="float32")[0][:8000], 16000, subtype="FLOAT")
+    np.testing.assert_allclose(got, direct_probabilities(trained["config"], trained["weights"][1], short, TEXT),
+                               atol=1e-5)
