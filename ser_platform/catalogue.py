@@ -77,6 +77,11 @@ class Experiment:
         """Row label -> config overrides (empty for a search)."""
         return {row.label: row.overrides for row in self.rows}
 
+    @property
+    def varied_keys(self) -> list[str]:
+        """The dotted config keys its trials set differently (the rows' overrides, or the search space)."""
+        return sorted({p.key for p in self.space} | {k for row in self.rows for k in row.overrides})
+
     def row(self, label: str) -> Row:
         for row in self.rows:
             if row.label == label:

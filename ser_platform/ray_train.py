@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ser_platform import tracking
+from ser_platform.tracking import schema
 from ser_platform.cluster import absolute_location, resolve_dataset, resolve_locations
 from ser_platform.config import Config, from_dict
 from ser_platform.resources import trainer_resources
@@ -352,13 +353,15 @@ def _train_seed(config: Config, seed: int, seeds: list[int], *, name: str, stora
 
 
 def train_folds(config: Config, *, run_name: str, storage_path: str, parent_run_id: str | None = None,
-                tags: dict | None = None) -> TrialResult:
+                tags: Mapping[str, str] | None = None, labels: Mapping[str, str] | None = None) -> TrialResult:
     """Train and test ``config`` on every fold of ``config.data.folds`` with Ray Train (module docstring).
 
     ``run_name`` names the Ray Train run(s) under ``storage_path`` (checkpoints; the same name continues an
     interrupted run) and tags the MLflow runs. MLflow: fold runs nest under ``parent_run_id`` when given (e.g.
     a Tune trial's run), else under a run created here (params: config, git commit, dataset fingerprint;
-    metrics: the summary over folds). Returns per-fold results and their mean/std.
+    metrics: the summary over folds). ``tags`` go on every fold run, ``labels`` (a sweep trial's UI keys,
+    ``tracking.TrialIdentity.labels``; default: the config's protocol, folds and seeds) become their params.
+    Returns per-fold results and their mean/std.
     """
     import ray
 
@@ -370,6 +373,7 @@ def train_folds(config: Config, *, run_name: str, storage_path: str, parent_run_
     uri = tracking.ensure_store(tracking.resolve_tracking_uri(config))
     experiment_id = tracking.experiment_id(uri, config.tracking.experiment)
     params, encoder_cache = _inputs(config, dataset)
+    params.update(labels or schema.labels(config))
     own_run = None
     if parent_run_id is None:
         own_run = tracking.open_train_run(uri, experiment_id, run_name, config, params, tags)

@@ -101,7 +101,7 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         train_fn = ctx.train_fn
     try:
         result = train_fn(config, run_name=f"trial={trial_id}", storage_path=ctx.train_storage,
-                          parent_run_id=run.run_id, tags=identity.tags())
+                          parent_run_id=run.run_id, tags=identity.tags(), labels=identity.labels(config))
         summary = tracking.log_trial_result(run, result)
     except BaseException:
         run.set_status("FAILED")
@@ -354,7 +354,8 @@ def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str
         parent.set_status("RUNNING")
     else:
         parent = tracking.open_sweep_run(uri, experiment_id, name, kind=experiment.key, table=experiment.table,
-                                         variants=list(experiment.variants), config=config)
+                                         variants=list(experiment.variants), varied=experiment.varied_keys,
+                                         config=config)
     _write_meta(sweep_dir, {"name": name, "experiment": experiment.key, "config": config.to_dict(),
                             "mlflow_uri": uri, "mlflow_experiment_id": experiment_id,
                             "parent_run_id": parent.run_id, "optuna_storage": optuna_url, "study_name": name,

@@ -164,7 +164,8 @@ def open_sweep(uri: str, experiment_id: str, experiment, name: str, config):
     from ser_platform.sweep import TrialContext
 
     parent = tracking.open_sweep_run(uri, experiment_id, name, kind=experiment.key, table=experiment.table,
-                                     variants=list(experiment.variants), config=config)
+                                     variants=list(experiment.variants), varied=experiment.varied_keys,
+                                     config=config)
     return TrialContext(base_config=config.to_dict(), experiment=experiment, sweep_name=name, mlflow_uri=uri,
                         mlflow_experiment_id=experiment_id, parent_run_id=parent.run_id, train_storage="unused")
 

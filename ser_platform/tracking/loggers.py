@@ -20,14 +20,17 @@ from ser_platform.tracking.runs import MlflowRun, find_or_start_run, log_confusi
 # --- a sweep's parent run ------------------------------------------------------------------------------------
 
 def open_sweep_run(uri: str, experiment_id: str, name: str, *, kind: str, table: str, variants: Sequence[str],
-                   config: Any) -> MlflowRun:
-    """Create the sweep's parent run (params: the base config, the kind of sweep and its variants)."""
+                   varied: Sequence[str], config: Any) -> MlflowRun:
+    """Create the sweep's parent run. Its params: the UI keys (``schema.LABELS``; its variant names the rows, or
+    "search"), the kind of sweep, and the dotted config keys its trials share: not the ``varied`` ones (what a
+    row or the search sets), which would read as if the whole sweep ran with the base config's value."""
     from ser_platform.tracking.runs import config_params
 
     run = start_run(uri, experiment_id, run_name=name, tags={
-        schema.ROLE_TAG: schema.ROLE_SWEEP, schema.SWEEP_TAG: name, schema.KIND_TAG: kind, schema.TABLE: table})
-    run.log_params(config_params(config, {schema.TABLE: table, schema.SWEEP_KIND: kind,
-                                          "sweep.variants": ";".join(variants) or "optuna"}))
+        schema.ROLE_TAG: schema.ROLE_SWEEP, schema.SWEEP_TAG: name, schema.KIND_TAG: kind})
+    shared = {k: v for k, v in config_params(config).items() if k not in set(varied)}
+    variant = "rows: " + "; ".join(variants) if variants else schema.SEARCH_VARIANT
+    run.log_params({**shared, **schema.labels(config, table=table, variant=variant), schema.SWEEP_KIND: kind})
     return run
 
 
@@ -66,9 +69,12 @@ class TrialIdentity:
     kind: str
 
     def tags(self) -> dict[str, str]:
-        """Tags the trial run and its fold runs carry (the fold runs for filtering in the UI)."""
-        return {schema.SWEEP_TAG: self.sweep_name, schema.TRIAL_ID_TAG: self.trial_id, schema.TABLE: self.table,
-                schema.VARIANT: self.variant}
+        """Tags the trial run and its fold runs carry: how a restarted trial finds them again."""
+        return {schema.SWEEP_TAG: self.sweep_name, schema.TRIAL_ID_TAG: self.trial_id}
+
+    def labels(self, config: Any) -> dict[str, str]:
+        """The UI keys (``schema.LABELS``) of the trial's run and its fold runs."""
+        return schema.labels(config, table=self.table, variant=self.variant)
 
     @property
     def run_name(self) -> str:
@@ -76,10 +82,9 @@ class TrialIdentity:
 
 
 def trial_params(config: Any, trial: TrialIdentity) -> dict[str, Any]:
-    """Params of a trial run besides the dotted config keys: the names Tables 1-4 are sorted by in the UI."""
-    return {schema.TABLE: trial.table, schema.VARIANT: trial.variant, schema.PROTOCOL: config.data.protocol,
-            schema.FOLDS: config.data.folds, schema.SEED: config.train.seed, schema.SEEDS: config.train.seeds,
-            schema.SWEEP_KIND: trial.kind, schema.TRIAL_ID: trial.trial_id}
+    """Params of a trial run besides the dotted config keys: the UI keys, the seed, the sweep's kind, the trial."""
+    return {**trial.labels(config), schema.SEED: config.train.seed, schema.SWEEP_KIND: trial.kind,
+            schema.TRIAL_ID: trial.trial_id}
 
 
 def open_trial_run(uri: str, experiment_id: str, trial: TrialIdentity, config: Any) -> MlflowRun:
@@ -144,7 +149,8 @@ def logged_summary(run: MlflowRun, folds_expected: int) -> dict[str, float] | No
 
 def open_train_run(uri: str, experiment_id: str, train_run: str, config: Any, params: Mapping[str, Any],
                    tags: Mapping[str, Any] | None = None) -> MlflowRun:
-    """The run of a ``ser train`` invocation (the parent of its fold runs), found again by its Train run name."""
+    """The run of a ``ser train`` invocation (the parent of its fold runs), found again by its Train run name;
+    ``params``: the provenance params and the UI keys its fold runs carry too."""
     run, created = find_or_start_run(uri, experiment_id, run_name=train_run, tags={
         **dict(tags or {}), schema.ROLE_TAG: schema.ROLE_TRAIN, schema.TRAIN_RUN_TAG: train_run})
     if created:
@@ -158,7 +164,8 @@ def open_train_run(uri: str, experiment_id: str, train_run: str, config: Any, pa
 class FoldRunContext:
     """Where a configuration's fold runs go and what they carry besides the config; picklable (it travels to the
     Ray Train workers). ``train_run`` is the Ray Train run name (one per seed), ``speakers`` maps a fold to its
-    (test speakers, validation speakers), ``params`` are the provenance params (git commit, dataset)."""
+    (test speakers, validation speakers), ``params`` are the provenance params (git commit, dataset) and the UI
+    keys (``schema.LABELS``)."""
 
     tracking_uri: str
     experiment_id: str

@@ -3,14 +3,17 @@
 Writers (``tracking.loggers``) and readers (``tracking.records``, the tables, ``ser predict``) import these names
 instead of spelling them, so a typo is an ImportError, not an empty table row.
 
-    sweep run   tags: ser.role=sweep, ser.sweep, ser.kind (the catalogue key), table; best_trial_run_id at the end
-    └ trial run tags: ser.role=trial, ser.sweep, ser.trial_id, table, variant, mlflow.parentRunId
-                params: every dotted config key + table, variant, protocol, folds, seed, seeds, sweep.kind,
-                trial_id; metrics: the fold summary (SUMMARY_METRICS), folds_completed, per-fold series
-      └ fold run tags: ser.role=fold, ser.fold, ser.seed, ser.train_run, protocol, test/val speakers (+ the
-                 trial's tags); params: every dotted config key + git_commit, dataset_path,
-                 dataset_fingerprint, fold; metrics per epoch and the final test scores; artifacts below
-    train run   (``ser train``: in place of sweep and trial) tags: ser.role=train, ser.train_run
+    sweep run   tags: ser.role=sweep, ser.sweep, ser.kind (the catalogue key); best_trial_run_id at the end
+                params: the LABELS, sweep.kind, and the dotted config keys its trials share (not those a row
+                or the search sets); metrics: trials complete / errored, the best trial's summary
+    └ trial run tags: ser.role=trial, ser.sweep, ser.trial_id, mlflow.parentRunId
+                params: the LABELS, every dotted config key, seed, sweep.kind, trial_id; metrics: the fold summary
+                (SUMMARY_METRICS), folds_completed, per-fold series
+      └ fold run tags: ser.role=fold, ser.fold, ser.seed, ser.train_run, test/val speakers (+ the trial's tags);
+                 params: the LABELS, every dotted config key, git_commit, dataset_path, dataset_fingerprint, fold;
+                 metrics per epoch and the final test scores; artifacts below
+    train run   (``ser train``: in place of sweep and trial) tags: ser.role=train, ser.train_run; params as a
+                fold run's, without fold
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ SEED_TAG = "ser.seed"  # a fold run's training seed (train.seeds > 1 gives a fol
 RESUMED_FROM_TAG = "ser.resumed_from_epochs"  # epochs whose checkpoint a restarted fold continued from
 BEST_TRIAL_TAG = "best_trial_run_id"  # on a sweep's parent run: its best complete trial
 
-# Keys a user filters and sorts by in the MLflow UI (tags and params of the same name, see ``loggers``).
+# The keys a user filters and sorts by in the MLflow UI: params, on a sweep's parent run, each trial run and each
+# fold run alike (``params.table = "1"`` finds them all). A parent's variant names what its trials vary
+# ("rows: A; B" of a grid, "search" of an Optuna search); ``ser train`` runs carry protocol, folds and seeds.
 TABLE = "table"
 VARIANT = "variant"
 PROTOCOL = "protocol"
@@ -44,6 +49,14 @@ SEEDS = "seeds"
 SWEEP_KIND = "sweep.kind"
 TRIAL_ID = "trial_id"
 SEARCH_VARIANT = "search"  # the variant of an Optuna trial (its point is in its params)
+LABELS = (TABLE, VARIANT, PROTOCOL, FOLDS, SEEDS)
+
+
+def labels(config, *, table: str = "", variant: str = "") -> dict[str, str]:
+    """The UI keys of a run of ``config`` (``LABELS``; table and variant only for a sweep's runs)."""
+    values = {TABLE: table, VARIANT: variant, PROTOCOL: config.data.protocol,
+              FOLDS: ",".join(str(f) for f in config.data.folds), SEEDS: str(config.train.seeds)}
+    return {key: value for key, value in values.items() if value != ""}
 
 # What a trial reports, mean and sample std over its folds (x seeds); the sweep's objective (sweep.metric, which
 # the config validates against the same tuple) is one of them.

@@ -144,6 +144,11 @@ def test_one_worker_trial_runs_both_folds_and_logs_everything_to_mlflow(one_work
         fold = int(child.data.tags["ser.fold"])
         r = result.per_fold[fold]
         assert child.info.status == "FINISHED" and child.data.params["fold"] == str(fold)
+        # The UI keys of a `ser train` run, on it and on its fold runs alike (no table or variant: not a sweep).
+        for run in (own, child):
+            assert (run.data.params["protocol"], run.data.params["folds"], run.data.params["seeds"]) == (
+                config.data.protocol, ",".join(map(str, config.data.folds)), str(config.train.seeds))
+            assert "table" not in run.data.params
         assert child.data.metrics["test_ua"] == pytest.approx(r.test_ua)
         assert child.data.metrics["test_wa"] == pytest.approx(r.test_wa)
         assert child.data.metrics["best_epoch"] == r.best_epoch

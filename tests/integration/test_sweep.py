@@ -41,7 +41,7 @@ def standin_scores(alpha: float, beta: float, fold: int) -> dict[str, float]:
     return {"val_wa": test_ua + 0.03, "val_ua": test_ua + 0.02, "test_wa": test_ua + 0.01, "test_ua": test_ua}
 
 
-def standin_train_folds(config, *, run_name, storage_path, parent_run_id=None, tags=None):
+def standin_train_folds(config, *, run_name, storage_path, parent_run_id=None, tags=None, labels=None):
     from mlflow import MlflowClient
 
     trial_id = (tags or {}).get("ser.trial_id", run_name)

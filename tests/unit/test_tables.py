@@ -251,3 +251,23 @@ def test_every_catalogue_row_finds_the_run_its_trial_logged(store, experiment):
         assert cells[:len(row.cells)] == list(row.cells)
         assert cells[ua] == mean_std(scores_for(0.01 * i)), row.label
     assert not any("not run" in cell for cells in table.rows for cell in cells)
+
+
+@pytest.mark.parametrize("experiment", [SEARCH, ABLATION], ids=lambda e: e.key)
+def test_parent_and_trials_carry_the_same_ui_keys_and_the_parent_no_varied_value(store, experiment):
+    from ser_platform.tracking.schema import LABELS
+
+    ctx = store.sweep(experiment, f"labels-{experiment.key}")
+    params = ({"loss.alpha": 0.9, "loss.beta": 0.4, "loss.margin": 1.2, "loss.space": "text"} if experiment.is_search
+              else {"variant": "without FA"})
+    run_id = store.trial(ctx, "t1", params, scores_for(0.0))
+    parent, trial = (store.client.get_run(r).data.params for r in (ctx.parent_run_id, run_id))
+    for key in LABELS:
+        assert key in parent and key in trial, key
+    assert parent["table"] == trial["table"] == experiment.table
+    assert (parent["protocol"], parent["folds"], parent["seeds"]) == (trial["protocol"], trial["folds"], trial["seeds"])
+    assert parent["variant"] == ("search" if experiment.is_search else "rows: Full model; without FA; without metric loss")
+    assert trial["variant"] == ("search" if experiment.is_search else "without FA")
+    # What the trials vary is not logged on the parent as if the sweep had run with the base config's value.
+    assert experiment.varied_keys and not set(experiment.varied_keys) & set(parent)
+    assert all(trial[key] == parent[key] for key in ("loss.miner", "train.lr", "data.protocol"))
