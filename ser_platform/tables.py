@@ -98,7 +98,8 @@ def _caption(sweep: SweepRecord, records: Sequence[TrialRecord]) -> str:
     count = "/".join(map(str, seeds)) + (" seed" if seeds == [1] else " seeds")
     return (f"Mean ± std over {over} of each configuration (one fold = one test session; {count}). "
             f"Protocol {values('protocol')}; folds {values('folds')}; training seed(s) {values('seed')}; "
-            f"dataset {dataset}; preset {values('preset')}; epochs {values('train.epochs')}; "
+            f"dataset {dataset}; preset {values('preset')}; epochs {values('train.epochs')}; metric loss on the "
+            f"{values('loss.space')} embedding (loss.space); "
             f"model selection on {values('sweep.metric')} (validation speakers, never the test session). "
             f"Sweep '{sweep.name}' (MLflow run {sweep.run_id}). WA = accuracy, UA = mean per-class recall; "
             f"{PAPER_NOTE}.")

@@ -251,6 +251,8 @@ def test_every_catalogue_row_finds_the_run_its_trial_logged(store, experiment):
         assert cells[:len(row.cells)] == list(row.cells)
         assert cells[ua] == mean_std(scores_for(0.01 * i)), row.label
     assert not any("not run" in cell for cells in table.rows for cell in cells)
+    spaces = sorted({config.replace(row.overrides).loss.space for row in experiment.rows})
+    assert f"metric loss on the {', '.join(spaces)} embedding (loss.space)" in table.caption  # which space, said
 
 
 @pytest.mark.parametrize("experiment", [SEARCH, ABLATION], ids=lambda e: e.key)
