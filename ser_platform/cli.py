@@ -66,6 +66,9 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
                            help="GPUs per configuration, shared by its workers (implies training on GPU)")
     resources.add_argument("--gpu", action="store_true", help="one GPU per worker (nccl)")
     resources.add_argument("--ray-address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local instance)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show Ray's and Tune's own output (by default it goes to Ray's log folder, which "
+                             "the run names; the project's lines per epoch, fold and trial always show)")
 
 
 def _add_sweep_args(parser: argparse.ArgumentParser, *, choose_experiment: bool, grid: bool) -> None:
@@ -190,7 +193,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config = build_config(args)
     from ser_platform.ray_train import train_command
 
-    return train_command(config, ray_address=args.ray_address)
+    return train_command(config, ray_address=args.ray_address, verbose=args.verbose)
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
@@ -202,7 +205,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     else:  # the search, or Table 2's grid with --grid paper (sweep.grid); --resume reads it from the sweep
         experiment = None if args.resume else default_experiment(build_config(args))
     config = build_config(args) if experiment is None else experiment_config(args, experiment)
-    return sweep_command(config, experiment, name=args.name, resume=args.resume, ray_address=args.ray_address)
+    return sweep_command(config, experiment, name=args.name, resume=args.resume, ray_address=args.ray_address,
+                         verbose=args.verbose)
 
 
 def _cmd_tables(args: argparse.Namespace) -> int:

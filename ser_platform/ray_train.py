@@ -42,6 +42,7 @@ from ser_platform import tracking
 from ser_platform.tracking import schema
 from ser_platform.cluster import absolute_location, resolve_dataset, resolve_locations
 from ser_platform.config import Config, from_dict
+from ser_platform.console import Console, worker_lines
 from ser_platform.resources import trainer_resources
 from ser_platform.train import FoldResult, Hooks, TrialResult, summarize_trial
 
@@ -54,15 +55,19 @@ __all__ = ["FoldResult", "TrialResult", "format_result", "init_ray", "prepare_fo
 
 # --- Ray ---------------------------------------------------------------------------------------------------
 
-def init_ray(address: str | None = None, **kwargs: Any) -> None:
+def init_ray(address: str | None = None, console: Console | None = None, **kwargs: Any) -> str | None:
     """Connect to ``address`` / ``$RAY_ADDRESS``, else start a fresh local instance ("local": never attach to
-    some other process's cluster). Does nothing when Ray is already initialised."""
+    some other process's cluster), quiet as ``console`` says. Does nothing when Ray is already initialised.
+    Returns the folder of the session's logs when it started or joined Ray here."""
     import ray
 
     if ray.is_initialized():
-        return
+        return None
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")  # one copy of lines that every worker prints
-    ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", **kwargs)
+    options = {**(console.ray_init_kwargs() if console is not None else {}), **kwargs}
+    context = ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", **options)
+    session = (getattr(context, "address_info", None) or {}).get("session_dir")
+    return f"{session}/logs" if session else None
 
 
 def quiet_ray() -> None:
@@ -268,11 +273,10 @@ def train_loop_per_worker(loop_config: dict) -> dict[int, dict]:
         for fold, values in resume_state.get("finished", {}).items():
             if int(fold) in folds:
                 logger.ensure_finished(int(fold), FoldResult.from_dict(values))
-    # Through a logger, not print: Ray Train tees a worker's print to its log and to the console (twice).
     results = fit_folds(config, folds, _shard_batches(config, collate, rank, world_size),
                         device=ray.train.torch.get_device(), rank=rank, world_size=world_size,
                         wrap_model=ray.train.torch.prepare_model, hooks=hooks, resume_state=resume_state,
-                        log=logging.getLogger("ser_platform.train").info)
+                        log=worker_lines(loop_config.get("progress"), loop_config.get("prefix", "")))
     return {fold: result.to_dict() for fold, result in results.items()}
 
 
@@ -353,7 +357,8 @@ def _train_seed(config: Config, seed: int, seeds: list[int], *, name: str, stora
 
 
 def train_folds(config: Config, *, run_name: str, storage_path: str, parent_run_id: str | None = None,
-                tags: Mapping[str, str] | None = None, labels: Mapping[str, str] | None = None) -> TrialResult:
+                tags: Mapping[str, str] | None = None, labels: Mapping[str, str] | None = None,
+                progress: Any = None) -> TrialResult:
     """Train and test ``config`` on every fold of ``config.data.folds`` with Ray Train (module docstring).
 
     ``run_name`` names the Ray Train run(s) under ``storage_path`` (checkpoints; the same name continues an
@@ -361,7 +366,8 @@ def train_folds(config: Config, *, run_name: str, storage_path: str, parent_run_
     a Tune trial's run), else under a run created here (params: config, git commit, dataset fingerprint;
     metrics: the summary over folds). ``tags`` go on every fold run, ``labels`` (a sweep trial's UI keys,
     ``tracking.TrialIdentity.labels``; default: the config's protocol, folds and seeds) become their params.
-    Returns per-fold results and their mean/std.
+    ``progress``: the console's channel (``console.Console.channel``) the workers' lines go to. Returns per-fold
+    results and their mean/std.
     """
     import ray
 
@@ -384,7 +390,8 @@ def train_folds(config: Config, *, run_name: str, storage_path: str, parent_run_
             tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id or own_run.run_id,
             train_run=run_name, tags=dict(tags or {}), params=params,
             speakers={k: (sorted(s.test_speakers), sorted(s.val_speakers)) for k, s in specs.items()})
-        loop_config = {"fault": os.environ.get(FAULT_ENV) or None, "encoder_cache": encoder_cache}
+        loop_config = {"fault": os.environ.get(FAULT_ENV) or None, "encoder_cache": encoder_cache,
+                       "progress": progress, "prefix": f"{run_name.replace('=', ' ')} | " if parent_run_id else ""}
         seeds = [config.train.seed + i for i in range(config.train.seeds)]
         per_seed = {seed: _train_seed(config, seed, seeds, name=run_name, storage=absolute_location(storage_path),
                                       fold_data=fold_data, loop_config=loop_config, runs=runs,
@@ -435,15 +442,22 @@ def format_result(result: TrialResult) -> str:
     return "\n".join(lines)
 
 
-def train_command(config: Config, ray_address: str | None = None) -> int:
-    """``ser train``: one configuration on ``config.data.folds``; prints each fold and the mean ± std."""
+def train_command(config: Config, ray_address: str | None = None, *, verbose: bool = False) -> int:
+    """``ser train``: one configuration on ``config.data.folds``; prints each epoch and fold as they end, then
+    every fold and the mean ± std (``verbose``: Ray's own output too)."""
+    console = Console(verbose)
+    console.quiet_libraries()
     config = resolve_locations(config)
     # Fail on an unusable tracking store before Ray starts (seconds, not minutes).
     tracking.ensure_store(config.tracking.mlflow_uri)
-    init_ray(ray_address)
     run_name = "train-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     started = time.perf_counter()
-    result = train_folds(config, run_name=run_name, storage_path=config.tracking.storage)
+    console.open(init_ray(ray_address, console))
+    try:
+        result = train_folds(config, run_name=run_name, storage_path=config.tracking.storage,
+                             progress=console.channel)
+    finally:
+        console.close()
     print(format_result(result))
     print(f"{len(result.per_fold)} fold(s) in {time.perf_counter() - started:.0f} s; MLflow experiment "
           f"{config.tracking.experiment!r} at {config.tracking.mlflow_uri}, run {run_name!r}")

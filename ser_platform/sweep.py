@@ -37,6 +37,7 @@ from ser_platform.catalogue import PAPER_GRID, SEARCH, Experiment, experiment as
 from ser_platform.cluster import (DEFAULT_STORAGE, absolute_location, is_local, join_storage, resolve_locations,
                                   resolve_storage)
 from ser_platform.config import Config, ConfigError, from_dict
+from ser_platform.console import Console
 from ser_platform.resources import TRIAL_CPU, max_concurrent_trials
 from ser_platform.tables import Table, format_table, log_tables, sweep_tables
 from ser_platform.tracking.store import is_server, sqlite_path
@@ -73,6 +74,7 @@ class TrialContext:
     parent_run_id: str
     train_storage: str
     train_fn: Callable[..., Any] | None = None  # None: ser_platform.ray_train.train_folds
+    progress: Any = None  # the console's channel: where the workers' lines go (console.Console)
 
     def identity(self, trial_id: str, variant: str) -> tracking.TrialIdentity:
         return tracking.TrialIdentity(sweep_name=self.sweep_name, parent_run_id=self.parent_run_id,
@@ -101,7 +103,8 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         train_fn = ctx.train_fn
     try:
         result = train_fn(config, run_name=f"trial={trial_id}", storage_path=ctx.train_storage,
-                          parent_run_id=run.run_id, tags=identity.tags(), labels=identity.labels(config))
+                          parent_run_id=run.run_id, tags=identity.tags(), labels=identity.labels(config),
+                          progress=ctx.progress)
         summary = tracking.log_trial_result(run, result)
     except BaseException:
         run.set_status("FAILED")
@@ -174,38 +177,33 @@ class SweepResult:
     wall_seconds: float = 0.0
 
 
-def _progress_callback(total: int) -> Any:
+def _progress_callback(total: int, metric: str) -> Any:
     from ray import tune
 
     class TrialProgress(tune.Callback):
-        """A tqdm bar over finished trials (created in setup: the callback is pickled with the Tuner)."""
+        """A line per finished trial (its objective and test scores, how many are done), printed by the driver;
+        the callback is pickled with the Tuner, so it holds no open stream."""
 
         def __init__(self) -> None:
             self.total = total
-            self.bar = None
+            self.done = 0
 
-        def setup(self, **info: Any) -> None:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=self.total, desc="trials", unit="trial")
-
-        def _tick(self, trial: Any, status: str) -> None:
-            if self.bar is not None:
-                self.bar.update(1)
-                self.bar.set_postfix_str(f"{trial.trial_id} {status}")
+        def _line(self, trial: Any, status: str) -> None:
+            self.done += 1
+            result = trial.last_result or {}
+            scores = ", ".join(f"{name} {result[key]:.3f} ± {result.get(key.replace('_mean', '_std'), 0.0):.3f}"
+                               for name, key in ((metric, metric), ("test UA", "test_ua_mean"))
+                               if isinstance(result.get(key), (int, float)))
+            point = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in sorted((trial.config or {}).items()))
+            print(f"trial {self.done}/{self.total} {status}: {trial.trial_id} ({point})"
+                  + (f": {scores}" if scores else ""), flush=True)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._tick(trial, "done")
+            self._line(trial, "done")
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            self._tick(trial, "error")
-
-        def on_experiment_end(self, trials: list, **info: Any) -> None:
-            if self.bar is not None:
-                self.bar.close()
-
-        def __getstate__(self) -> dict[str, Any]:
-            return {"total": self.total, "bar": None}
+            self._line(trial, "FAILED")
 
     return TrialProgress()
 
@@ -215,7 +213,7 @@ def _trial_dirname(trial: Any) -> str:
 
 
 def _build_tuner(ctx: TrialContext, config: Config, sweep_dir: str, optuna_url: str, max_concurrent: int,
-                 resume: bool) -> Any:
+                 resume: bool, verbose: bool) -> Any:
     from ray import tune
 
     def sweep_trial(params: dict[str, Any]) -> None:
@@ -241,9 +239,10 @@ def _build_tuner(ctx: TrialContext, config: Config, sweep_dir: str, optuna_url: 
         tune_config=tune.TuneConfig(metric=config.sweep.metric, mode=config.sweep.mode, search_alg=search_alg,
                                     num_samples=num_samples, max_concurrent_trials=max_concurrent,
                                     trial_dirname_creator=_trial_dirname),
-        run_config=tune.RunConfig(name=ctx.sweep_name, storage_path=config.tracking.storage, verbose=1,
+        # Tune's own status tables only with --verbose: the callback prints a line per trial.
+        run_config=tune.RunConfig(name=ctx.sweep_name, storage_path=config.tracking.storage, verbose=int(verbose),
                                   failure_config=tune.FailureConfig(max_failures=0),
-                                  callbacks=[_progress_callback(total)]),
+                                  callbacks=[_progress_callback(total, config.sweep.metric)]),
     )
 
 
@@ -335,13 +334,17 @@ def _start_or_resume(config: Config, experiment: Experiment | None, name: str | 
 
 def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str | None = None,
               resume: bool = False, ray_address: str | None = None,
-              train_fn: Callable[..., Any] | None = None, verbose: bool = True) -> SweepResult:
+              train_fn: Callable[..., Any] | None = None, verbose: bool = True,
+              console: Console | None = None) -> SweepResult:
     """Run (or, with ``resume``, continue) a sweep of ``experiment`` (default: :func:`default_experiment`); log
     it to MLflow; return its trials and tables. ``train_fn`` replaces ``ray_train.train_folds`` (same
-    signature), e.g. for tests of the sweep machinery."""
+    signature), e.g. for tests of the sweep machinery. ``verbose``: print the tables and where to look at the
+    end; ``console``: what shows while it runs (default: the project's lines, not Ray's)."""
     import ray
 
     started = time.perf_counter()
+    console = console or Console()
+    console.quiet_libraries()
     config, experiment, name, meta = _start_or_resume(config, experiment, name, resume)
     if resume and verbose:
         print(f"resuming sweep {name!r} ({experiment.title}) with its stored configuration")
@@ -363,18 +366,20 @@ def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str
     result = SweepResult(name=name, experiment=experiment, sweep_dir=sweep_dir, mlflow_uri=uri,
                          mlflow_experiment_id=experiment_id, parent_run_id=parent.run_id, optuna_storage=optuna_url,
                          expected_trials=config.sweep.trials if experiment.is_search else len(experiment.rows))
-    ctx = TrialContext(base_config=config.to_dict(), experiment=experiment, sweep_name=name, mlflow_uri=uri,
-                       mlflow_experiment_id=experiment_id, parent_run_id=parent.run_id,
-                       train_storage=join_storage(sweep_dir, "train"), train_fn=train_fn)
     started_ray = not ray.is_initialized()
     if started_ray:
         from ser_platform.ray_train import init_ray
 
-        init_ray(ray_address)
+        console.open(init_ray(ray_address, console))
+    else:
+        console.open()
+    ctx = TrialContext(base_config=config.to_dict(), experiment=experiment, sweep_name=name, mlflow_uri=uri,
+                       mlflow_experiment_id=experiment_id, parent_run_id=parent.run_id,
+                       train_storage=join_storage(sweep_dir, "train"), train_fn=train_fn, progress=console.channel)
     status = "FAILED"
     try:
         tuner = _build_tuner(ctx, config, sweep_dir, optuna_url, max_concurrent_trials(config, ray.cluster_resources()),
-                             resume)
+                             resume, console.verbose)
         for trial in tuner.fit():
             metrics = dict(trial.metrics or {})
             result.trials.append({"trial_id": metrics.get("trial_id"), "config": dict(trial.config or {}),
@@ -382,6 +387,7 @@ def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str
         result.errors = sum(t["error"] is not None for t in result.trials)
         status = "FAILED" if result.errors else "FINISHED"
     finally:
+        console.close()
         if started_ray:
             ray.shutdown()
         result.wall_seconds = time.perf_counter() - started
@@ -434,8 +440,10 @@ def _print_summary(result: SweepResult, config: Config, complete: list, plots: l
 
 
 def sweep_command(config: Config, experiment: Experiment | None = None, *, name: str | None = None,
-                  resume: bool = False, ray_address: str | None = None) -> int:
+                  resume: bool = False, ray_address: str | None = None, verbose: bool = False) -> int:
     """``ser sweep`` and the experiment scripts: run the sweep, print the tables; exit status 1 unless every trial
-    completed (one errored, or the sweep was interrupted: ``--resume`` continues it)."""
-    result = run_sweep(config, experiment, name=name, resume=resume, ray_address=ray_address)
+    completed (one errored, or the sweep was interrupted: ``--resume`` continues it). ``verbose``: Ray's and
+    Tune's own output too."""
+    result = run_sweep(config, experiment, name=name, resume=resume, ray_address=ray_address,
+                       console=Console(verbose))
     return 0 if result.status == "FINISHED" else 1

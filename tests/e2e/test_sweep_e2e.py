@@ -21,6 +21,7 @@ does.
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -206,6 +207,13 @@ def test_job_succeeded(sweep_job):
     assert job["status"] == "SUCCEEDED" and job["entrypoint"].startswith("python experiments/sweep_loss_weights.py")
     # The sweep's own summary line, printed by the job's driver and streamed back by `ray job submit`.
     assert f"{TRIALS} of {TRIALS} trial(s) complete, 0 errored" in submit.stdout, output
+    # A readable console: the project's lines per epoch, fold and trial; Ray's and Tune's own lines in their logs.
+    for fold in FOLDS:
+        assert re.search(rf"^trial \S+ \| fold {fold} epoch 1/1 \| train loss", submit.stdout, re.M), output
+    assert len(re.findall(r"^trial \d/\d done: ", submit.stdout, re.M)) == TRIALS, output
+    for noise in ("SplitCoordinator", "PreemptionWatcher", "TensorBoard", "Trial status:", "execution finished"):
+        assert noise not in submit.stdout + submit.stderr, noise
+    assert re.search(r"^Ray's own output of this run: \S+/logs$", submit.stdout, re.M), output
     print(f"ray job submit: {sweep_job['seconds']:.0f} s")
 
 

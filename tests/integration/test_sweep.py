@@ -41,7 +41,8 @@ def standin_scores(alpha: float, beta: float, fold: int) -> dict[str, float]:
     return {"val_wa": test_ua + 0.03, "val_ua": test_ua + 0.02, "test_wa": test_ua + 0.01, "test_ua": test_ua}
 
 
-def standin_train_folds(config, *, run_name, storage_path, parent_run_id=None, tags=None, labels=None):
+def standin_train_folds(config, *, run_name, storage_path, parent_run_id=None, tags=None, labels=None,
+                        progress=None):
     from mlflow import MlflowClient
 
     trial_id = (tags or {}).get("ser.trial_id", run_name)
@@ -82,8 +83,9 @@ def ray_address(ray_cluster):
     return ray_cluster
 
 
-def _config(tmp: Path, **overrides):
-    base = {"data.dataset": str(tmp), "tracking.mlflow_uri": f"sqlite:///{tmp / 'mlflow.db'}",
+def _config(tmp: Path, dataset: str, **overrides):
+    """The stand-in reads no data, but the sweep checks the dataset at start: the shared training dataset."""
+    base = {"data.dataset": dataset, "tracking.mlflow_uri": f"sqlite:///{tmp / 'mlflow.db'}",
             "tracking.storage": str(tmp / "runs"), "tracking.experiment": "test_sweep"}
     return load_config("demo", overrides={**base, **overrides})
 
@@ -100,8 +102,8 @@ def _runs(uri: str, experiment: str, filter_string: str = "", view=None):
 
 # --- tests (the search space itself: tests/unit/test_sweep_space.py) -----------------------------------------
 
-def test_paper_grid_runs_exactly_table2_points(ray_address, tmp_path):
-    config = _config(tmp_path, **{"sweep.grid": "paper"})
+def test_paper_grid_runs_exactly_table2_points(ray_address, tmp_path, training_dataset):
+    config = _config(tmp_path, training_dataset, **{"sweep.grid": "paper"})
     result = run_sweep(config, name="grid", train_fn=standin_train_folds, verbose=False)
     assert result.status == "FINISHED" and result.errors == 0
     trials = _runs(result.mlflow_uri, "test_sweep", "tags.`ser.role` = 'trial'")
@@ -167,10 +169,10 @@ def _driver(tmp: Path, address: str, config_file: Path, resume: bool, env: dict)
                             stderr=subprocess.STDOUT, text=True)
 
 
-def test_killed_sweep_resumes_without_redoing_finished_trials(ray_address, tmp_path):
+def test_killed_sweep_resumes_without_redoing_finished_trials(ray_address, tmp_path, training_dataset):
     import optuna
 
-    config = _config(tmp_path, **{"sweep.trials": 3, "sweep.seed": 3})
+    config = _config(tmp_path, training_dataset, **{"sweep.trials": 3, "sweep.seed": 3})
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(config.to_dict()))
     calls = tmp_path / "calls.txt"
