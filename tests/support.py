@@ -2,7 +2,8 @@
 ``pythonpath``). Test modules never import each other; what they share lives here or in a conftest.py fixture.
 
 * the repository root and the tiny model sizes of the training tests;
-* the tiny ``SERModel`` the model tests build, its inputs and the metric-loss gradient check;
+* the tiny ``SERModel`` the model tests build, its inputs and the metric-loss gradient check, and a
+  wav2vec2-base-shaped speech encoder config (random weights, a few layers);
 * processes: free loopback ports, a Ray head started with `ray start --head --block` on its own ports, temp dir
   and HOME, and finding (to kill) whatever a test started. Linux (/proc).
 """
@@ -60,6 +61,19 @@ TINY_MODEL = ModelConfig(
                                cnn_channels=8, lstm_hidden=6),
     embed_dim=8, num_heads=2, num_layers=1, embedding_dim=8,
 )
+
+
+def base_shaped_speech(folder: Path, num_layers: int = 2, **settings) -> SpeechEncoderConfig:
+    """A speech encoder config naming a local folder that holds wav2vec2-base's published config (its 7-layer
+    GroupNorm conv stack, 768-d, 12 heads) with ``num_layers`` transformer layers: built with random weights
+    (``pretrained=False``), no download. ``settings``: other SpeechEncoderConfig fields."""
+    from transformers import Wav2Vec2Config
+
+    from ser_platform.models.speech import KNOWN_SPEECH_CONFIGS
+
+    Wav2Vec2Config(**{**KNOWN_SPEECH_CONFIGS["facebook/wav2vec2-base"], "num_hidden_layers": num_layers}
+                   ).save_pretrained(folder)
+    return SpeechEncoderConfig(name=str(folder), cnn_channels=8, lstm_hidden=6, **settings)
 
 
 def make_model(config: ModelConfig = TINY_MODEL, seed: int = 0) -> SERModel:
