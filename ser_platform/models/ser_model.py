@@ -3,7 +3,8 @@ pooled, concatenated -> FC -> embedding F(x) -> 4-class classifier.
 
 ``SEROutput`` exposes the three embedding spaces of Table 3 for the metric loss:
 
-* ``embedding``: F(x), the fused speech + text embedding (the output of the last FC layer, §2.3);
+* ``embedding``: F(x), the fused speech + text embedding (§2.3 calls it "the output of the last FC layer"; ours
+  is the FC layer before the classifier, whose logits would leave the metric loss no embedding of its own);
 * ``speech_embedding``: the speech embedding sequence X_A *before* it enters the crossmodal transformers (§3.3);
 * ``text_embedding``: the text embedding sequence X_L, likewise before fusion.
 

@@ -16,9 +16,9 @@ Parts
   wav2vec2-base itself normalises its first conv layer's output with GroupNorm over the whole sequence. Run as
   Hugging Face prescribes for such checkpoints (zero-padded input, no attention mask) its valid outputs change
   with the padding, i.e. with the batch mates: at random initialisation a 1 s utterance padded to 4 s moved by
-  a median 87 % (issue 14's audit). ``model.speech.group_norm="valid"`` (the default) computes that GroupNorm
-  over each utterance's own frames and passes the attention mask, so every utterance gets exactly the states it
-  gets alone, in training and evaluation alike, at the cost of the batched pass (BENCHMARKS.md, "Batch mates");
+  a median 61 % (BENCHMARKS.md, "Batch mates"). ``model.speech.group_norm="valid"`` (the default) computes that
+  GroupNorm over each utterance's own frames and passes the attention mask, so every utterance gets exactly the
+  states it gets alone, in training and evaluation alike, at the cost of the batched pass (same section);
   "padded" restores Hugging Face's recipe. LayerDrop is set to 0: it skips whole layers at random, which DDP
   rejects as unused parameters.
 * ``AcousticFeatureEncoder`` (one for the MFCC, one for the spectrogram): utterance-level mean/variance
@@ -71,6 +71,7 @@ __all__ = [
     "group_norm_over_valid_frames",
     "lengths_to_mask",
     "masked_standardize",
+    "padding_treatment",
     "spectrogram_bins",
 ]
 
@@ -139,6 +140,16 @@ def build_speech_encoder_config(speech_config: SpeechEncoderConfig, *, pretraine
         return Wav2Vec2Config(**{**KNOWN_SPEECH_CONFIGS[speech_config.name],
                                  "mask_time_prob": speech_config.mask_time_prob})
     return AutoConfig.from_pretrained(speech_config.name, layerdrop=0.0, mask_time_prob=speech_config.mask_time_prob)
+
+
+def padding_treatment(hf_config: Any, speech_config: SpeechEncoderConfig) -> str:
+    """How the SSL encoder meets padding: "layer" (per-frame LayerNorm conv stack, attention mask passed: padding
+    never reaches a valid output), "valid" (GroupNorm over each utterance's valid frames, mask passed: the same)
+    or "padded" (Hugging Face's recipe for GroupNorm checkpoints: no mask, the padding enters the statistics).
+    What a cache of the encoder's states must record: "padded" states depend on the batching."""
+    if getattr(hf_config, "feat_extract_norm", "layer") != "group":
+        return "layer"
+    return speech_config.group_norm
 
 
 def first_conv_group_norm(encoder: nn.Module) -> nn.GroupNorm:
@@ -235,11 +246,11 @@ class SSLSpeechEncoder(nn.Module):
                              "wav2vec2-style encoder (no _get_feat_extract_output_lengths)")
         self.output_dim = int(hf_config.hidden_size)
         self.num_heads = int(hf_config.num_attention_heads)
-        group_norm = getattr(hf_config, "feat_extract_norm", "layer") == "group"
-        self.valid_frames_norm = group_norm and speech_config.group_norm == "valid"
+        treatment = padding_treatment(hf_config, speech_config)
+        self.valid_frames_norm = treatment == "valid"
         # Hugging Face's rule: checkpoints whose conv stack uses GroupNorm take no attention mask; with the
         # GroupNorm over valid frames the padded frames are exactly what the mask must hide.
-        self.pass_attention_mask = not group_norm or self.valid_frames_norm
+        self.pass_attention_mask = treatment != "padded"
         if self.encoder is not None and self.valid_frames_norm:
             first_conv_group_norm(self.encoder).register_forward_hook(_valid_frames_hook)
         if self.encoder is not None and frozen:
