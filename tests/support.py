@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from ser_platform.config import LossConfig, ModelConfig, SpeechEncoderConfig, TextEncoderConfig
@@ -54,6 +55,18 @@ def comparable(result) -> dict:
 
 
 # --- the tiny SERModel of the model tests -------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread for a test module that imports this fixture (``from support import one_thread``):
+    tiny tensors gain nothing from more, and on a shared 2-core machine spinning OpenMP workers made the model
+    tests several times slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 TINY_MODEL = ModelConfig(
     text=TextEncoderConfig(tiny_hidden_size=16, tiny_num_layers=1, tiny_num_heads=2),
@@ -117,6 +130,19 @@ def take(inputs: dict, index: int) -> dict:
         "feature_lengths": inputs["feature_lengths"][index:index + 1], "input_ids": inputs["input_ids"][index:index + 1, :k],
         "attention_mask": inputs["attention_mask"][index:index + 1, :k],
     }
+
+
+def multihead_reference(attention) -> torch.nn.MultiheadAttention:
+    """``torch.nn.MultiheadAttention`` (an independent implementation of multi-head attention) holding the
+    projections of one of our FocusAttention modules; eval mode, sequence-first (T, B, D) like MulT."""
+    reference = torch.nn.MultiheadAttention(attention.embed_dim, attention.num_heads).eval()
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(torch.cat([attention.q_proj.weight, attention.k_proj.weight,
+                                                  attention.v_proj.weight]))
+        reference.in_proj_bias.copy_(torch.cat([attention.q_proj.bias, attention.k_proj.bias, attention.v_proj.bias]))
+        reference.out_proj.weight.copy_(attention.out_proj.weight)
+        reference.out_proj.bias.copy_(attention.out_proj.bias)
+    return reference
 
 
 def grad_norm(module: torch.nn.Module) -> float:

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from ser_platform.config import ModelConfig
+
+from support import one_thread  # noqa: F401  (autouse fixture: one intra-op thread in this module)
 from ser_platform.models.crossmodal import (
     CrossmodalFusion,
     CrossmodalOutput,
@@ -92,14 +94,6 @@ VARIANTS = {"default": {}, "as_written": {"focal_reading": "as_written", "sigma_
 MODELS = [(True, "default"), (False, "default"), (True, "as_written"), (True, "self_attention")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine spinning OpenMP workers made
-    these tests several times slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])

@@ -27,6 +27,8 @@ from ser_platform.models.crossmodal import CrossmodalFusion, sinusoidal_position
 from ser_platform.models.focus_attention import FocusAttention, focal_bias, scale_to_length
 from ser_platform.models.ser_model import SEROutput
 
+from support import multihead_reference, one_thread  # noqa: F401  (one_thread: autouse fixture)
+
 # --- the paper's figures (WA, UA), transcribed from its Tables 1-4 ---------------------------------------------
 
 TABLE1 = {"A: Full model": (0.774, 0.777), "B: without FA": (0.762, 0.755), "C: without Metric Loss": (0.752, 0.730)}
@@ -175,21 +177,12 @@ def mult_direction(direction, query_embedded, key_embedded, query_mask, key_mask
     x = x + MHA(LN(x), LN'(y)) with the focal bias as a float attention mask, x = x + FFN(LN(x)); final LN.
     The attention is torch.nn.MultiheadAttention loaded with the layer's projections."""
     x, y = query_embedded.transpose(0, 1), key_embedded.transpose(0, 1)  # MulT is sequence-first
-    embed_dim = x.shape[-1]
     for index, layer in enumerate(direction.layers):
-        attention = layer.attention
-        reference = torch.nn.MultiheadAttention(embed_dim, attention.num_heads).eval()
-        with torch.no_grad():
-            reference.in_proj_weight.copy_(torch.cat([attention.q_proj.weight, attention.k_proj.weight,
-                                                      attention.v_proj.weight]))
-            reference.in_proj_bias.copy_(torch.cat([attention.q_proj.bias, attention.k_proj.bias,
-                                                    attention.v_proj.bias]))
-            reference.out_proj.weight.copy_(attention.out_proj.weight)
-            reference.out_proj.bias.copy_(attention.out_proj.bias)
+        reference = multihead_reference(layer.attention)
         normed_x, normed_y = layer.query_norm(x), layer.key_value_norm(y)
         bias = focal_of_layer(index, normed_x.transpose(0, 1), normed_y.transpose(0, 1))  # (B, T_q, T_k)
         bias = bias.masked_fill(~key_mask[:, None, :], float("-inf"))
-        attended, _ = reference(normed_x, normed_y, normed_y, attn_mask=bias.repeat_interleave(attention.num_heads, 0))
+        attended, _ = reference(normed_x, normed_y, normed_y, attn_mask=bias.repeat_interleave(reference.num_heads, 0))
         x = x + attended
         x = x + layer.fc2(torch.relu(layer.fc1(layer.ffn_norm(x))))
     return direction.final_norm(x).transpose(0, 1) * query_mask[..., None]

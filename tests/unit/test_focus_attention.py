@@ -16,17 +16,11 @@ from ser_platform.models.focus_attention import (
     scale_to_length,
 )
 
+from support import multihead_reference, one_thread  # noqa: F401  (one_thread: autouse fixture)
+
 FOCAL_PARAMS = ("w_p.weight", "w_g.weight", "u_c", "u_d")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine spinning OpenMP workers made
-    these tests several times slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _masks(lengths, total):
@@ -269,15 +263,12 @@ def test_without_focus_attention_equals_plain_multihead_attention():
     assert {name for name, _ in module.named_parameters()} == {
         f"{proj}.{kind}" for proj in ("q_proj", "k_proj", "v_proj", "out_proj") for kind in ("weight", "bias")
     }
-    reference = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
-    with torch.no_grad():
-        reference.in_proj_weight.copy_(torch.cat([module.q_proj.weight, module.k_proj.weight, module.v_proj.weight]))
-        reference.in_proj_bias.copy_(torch.cat([module.q_proj.bias, module.k_proj.bias, module.v_proj.bias]))
-        reference.out_proj.weight.copy_(module.out_proj.weight)
-        reference.out_proj.bias.copy_(module.out_proj.bias)
+    reference = multihead_reference(module)
     hidden_states, key_value_states = torch.randn(3, 5, 16), torch.randn(3, 8, 16)
     query_lengths, key_mask = [5, 2, 4], _masks([8, 3, 6], 8)
-    expected, _ = reference(hidden_states, key_value_states, key_value_states, key_padding_mask=~key_mask)
+    expected, _ = reference(hidden_states.transpose(0, 1), key_value_states.transpose(0, 1),
+                            key_value_states.transpose(0, 1), key_padding_mask=~key_mask)
+    expected = expected.transpose(0, 1)
     for attn_implementation in ("eager", "sdpa"):
         module.attn_implementation = attn_implementation
         output, focal = module(hidden_states, key_value_states, _masks(query_lengths, 5), key_mask, output_focal=True)

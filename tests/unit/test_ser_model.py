@@ -17,16 +17,9 @@ from ser_platform.models.ser_model import FOCAL_PARAMETER_NAMES, SERModel, maske
 
 from support import TINY_MODEL as TINY  # tests/support.py: test_baselines builds the same models
 from support import base_shaped_speech, check_metric_loss_routing, make_batch, make_model, take
+from support import one_thread  # noqa: F401  (autouse fixture: one intra-op thread in this module)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine spinning OpenMP workers
-    made these tests several times slower; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_masked_mean_matches_a_loop():

@@ -21,20 +21,14 @@ from ser_platform.models.speech import (
 )
 from ser_platform.models.text import ROBERTA_SPECIAL_TOKENS, TextEncoder, build_tokenizer
 
+from support import one_thread  # noqa: F401  (autouse fixture: one intra-op thread in this module)
+
 TEXT = TextEncoderConfig(tiny_hidden_size=16, tiny_num_layers=1, tiny_num_heads=2)
 SPEECH = SpeechEncoderConfig(tiny_hidden_size=16, tiny_num_layers=1, tiny_num_heads=2, tiny_conv_dim=8,
                              cnn_channels=8, lstm_hidden=6)
 MODEL = ModelConfig(speech=SPEECH)  # the composite speech modules take the model's config (dropout, encoders)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine spinning OpenMP workers
-    slow them down several times. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
