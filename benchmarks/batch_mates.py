@@ -16,7 +16,8 @@ padded batch) and sorted by length into batches of ``--bucket`` (the least paddi
    recipe measured in the same run.
 2. Effect: the relative change of a 1 s utterance's valid wav2vec2 states when padded to 4 s (median over
    frames and channels of |padded - alone| / |alone|), and the largest change of any utterance's logits between
-   alone and in the random batch, through the whole model (the paper preset's model with a tiny text encoder).
+   alone and in the random batch, through the whole model (the paper preset's model with a tiny text encoder;
+   "alone" = the utterance's own audio, features and tokens, unpadded).
 3. Training side: the joint loss (the paper preset's: alpha .5, beta 1, margin .3, speech space) of a training
    batch planned by ``data.loader.plan_batches`` (batch 8, 2 per class) with and without ``bucket_by_length``,
    against the same loss from each utterance's outputs computed alone; eval mode, so only padding differs.
@@ -72,27 +73,27 @@ def audio_batch(seconds: list[float], seed: int) -> tuple[torch.Tensor, torch.Te
     return audio * (torch.arange(audio.shape[1])[None] < lengths[:, None]), lengths
 
 
-def model_inputs(audio: torch.Tensor, lengths: torch.Tensor, features, tokens: list[int], seed: int) -> dict:
-    """SERModel inputs: the audio, its MFCC and spectrogram (``AcousticFeatures``), random token ids."""
+def token_ids(counts: list[int], seed: int) -> list[list[int]]:
+    """Random transcripts: ``<s>``, ``count`` byte-level token ids, ``</s>``."""
     generator = torch.Generator().manual_seed(seed)
+    return [[0] + torch.randint(5, 261, (count,), generator=generator).tolist() + [2] for count in counts]
+
+
+def model_inputs(audio: torch.Tensor, lengths: torch.Tensor, features, ids: list[list[int]]) -> dict:
+    """SERModel inputs of a batch: the padded audio, its MFCC and spectrogram (``AcousticFeatures``, as the
+    training loop computes them), and the token ids padded with ``<pad>`` (1)."""
     mfcc, spectrogram, frames = features(audio, lengths)
-    input_ids = torch.ones(len(tokens), max(tokens) + 2, dtype=torch.long)
-    for b, count in enumerate(tokens):
-        input_ids[b, :count + 2] = torch.cat((torch.tensor([0]), torch.randint(5, 261, (count,), generator=generator),
-                                              torch.tensor([2])))
+    input_ids = torch.ones(len(ids), max(len(row) for row in ids), dtype=torch.long)
+    for b, row in enumerate(ids):
+        input_ids[b, :len(row)] = torch.tensor(row)
     return {"input_values": audio, "audio_lengths": lengths, "mfcc": mfcc, "spectrogram": spectrogram,
             "feature_lengths": frames, "input_ids": input_ids, "attention_mask": input_ids != 1}
 
 
-def alone(inputs: dict, index: int) -> dict:
-    """Utterance ``index`` of a batch of model inputs, cropped to its own lengths."""
-    n, t = int(inputs["audio_lengths"][index]), int(inputs["feature_lengths"][index])
-    k = int(inputs["attention_mask"][index].sum())
-    one = slice(index, index + 1)
-    return {"input_values": inputs["input_values"][one, :n], "audio_lengths": inputs["audio_lengths"][one],
-            "mfcc": inputs["mfcc"][one, :t], "spectrogram": inputs["spectrogram"][one, :t],
-            "feature_lengths": inputs["feature_lengths"][one], "input_ids": inputs["input_ids"][one, :k],
-            "attention_mask": inputs["attention_mask"][one, :k]}
+def utterance_inputs(audio: torch.Tensor, lengths: torch.Tensor, features, ids: list[list[int]]) -> list[dict]:
+    """The same utterances one by one, each unpadded: its own audio, features and tokens (a batch of one)."""
+    return [model_inputs(audio[b:b + 1, :int(lengths[b])], lengths[b:b + 1], features, [ids[b]])
+            for b in range(len(ids))]
 
 
 def measure_cost(encoders: dict, seconds: list[float], bucket: int, repeats: int) -> dict[str, float]:
@@ -143,21 +144,20 @@ def build_model(config):
     return SERModel(config.model, pretrained=False).eval()
 
 
-def logit_change(model, inputs: dict) -> float:
+def logit_change(model, inputs: dict, alone: list[dict]) -> float:
     """Largest |logit alone - logit in the batch| over the batch's utterances."""
     with torch.no_grad():
         batched = model(**inputs).logits
-        return max(float((model(**alone(inputs, b)).logits[0] - batched[b]).abs().max())
-                   for b in range(batched.shape[0]))
+        return max(float((model(**one).logits[0] - batched[b]).abs().max()) for b, one in enumerate(alone))
 
 
-def loss_change(model, loss_fn, inputs: dict, labels: torch.Tensor) -> tuple[float, float]:
+def loss_change(model, loss_fn, inputs: dict, alone: list[dict], labels: torch.Tensor) -> tuple[float, float]:
     """(joint loss of the padded batch, relative change against the loss of the utterances run alone)."""
     from ser_platform.models.ser_model import SEROutput
 
     with torch.no_grad():
         batched = loss_fn(model(**inputs), labels).loss
-        outputs = [model(**alone(inputs, b)) for b in range(len(labels))]
+        outputs = [model(**one) for one in alone]
         stacked = SEROutput(**{field: torch.cat([getattr(o, field) for o in outputs])
                                for field in ("logits", "embedding", "speech_embedding", "text_embedding")})
         unpadded = loss_fn(stacked, labels).loss
@@ -224,12 +224,13 @@ def main() -> None:
               "largest logit change, alone vs in the random batch |")
         print("|---|---:|---:|")
         features = AcousticFeatures(FeatureParams.from_speech_config(configs["valid"].model.speech))
-        tokens = [int(t) for t in rng.integers(5, 40, args.batch)]
+        ids = token_ids([int(t) for t in rng.integers(5, 40, args.batch)], seed=3)
         audio, lengths = audio_batch(seconds, seed=1)
-        inputs = model_inputs(audio, lengths, features, tokens, seed=3)
+        inputs, alone = model_inputs(audio, lengths, features, ids), utterance_inputs(audio, lengths, features, ids)
         models = {mode: build_model(config) for mode, config in configs.items()}
         for mode in ("padded", "valid"):
-            print(f"| {mode} | {padding_effect(encoders[mode]):.2e} | {logit_change(models[mode], inputs):.2e} |")
+            change = logit_change(models[mode], inputs, alone)
+            print(f"| {mode} | {padding_effect(encoders[mode]):.2e} | {change:.2e} |")
 
         print("\n3. training side: joint loss of one planned training batch (8 utterances, 2 per class), padded "
               "vs every utterance alone\n")
@@ -239,10 +240,10 @@ def main() -> None:
         for bucket, (batch_seconds, labels) in training_batches(args.seed).items():
             audio, lengths = audio_batch(batch_seconds, seed=4)
             padding = 1.0 - float(lengths.sum()) / (len(batch_seconds) * audio.shape[1])
-            batch_tokens = [int(t) for t in rng.integers(5, 40, len(labels))]
-            inputs = model_inputs(audio, lengths, features, batch_tokens, seed=5)
+            ids = token_ids([int(t) for t in rng.integers(5, 40, len(labels))], seed=5)
+            inputs, alone = model_inputs(audio, lengths, features, ids), utterance_inputs(audio, lengths, features, ids)
             for mode in ("padded", "valid"):
-                loss, change = loss_change(models[mode], loss_fn, inputs, torch.tensor(labels))
+                loss, change = loss_change(models[mode], loss_fn, inputs, alone, torch.tensor(labels))
                 durations = " ".join(f"{s:.1f}" for s in batch_seconds)
                 print(f"| {bucket} | {durations} | {padding:.0%} | {mode} | {loss:.4f} | {change:.2e} |")
 
