@@ -37,6 +37,14 @@ PROTOCOLS = ("loso5", "loso10", "session5")
 EMBEDDING_SPACES = ("fused", "speech", "text")
 MINERS = ("all", "semihard", "hard")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flex_attention")
+# How eq. (1)-(5) are read (models/focus_attention.py): "as_written" = each KEY K_i (projected) gets a centre over
+# the query positions P_j, f^T added to the logits; "per_query" = each query gets a centre over the key positions,
+# from the query-stream state (the reading of the model before the paper preset followed the paper).
+FOCAL_READINGS = ("as_written", "per_query")
+# wav2vec2-base's first conv layer normalises (GroupNorm) over the whole sequence: "valid" = over each utterance's
+# own samples, as if it ran alone (scores independent of batch mates); "padded" = over the zero-padded batch,
+# Hugging Face's recipe for such checkpoints (no attention mask). Encoders with per-frame LayerNorm ignore it.
+GROUP_NORM_MODES = ("valid", "padded")
 # How the two embedding networks meet (Table 4's runnable rows): the paper's crossmodal transformers; "early" =
 # the pooled speech and text embeddings concatenated -> F(x); one modality alone (the other network not built).
 FUSIONS = ("crossmodal", "early", "speech_only", "text_only")
@@ -44,6 +52,12 @@ TINY_ENCODER = "tiny"  # build a small randomly initialised encoder from its con
 # What a trial reports to Tune (mean and spread over folds): the metrics sweep.metric may name.
 REPORTED_METRICS = ("val_ua_mean", "val_ua_std", "val_wa_mean", "val_wa_std", "test_wa_mean", "test_wa_std",
                     "test_ua_mean", "test_ua_std")
+
+# The embedding space the metric loss sits on in each of the paper's tables (None: the table varies it). Evidence
+# (the paper's own figures): Table 1 A (.774/.777) and Table 4 "Ours" (.774/.777) equal Table 3's "Speech Embedding"
+# row; Table 2's best row (alpha .5, beta 1: .771/.763) equals Table 3's "Speech + Text Embedding" row (fused);
+# Table 1 B differs from A only by focus attention, C has no metric loss (any space: alpha = 0).
+PAPER_TABLE_SPACES: dict[str, str | None] = {"1": "speech", "2": "fused", "3": None, "4": "speech"}
 
 
 class ConfigError(ValueError):
@@ -151,17 +165,25 @@ class SpeechEncoderConfig:
     tiny_conv_dim: int = 32
     tiny_seed: int = 0  # seed of a frozen encoder's random weights ("tiny" or pretrained=False): one per cache
     layer: int = -1  # states used: -1 = the encoder's output (last_hidden_state), L = hidden_states[L], 0 = embeddings
-    # Acoustic features (§3.2): 40-d HTK-mel MFCC and a spectrogram, 40 ms Hamming windows, 10 ms hop.
+    # Acoustic features (§3.2): 40-d HTK-mel MFCC and a spectrogram, 40 ms Hamming windows, 10 ms hop. The mel
+    # bands under the MFCC are not stated (the paper names librosa, whose default is 128; the paper preset's).
     n_mfcc: int = 40
     n_mels: int = 40
     win_ms: float = 40.0
     hop_ms: float = 10.0
     cnn_channels: int = 32  # CNN of each acoustic feature encoder
     lstm_hidden: int = 32  # per direction, BiLSTM of each acoustic feature encoder
+    # Hugging Face's freeze_feature_encoder(): wav2vec2's CNN over the waveform not trained (fine-tuned encoders).
+    freeze_feature_encoder: bool = False
+    mask_time_prob: float = 0.05  # wav2vec2's own SpecAugment in training (its checkpoints' value); 0 = off
+    group_norm: str = "valid"  # one of GROUP_NORM_MODES (wav2vec2-base and other GroupNorm conv stacks)
 
     def __post_init__(self) -> None:
         _check_fields(self, "model.speech.")
         _check(bool(self.name.strip()), "model.speech.name", self.name, "a checkpoint name, a local path or 'tiny'")
+        _check(0.0 <= self.mask_time_prob < 1.0, "model.speech.mask_time_prob", self.mask_time_prob, "in [0, 1)")
+        _check(self.group_norm in GROUP_NORM_MODES, "model.speech.group_norm", self.group_norm,
+               f"one of {GROUP_NORM_MODES}")
         _check(self.layer >= -1, "model.speech.layer", self.layer, "-1 (the output) or a hidden-state index >= 0")
         _check_tiny_sizes(self, "model.speech.")
         for key in ("n_mfcc", "n_mels", "cnn_channels", "lstm_hidden", "tiny_conv_dim"):
@@ -179,6 +201,8 @@ class ModelConfig:
     speech: SpeechEncoderConfig = field(default_factory=SpeechEncoderConfig)
     encoders: str = "finetune"  # "finetune" | "frozen" (frozen encoders can be served from a feature cache)
     # Crossmodal transformer; the paper is silent on its sizes: MulT's code defaults (30-d, 5 heads, 5 layers).
+    # Dropouts per site as MulT's main.py (attention, ReLU, residual 0.1) and 0.25 on the embedded inputs; the
+    # paper states one p = 0.25, which the paper preset uses at every site.
     embed_dim: int = 30
     num_heads: int = 5
     num_layers: int = 5
@@ -186,13 +210,19 @@ class ModelConfig:
     relu_dropout: float = 0.1
     res_dropout: float = 0.1
     embed_dropout: float = 0.25
+    # MulT's self-attention transformer after each direction's crossmodal blocks (its "mem" networks); 0 = none.
+    self_attention_layers: int = 0
     fusion: str = "crossmodal"  # one of FUSIONS; every other part unchanged (focus_attention: crossmodal only)
     focus_attention: bool = True  # False = Table 1 model B ("without FA"), every other part unchanged
-    sigma_min: float = 1.0  # floor on the focal scope so the Gaussian never collapses (positions)
+    focal_reading: str = "per_query"  # one of FOCAL_READINGS: how eq. (1)-(5) are read
+    sigma_min: float = 1.0  # floor added to the focal scope σ̃ (positions); 0 = eq. (4) as written
     attn_implementation: str = "sdpa"  # "eager" (reference) | "sdpa" (default) | "flex_attention" (CUDA only)
     embedding_dim: int = 64  # size of F(x), the fused embedding the metric loss sees
-    dropout: float = 0.25  # §3.2
+    dropout: float = 0.25  # §3.2's p = 0.25: head, acoustic encoders, guided attention
     num_classes: int = 4
+    # Hugging Face activation checkpointing in the text and speech encoders when they are trained (not frozen):
+    # less activation memory for a second forward pass per layer in backward; the same loss and gradients.
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         _check_fields(self, "model.")
@@ -203,7 +233,10 @@ class ModelConfig:
         _check_heads("model.", "embed_dim", self.embed_dim, "num_heads", self.num_heads)
         _check(self.num_layers >= 1, "model.num_layers", self.num_layers, ">= 1")
         _check(self.embedding_dim >= 1, "model.embedding_dim", self.embedding_dim, ">= 1")
-        _check(self.sigma_min > 0, "model.sigma_min", self.sigma_min, "> 0")
+        _check(self.sigma_min >= 0, "model.sigma_min", self.sigma_min, ">= 0")
+        _check(self.focal_reading in FOCAL_READINGS, "model.focal_reading", self.focal_reading,
+               f"one of {FOCAL_READINGS}")
+        _check(self.self_attention_layers >= 0, "model.self_attention_layers", self.self_attention_layers, ">= 0")
         for key in ("attn_dropout", "relu_dropout", "res_dropout", "embed_dropout", "dropout"):
             value = getattr(self, key)
             _check(0.0 <= value < 1.0, f"model.{key}", value, "a probability in [0, 1)")
@@ -217,7 +250,9 @@ class LossConfig:
     alpha: float = 0.5  # Table 2's best
     beta: float = 1.0
     margin: float = 0.3  # M of eq. (7)-(8); the paper does not state it
-    space: str = "fused"  # where the triplet loss sits (Table 3): "fused" | "speech" | "text"
+    # Where the triplet loss sits (Table 3): "fused" F(x) | "speech" | "text". The paper's full model (Tables 1, 4)
+    # uses "speech", its Table 2 grid "fused" (PAPER_TABLE_SPACES); the paper preset is the full model.
+    space: str = "fused"
     miner: str = "all"  # "all" = every valid triplet of the batch (Γ of eq. 8); "semihard" / "hard" are options
 
     def __post_init__(self) -> None:
@@ -362,17 +397,24 @@ def _demo() -> Config:
 
 
 def _paper() -> Config:
-    # §2-3.2: roberta-large (1024-d, 512 tokens), wav2vec2-base, fine-tuned, Adam lr 1e-5, batch 32, dropout 0.25.
-    # The paper is silent on the crossmodal sizes: ModelConfig's defaults are MulT's (30-d, 5 heads, 5 layers).
+    # What the paper states (§2-3.2): roberta-large (1024-d, 512 tokens), wav2vec2-base, a 40-d HTK-mel MFCC from
+    # librosa, a 40 ms Hamming / 10 ms hop spectrogram, Adam lr 1e-5, batch 32, dropout p = 0.25, focus attention
+    # as eq. (1)-(5) are written, and for the full model the metric loss on the speech embedding (Table 1 A =
+    # Table 4 "Ours" = Table 3's "Speech Embedding" row; PAPER_TABLE_SPACES). Every other value is our choice;
+    # README's choices table gives each one with its reason.
     return Config(
         preset="paper",
+        data=DataConfig(bucket_by_length=True),  # less padding per training batch (BENCHMARKS.md)
         model=ModelConfig(
             text=TextEncoderConfig(name="roberta-large"),
-            speech=SpeechEncoderConfig(name="facebook/wav2vec2-base", cnn_channels=64, lstm_hidden=128),
+            speech=SpeechEncoderConfig(name="facebook/wav2vec2-base", n_mels=128, cnn_channels=64, lstm_hidden=128,
+                                       freeze_feature_encoder=True),
             encoders="finetune",
-            embedding_dim=128, dropout=0.25,
+            attn_dropout=0.25, relu_dropout=0.25, res_dropout=0.25, embed_dropout=0.25, dropout=0.25,
+            focal_reading="as_written", sigma_min=0.0, self_attention_layers=0,
+            embedding_dim=128,
         ),
-        loss=LossConfig(alpha=0.5, beta=1.0),
+        loss=LossConfig(alpha=0.5, beta=1.0, space="speech"),
         train=TrainConfig(epochs=30, batch_size=32, lr=1e-5, patience=5, num_workers=1, use_gpu=True,
                           precision="bf16"),
     )

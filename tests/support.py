@@ -3,7 +3,8 @@
 
 * the repository root and the tiny model sizes of the training tests;
 * random rows in the dataset's column form, split by a fold's speakers (``loader.LocalFolds`` reads them);
-* the tiny ``SERModel`` the model tests build, its inputs and the metric-loss gradient check;
+* the tiny ``SERModel`` the model tests build, its inputs and the metric-loss gradient check, and a
+  wav2vec2-base-shaped speech encoder config (random weights, a few layers);
 * a sweep's parent and trial runs logged the way ``sweep.run_trial`` logs them, without Ray;
 * processes: free loopback ports, a Ray head started with `ray start --head --block` on its own ports, temp dir
   and HOME, and finding (to kill) whatever a test started. Linux (/proc).
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from ser_platform.config import LossConfig, ModelConfig, SpeechEncoderConfig, TextEncoderConfig
@@ -89,12 +91,37 @@ def fold_rows(fold: int, sizes: tuple[int, int, int]) -> dict[str, np.ndarray]:
 
 # --- the tiny SERModel of the model tests -------------------------------------------------------------------
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread for a test module that imports this fixture (``from support import one_thread``):
+    tiny tensors gain nothing from more, and on a shared 2-core machine spinning OpenMP workers made the model
+    tests several times slower. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 TINY_MODEL = ModelConfig(
     text=TextEncoderConfig(tiny_hidden_size=16, tiny_num_layers=1, tiny_num_heads=2),
     speech=SpeechEncoderConfig(tiny_hidden_size=16, tiny_num_layers=1, tiny_num_heads=2, tiny_conv_dim=8,
                                cnn_channels=8, lstm_hidden=6),
     embed_dim=8, num_heads=2, num_layers=1, embedding_dim=8,
 )
+
+
+def base_shaped_speech(folder: Path, num_layers: int = 2, **settings) -> SpeechEncoderConfig:
+    """A speech encoder config naming a local folder that holds wav2vec2-base's published config (its 7-layer
+    GroupNorm conv stack, 768-d, 12 heads) with ``num_layers`` transformer layers: built with random weights
+    (``pretrained=False``), no download. ``settings``: other SpeechEncoderConfig fields."""
+    from transformers import Wav2Vec2Config
+
+    from ser_platform.models.speech import KNOWN_SPEECH_CONFIGS
+
+    Wav2Vec2Config(**{**KNOWN_SPEECH_CONFIGS["facebook/wav2vec2-base"], "num_hidden_layers": num_layers}
+                   ).save_pretrained(folder)
+    return SpeechEncoderConfig(name=str(folder), cnn_channels=8, lstm_hidden=6, **settings)
 
 
 def make_model(config: ModelConfig = TINY_MODEL, seed: int = 0) -> SERModel:
@@ -138,6 +165,19 @@ def take(inputs: dict, index: int) -> dict:
         "feature_lengths": inputs["feature_lengths"][index:index + 1], "input_ids": inputs["input_ids"][index:index + 1, :k],
         "attention_mask": inputs["attention_mask"][index:index + 1, :k],
     }
+
+
+def multihead_reference(attention) -> torch.nn.MultiheadAttention:
+    """``torch.nn.MultiheadAttention`` (an independent implementation of multi-head attention) holding the
+    projections of one of our FocusAttention modules; eval mode, sequence-first (T, B, D) like MulT."""
+    reference = torch.nn.MultiheadAttention(attention.embed_dim, attention.num_heads).eval()
+    with torch.no_grad():
+        reference.in_proj_weight.copy_(torch.cat([attention.q_proj.weight, attention.k_proj.weight,
+                                                  attention.v_proj.weight]))
+        reference.in_proj_bias.copy_(torch.cat([attention.q_proj.bias, attention.k_proj.bias, attention.v_proj.bias]))
+        reference.out_proj.weight.copy_(attention.out_proj.weight)
+        reference.out_proj.bias.copy_(attention.out_proj.bias)
+    return reference
 
 
 def grad_norm(module: torch.nn.Module) -> float:

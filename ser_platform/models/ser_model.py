@@ -3,7 +3,8 @@ pooled, concatenated -> FC -> embedding F(x) -> 4-class classifier.
 
 ``SEROutput`` exposes the three embedding spaces of Table 3 for the metric loss:
 
-* ``embedding``: F(x), the fused speech + text embedding (the output of the last FC layer, §2.3);
+* ``embedding``: F(x), the fused speech + text embedding (§2.3 calls it "the output of the last FC layer"; ours
+  is the FC layer before the classifier, whose logits would leave the metric loss no embedding of its own);
 * ``speech_embedding``: the speech embedding sequence X_A *before* it enters the crossmodal transformers (§3.3);
 * ``text_embedding``: the text embedding sequence X_L, likewise before fusion.
 
@@ -12,7 +13,9 @@ not by a last step as MulT does: the crossmodal outputs have no causal order, an
 is padding. The text mean includes ``<s>`` and ``</s>``, which are valid tokens to RoBERTa.
 
 With ``model.encoders="frozen"``, nothing trainable lies below the text embedding (it is RoBERTa's output), so
-a metric loss on the ``text`` space is a constant there; it needs fine-tuned encoders, as in the paper.
+a metric loss on the ``text`` space is a constant there; it needs fine-tuned encoders. The paper does not say
+whether it fine-tunes, but its Table 3 reports a metric loss on the text embedding that changes the result,
+which a frozen RoBERTa could not give.
 
 ``model.fusion`` picks the baselines of Table 4 with every other part unchanged (same encoders, pooling, dropout,
 F(x) and classifier; only what sits between the pooled embeddings and F(x) differs):
@@ -61,6 +64,8 @@ class SEROutput:
 class SERModel(nn.Module):
     """Crossmodal speech emotion recogniser of the paper, built from ``config.model`` alone.
 
+    ``model_config.gradient_checkpointing``: activation checkpointing in the trained text and speech encoders
+    (:meth:`gradient_checkpointing_enable`).
     ``pretrained``: load named checkpoints' weights (False builds the same architecture randomly initialised,
     from ``KNOWN_*_CONFIGS`` when the name is known, e.g. on the meta device for ``model_summary``).
     ``cached_encoder_states``: the frozen encoders' states always come with the batch (``text_states``,
@@ -81,23 +86,24 @@ class SERModel(nn.Module):
             self.text_encoder = TextEncoder(model_config.text, frozen=frozen, pretrained=pretrained,
                                             cached=cached_encoder_states)
         if mode != "text_only":
-            self.speech_encoder = SpeechEncoder(model_config.speech, frozen=frozen, pretrained=pretrained,
-                                                dropout=model_config.dropout, cached=cached_encoder_states)
+            self.speech_encoder = SpeechEncoder(model_config, pretrained=pretrained, cached=cached_encoder_states)
         if mode == "crossmodal":
-            self.fusion = CrossmodalFusion(
-                self.text_encoder.output_dim, self.speech_encoder.output_dim, model_config.embed_dim,
-                model_config.num_heads, model_config.num_layers,
-                attn_dropout=model_config.attn_dropout, relu_dropout=model_config.relu_dropout,
-                res_dropout=model_config.res_dropout, embed_dropout=model_config.embed_dropout,
-                focus_attention=model_config.focus_attention, attn_implementation=model_config.attn_implementation,
-                sigma_min=model_config.sigma_min,
-            )
+            self.fusion = CrossmodalFusion(model_config, self.text_encoder.output_dim, self.speech_encoder.output_dim)
             pooled_dim = 2 * model_config.embed_dim
         else:
             pooled_dim = sum(part.output_dim for part in (self.speech_encoder, self.text_encoder) if part is not None)
         self.dropout = nn.Dropout(model_config.dropout)
         self.embedding_layer = nn.Linear(pooled_dim, model_config.embedding_dim)  # F(x)
         self.classifier = nn.Linear(model_config.embedding_dim, model_config.num_classes)
+        if model_config.gradient_checkpointing:
+            self.gradient_checkpointing_enable()
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Hugging Face activation checkpointing in the text and speech encoders that are trained (frozen or
+        cached ones keep no activations for backward anyway); the fusion and heads are small and left alone."""
+        for encoder in (self.text_encoder, self.speech_encoder.ssl if self.speech_encoder is not None else None):
+            if encoder is not None:
+                encoder.gradient_checkpointing_enable()
 
     def forward(
         self,
@@ -187,9 +193,11 @@ def model_summary(model_config: ModelConfig) -> str:
         ("text", model_config.text.name, model.text_encoder), ("speech", model_config.speech.name,
                                                                model.speech_encoder)) if part is not None]
     if model_config.fusion == "crossmodal":
+        focus = f"on ({model_config.focal_reading})" if model_config.focus_attention else "off"
         fusion = (f"crossmodal: {model_config.num_layers} layers x 2 directions, {model_config.embed_dim}-d, "
-                  f"{model_config.num_heads} heads, focus attention {'on' if model_config.focus_attention else 'off'} "
-                  f"({model_config.attn_implementation})")
+                  f"{model_config.num_heads} heads, focus attention {focus}, {model_config.attn_implementation}")
+        if model_config.self_attention_layers:
+            fusion += f"; then {model_config.self_attention_layers} self-attention layers per direction"
     else:
         fusion = {"early": "early fusion: pooled speech and text embeddings concatenated",
                   "speech_only": "speech only (no text encoder)",

@@ -13,10 +13,14 @@ Parts
   fwd+bwd at one thread: 0.36× the time of base's 7-layer stack at the same width (the first layer's 10 ms
   output at 16 kHz / 5 was the bulk of it). Per-frame LayerNorm in the conv stack (``feat_extract_norm=
   "layer"``) so padding never changes valid outputs.
-  wav2vec2-base itself uses GroupNorm over the whole (padded) sequence in its first conv layer; as Hugging Face
-  prescribes for such checkpoints it gets no attention mask and zero-padded input, so its valid outputs depend
-  slightly on the batch's padding (``data.bucket_by_length`` keeps that small). LayerDrop is set to 0: it
-  skips whole layers at random, which DDP rejects as unused parameters.
+  wav2vec2-base itself normalises its first conv layer's output with GroupNorm over the whole sequence. Run as
+  Hugging Face prescribes for such checkpoints (zero-padded input, no attention mask) its valid outputs change
+  with the padding, i.e. with the batch mates: at random initialisation a 1 s utterance padded to 4 s moved by
+  a median 61 % (BENCHMARKS.md, "Batch mates"). ``model.speech.group_norm="valid"`` (the default) computes that
+  GroupNorm over each utterance's own frames and passes the attention mask, so every utterance gets exactly the
+  states it gets alone, in training and evaluation alike, at the cost of the batched pass (same section);
+  "padded" restores Hugging Face's recipe. LayerDrop is set to 0: it skips whole layers at random, which DDP
+  rejects as unused parameters.
 * ``AcousticFeatureEncoder`` (one for the MFCC, one for the spectrogram): utterance-level mean/variance
   normalisation over valid frames, a 1-D CNN over time (feature bins as channels; the first conv strides by 2,
   10 ms -> 20 ms, which also halves the cost of the wide 321-bin spectrogram conv), then a BiLSTM over packed
@@ -51,8 +55,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from ser_platform.config import TINY_ENCODER, SpeechEncoderConfig
-from ser_platform.models.text import check_layer
+from ser_platform.config import TINY_ENCODER, ModelConfig, SpeechEncoderConfig
+from ser_platform.models.text import check_layer, enable_activation_checkpointing
 
 __all__ = [
     "KNOWN_SPEECH_CONFIGS",
@@ -63,8 +67,11 @@ __all__ = [
     "SpeechEncoder",
     "SpeechEncoderOutput",
     "build_speech_encoder_config",
+    "first_conv_group_norm",
+    "group_norm_over_valid_frames",
     "lengths_to_mask",
     "masked_standardize",
+    "padding_treatment",
     "spectrogram_bins",
 ]
 
@@ -127,11 +134,65 @@ def build_speech_encoder_config(speech_config: SpeechEncoderConfig, *, pretraine
             # A short positional conv (wav2vec2-base: 128 taps) suits 1-3 s of tiny-model audio; groups must
             # divide the width.
             num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=math.gcd(hidden, 16),
-            mask_time_prob=0.05, layerdrop=0.0,
+            mask_time_prob=speech_config.mask_time_prob, layerdrop=0.0,
         )
     if not pretrained and speech_config.name in KNOWN_SPEECH_CONFIGS:
-        return Wav2Vec2Config(**KNOWN_SPEECH_CONFIGS[speech_config.name])
-    return AutoConfig.from_pretrained(speech_config.name, layerdrop=0.0)
+        return Wav2Vec2Config(**{**KNOWN_SPEECH_CONFIGS[speech_config.name],
+                                 "mask_time_prob": speech_config.mask_time_prob})
+    return AutoConfig.from_pretrained(speech_config.name, layerdrop=0.0, mask_time_prob=speech_config.mask_time_prob)
+
+
+def padding_treatment(hf_config: Any, speech_config: SpeechEncoderConfig) -> str:
+    """How the SSL encoder meets padding: "layer" (per-frame LayerNorm conv stack, attention mask passed: padding
+    never reaches a valid output), "valid" (GroupNorm over each utterance's valid frames, mask passed: the same)
+    or "padded" (Hugging Face's recipe for GroupNorm checkpoints: no mask, the padding enters the statistics).
+    What a cache of the encoder's states must record: "padded" states depend on the batching."""
+    if getattr(hf_config, "feat_extract_norm", "layer") != "group":
+        return "layer"
+    return speech_config.group_norm
+
+
+def first_conv_group_norm(encoder: nn.Module) -> nn.GroupNorm:
+    """The GroupNorm of a wav2vec2-style conv stack's first layer (wav2vec2-base, HuBERT base, WavLM base)."""
+    try:
+        norm = encoder.feature_extractor.conv_layers[0].layer_norm
+    except (AttributeError, IndexError, TypeError):
+        norm = None
+    if not isinstance(norm, nn.GroupNorm):
+        raise ValueError(f"{type(encoder).__name__} has feat_extract_norm='group' but no GroupNorm at "
+                         "feature_extractor.conv_layers[0].layer_norm; set model.speech.group_norm='padded'")
+    return norm
+
+
+def group_norm_over_valid_frames(hidden_states: Tensor, valid_frames: Sequence[int], norm: nn.GroupNorm) -> Tensor:
+    """``norm`` applied to each utterance's valid frames alone, exactly as if it had been run unpadded.
+
+    hidden_states: (B, C, T) the first conv layer's output of a zero-padded batch; valid_frames: B frame counts.
+    Returns (B, C, T), zero at padded frames. One ``group_norm`` call per utterance: the same kernel and statistics
+    as a batch of one, and autograd keeps only what ``group_norm`` itself saves (no (B, C, T) temporaries).
+    """
+    total = hidden_states.shape[-1]
+    pieces = []
+    for index, frames in enumerate(valid_frames):
+        piece = hidden_states[index:index + 1, :, :frames]
+        if frames > 0:
+            piece = F.group_norm(piece, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        pieces.append(F.pad(piece, (0, total - frames)))
+    return torch.cat(pieces, dim=0)
+
+
+def _valid_frames_hook(norm: nn.GroupNorm, inputs: tuple[Tensor, ...], output: Tensor) -> Optional[Tensor]:
+    """Forward hook on the first conv GroupNorm: its output recomputed over the valid frames that
+    ``SSLSpeechEncoder.layer_states`` stored on it (``norm.valid_frames``). It stays registered, and the frames
+    stay stored, so that activation checkpointing's recomputation in backward normalises the same way."""
+    frames = getattr(norm, "valid_frames", None)
+    if frames is None:
+        return None
+    hidden_states = inputs[0]
+    if len(frames) != hidden_states.shape[0] or max(frames, default=0) > hidden_states.shape[-1]:
+        raise RuntimeError(f"the first conv GroupNorm got a batch of shape {tuple(hidden_states.shape)} but valid "
+                           f"frames {list(frames)}: run the encoder through SSLSpeechEncoder")
+    return group_norm_over_valid_frames(hidden_states, frames, norm)
 
 
 class SSLSpeechEncoder(nn.Module):
@@ -145,6 +206,12 @@ class SSLSpeechEncoder(nn.Module):
     feature extractor, the same in every fold, so it can be cached like a checkpoint).
     ``cached``: states come from the frozen-encoder cache; no encoder is built (its config gives the sizes and
     ``frame_lengths``) and ``forward`` raises. Requires ``frozen``.
+
+    From ``speech_config`` also: ``freeze_feature_encoder`` (Hugging Face's ``freeze_feature_encoder()`` on a
+    trained encoder), ``mask_time_prob`` (its SpecAugment) and ``group_norm``: for a conv stack with GroupNorm
+    (wav2vec2-base), "valid" normalises each utterance over its own frames and passes the attention mask, so an
+    utterance's states are those it gets alone, whatever its batch mates; "padded" is Hugging Face's recipe (a
+    zero-padded batch, no attention mask), under which padding changes the valid frames.
     """
 
     def __init__(self, speech_config: SpeechEncoderConfig, *, frozen: bool = False, pretrained: bool = True,
@@ -167,7 +234,7 @@ class SSLSpeechEncoder(nn.Module):
                 raise ValueError(f"model.speech.name={speech_config.name!r}: its config has no conv_kernel/"
                                  "conv_stride, so it is not a wav2vec2-style encoder")
         elif pretrained and speech_config.name != TINY_ENCODER:
-            self.encoder = AutoModel.from_pretrained(speech_config.name, layerdrop=0.0)
+            self.encoder = AutoModel.from_pretrained(speech_config.name, config=hf_config)
         elif frozen:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(speech_config.tiny_seed)
@@ -179,11 +246,27 @@ class SSLSpeechEncoder(nn.Module):
                              "wav2vec2-style encoder (no _get_feat_extract_output_lengths)")
         self.output_dim = int(hf_config.hidden_size)
         self.num_heads = int(hf_config.num_attention_heads)
-        # Hugging Face's rule: checkpoints whose conv stack uses GroupNorm (wav2vec2-base) take no attention mask.
-        self.pass_attention_mask = getattr(hf_config, "feat_extract_norm", "layer") == "layer"
+        treatment = padding_treatment(hf_config, speech_config)
+        self.valid_frames_norm = treatment == "valid"
+        # Hugging Face's rule: checkpoints whose conv stack uses GroupNorm take no attention mask; with the
+        # GroupNorm over valid frames the padded frames are exactly what the mask must hide.
+        self.pass_attention_mask = treatment != "padded"
+        if self.encoder is not None and self.valid_frames_norm:
+            first_conv_group_norm(self.encoder).register_forward_hook(_valid_frames_hook)
         if self.encoder is not None and frozen:
             self.encoder.requires_grad_(False)
             self.encoder.eval()
+        elif self.encoder is not None and speech_config.freeze_feature_encoder:
+            if not hasattr(self.encoder, "freeze_feature_encoder"):
+                raise ValueError(f"model.speech.freeze_feature_encoder=true: {type(self.encoder).__name__} has no "
+                                 "freeze_feature_encoder()")
+            self.encoder.freeze_feature_encoder()
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Activation checkpointing in the encoder's layers (Hugging Face), when it is trained; a frozen encoder
+        runs without autograd and a cached one is not built: nothing to do."""
+        if self.encoder is not None and not self.frozen:
+            enable_activation_checkpointing(self.encoder)
 
     def train(self, mode: bool = True) -> "SSLSpeechEncoder":
         super().train(mode)
@@ -213,6 +296,10 @@ class SSLSpeechEncoder(nn.Module):
             check_layer(layer, self.num_layers, "speech layer")
         sample_mask = lengths_to_mask(audio_lengths, input_values.shape[1])
         waveform = masked_standardize(input_values, sample_mask)
+        if self.valid_frames_norm:
+            kernel, stride = self.hf_config.conv_kernel[0], self.hf_config.conv_stride[0]
+            first_frames = (torch.div(audio_lengths - kernel, stride, rounding_mode="floor") + 1).clamp(min=0)
+            first_conv_group_norm(self.encoder).valid_frames = tuple(first_frames.tolist())
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             out = self.encoder(waveform, attention_mask=sample_mask.long() if self.pass_attention_mask else None,
                                output_hidden_states=any(layer != -1 for layer in layers))
@@ -228,16 +315,19 @@ class SSLSpeechEncoder(nn.Module):
 class AcousticFeatureEncoder(nn.Module):
     """CNN + BiLSTM over one acoustic feature sequence (MFCC or spectrogram), §2.1.2.
 
+    ``AcousticFeatureEncoder(config, in_dim)``: ``config`` a ``ModelConfig`` (``speech.cnn_channels``,
+    ``speech.lstm_hidden``, ``dropout``), in_dim the feature width (n_mfcc, or the spectrogram's bins).
     forward(features (B, T, in_dim), lengths (B,)) -> (states (B, T', 2·lstm_hidden), lengths' (B,)) with
     T' = ceil(T / 2) (stride-2 conv: 10 ms -> 20 ms); states are zero at padded steps.
     """
 
-    def __init__(self, in_dim: int, channels: int, lstm_hidden: int, *, dropout: float = 0.0) -> None:
+    def __init__(self, config: ModelConfig, in_dim: int) -> None:
         super().__init__()
+        channels, lstm_hidden = config.speech.cnn_channels, config.speech.lstm_hidden
         self.in_dim = in_dim
         self.conv1 = nn.Conv1d(in_dim, channels, kernel_size=5, stride=2, padding=2)
         self.conv2 = nn.Conv1d(channels, channels, kernel_size=3, padding=1)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(config.dropout)
         self.lstm = nn.LSTM(channels, lstm_hidden, batch_first=True, bidirectional=True)
         self.output_dim = 2 * lstm_hidden
 
@@ -269,12 +359,13 @@ class GuidedAttention(nn.Module):
     """MCAN guided attention (ref. [25]): the queries X attend over the guide Y (keys and values).
 
     X <- LN(X + Dropout(MHA(X, Y, Y))); X <- LN(X + Dropout(FFN(X))), FFN = Linear(D, 4D)-ReLU-Dropout-Linear.
-    hidden_states X: (B, T_q, D); guide_states Y: (B, T_k, D); guide_mask (B, T_k) bool, True = keep.
-    A sample whose guide is all padding attends to all of it (no -inf-only softmax row); its output is the
-    caller's to mask. Returns (B, T_q, D).
+    ``GuidedAttention(config, embed_dim, num_heads)``: dropout ``config.dropout``; the width and heads are the
+    wav2vec2 encoder's. hidden_states X: (B, T_q, D); guide_states Y: (B, T_k, D); guide_mask (B, T_k) bool,
+    True = keep. A sample whose guide is all padding attends to all of it (no -inf-only softmax row); its output
+    is the caller's to mask. Returns (B, T_q, D).
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, *, dropout: float = 0.0) -> None:
+    def __init__(self, config: ModelConfig, embed_dim: int, num_heads: int) -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be a multiple of num_heads={num_heads}")
@@ -288,7 +379,7 @@ class GuidedAttention(nn.Module):
         self.fc1 = nn.Linear(embed_dim, 4 * embed_dim)
         self.fc2 = nn.Linear(4 * embed_dim, embed_dim)
         self.ffn_norm = nn.LayerNorm(embed_dim)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, hidden_states: Tensor, guide_states: Tensor, guide_mask: Tensor) -> Tensor:
         batch_size, query_len, embed_dim = hidden_states.shape
@@ -318,26 +409,26 @@ class SpeechEncoderOutput:
 class SpeechEncoder(nn.Module):
     """The whole speech embedding network of Figure 1(a): GA(wav2vec2 frames, [MFCC enc ; spectrogram enc]).
 
+    ``SpeechEncoder(config)``: ``config`` a ``ModelConfig`` (``speech``, ``encoders``: "frozen" freezes wav2vec2,
+    ``dropout``); ``pretrained``: load a named checkpoint's weights.
     forward(input_values (B, S), audio_lengths (B,), mfcc (B, T, n_mfcc), spectrogram (B, T, n_freq),
     feature_lengths (B,), ssl_states=None) -> SpeechEncoderOutput. ``ssl_states`` (B, T_w, D): precomputed
     frozen wav2vec2 states (then ``input_values`` may be None; ``audio_lengths`` still gives the frame mask).
     ``cached=True``: the wav2vec2 states always come that way (from ``data.encoder_cache``): no wav2vec2 is built.
     """
 
-    def __init__(self, speech_config: SpeechEncoderConfig, *, frozen: bool = False, pretrained: bool = True,
-                 dropout: float = 0.0, cached: bool = False) -> None:
+    def __init__(self, config: ModelConfig, *, pretrained: bool = True, cached: bool = False) -> None:
         super().__init__()
-        self.ssl = SSLSpeechEncoder(speech_config, frozen=frozen, pretrained=pretrained, cached=cached)
-        self.n_mfcc = speech_config.n_mfcc
-        self.n_freq = spectrogram_bins(speech_config)
-        self.mfcc_encoder = AcousticFeatureEncoder(self.n_mfcc, speech_config.cnn_channels,
-                                                   speech_config.lstm_hidden, dropout=dropout)
-        self.spectrogram_encoder = AcousticFeatureEncoder(self.n_freq, speech_config.cnn_channels,
-                                                          speech_config.lstm_hidden, dropout=dropout)
+        self.ssl = SSLSpeechEncoder(config.speech, frozen=config.encoders == "frozen", pretrained=pretrained,
+                                    cached=cached)
+        self.n_mfcc = config.speech.n_mfcc
+        self.n_freq = spectrogram_bins(config.speech)
+        self.mfcc_encoder = AcousticFeatureEncoder(config, self.n_mfcc)
+        self.spectrogram_encoder = AcousticFeatureEncoder(config, self.n_freq)
         self.output_dim = self.ssl.output_dim
         acoustic_dim = self.mfcc_encoder.output_dim + self.spectrogram_encoder.output_dim
         self.acoustic_projection = nn.Linear(acoustic_dim, self.output_dim)
-        self.guided_attention = GuidedAttention(self.output_dim, self.ssl.num_heads, dropout=dropout)
+        self.guided_attention = GuidedAttention(config, self.output_dim, self.ssl.num_heads)
 
     def forward(
         self,

@@ -34,6 +34,7 @@ __all__ = [
     "build_tokenizer",
     "byte_level_tokenizer",
     "check_layer",
+    "enable_activation_checkpointing",
 ]
 
 # RoBERTa's special tokens in RoBERTa's id order (<s>=0, <pad>=1, </s>=2, <unk>=3, <mask>=4).
@@ -166,6 +167,12 @@ class TextEncoder(nn.Module):
             self.encoder.requires_grad_(False)
             self.encoder.eval()
 
+    def gradient_checkpointing_enable(self) -> None:
+        """Activation checkpointing in the encoder's layers (Hugging Face), when it is trained; a frozen encoder
+        runs without autograd and a cached one is not built: nothing to do."""
+        if self.encoder is not None and not self.frozen:
+            enable_activation_checkpointing(self.encoder)
+
     def train(self, mode: bool = True) -> "TextEncoder":
         super().train(mode)
         if self.frozen and self.encoder is not None:
@@ -198,3 +205,15 @@ def check_layer(layer: int, num_layers: int, key: str) -> None:
     if not -1 <= int(layer) <= num_layers:
         raise ValueError(f"{key}={layer!r}: expected -1 (the encoder's output) or a hidden-state index 0..{num_layers} "
                          f"(0 = embeddings; this encoder has {num_layers} layers)")
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Hugging Face's activation checkpointing on ``model``, non-reentrant: each layer's activations are
+    recomputed in backward instead of kept, with the same loss and gradients. ``activation_checkpointing_enable``
+    where the installed transformers has it (5.25 does, and warns that ``gradient_checkpointing_enable`` is
+    deprecated), else ``gradient_checkpointing_enable``."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -5,6 +5,9 @@ import math
 import pytest
 import torch
 
+from ser_platform.config import ModelConfig
+
+from support import one_thread  # noqa: F401  (autouse fixture: one intra-op thread in this module)
 from ser_platform.models.crossmodal import (
     CrossmodalFusion,
     CrossmodalOutput,
@@ -19,9 +22,13 @@ def _masks(lengths, total):
     return torch.arange(total)[None, :] < torch.tensor(lengths)[:, None]
 
 
-def _fusion(seed=0, **kwargs):
+def _config(**settings) -> ModelConfig:
+    return ModelConfig(**{"embed_dim": EMBED_DIM, "num_heads": 4, "num_layers": 2, **settings})
+
+
+def _fusion(seed=0, **settings):
     torch.manual_seed(seed)
-    return CrossmodalFusion(TEXT_DIM, SPEECH_DIM, EMBED_DIM, num_heads=4, num_layers=2, **kwargs).eval()
+    return CrossmodalFusion(_config(**settings), TEXT_DIM, SPEECH_DIM).eval()
 
 
 def test_positional_embedding_matches_mult_formula():
@@ -81,11 +88,19 @@ def test_directions_are_wired_queries_from_the_target_modality():
     assert ((moved.audio_from_text - base.audio_from_text).abs().amax(-1) > 1e-6).all()
 
 
+# The paper preset's reading of eq. (1)-(5), and MulT's self-attention stage: each must keep every invariance.
+VARIANTS = {"default": {}, "as_written": {"focal_reading": "as_written", "sigma_min": 0.0},
+            "self_attention": {"self_attention_layers": 2}}
+MODELS = [(True, "default"), (False, "default"), (True, "as_written"), (True, "self_attention")]
+
+
+
+
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-@pytest.mark.parametrize("focus_attention", [True, False])
-def test_padding_changes_nothing(attn_implementation, focus_attention):
+@pytest.mark.parametrize("focus_attention, variant", MODELS)
+def test_padding_changes_nothing(attn_implementation, focus_attention, variant):
     """Each sample, padded in a batch with garbage at its padded steps, gives what it gives alone unpadded."""
-    fusion = _fusion(focus_attention=focus_attention, attn_implementation=attn_implementation)
+    fusion = _fusion(focus_attention=focus_attention, attn_implementation=attn_implementation, **VARIANTS[variant])
     text_lengths, speech_lengths = [6, 2, 4], [9, 11, 1]
     text = 30 * torch.randn(3, 6, TEXT_DIM)
     speech = 30 * torch.randn(3, 11, SPEECH_DIM)
@@ -116,10 +131,10 @@ def test_sdpa_matches_eager_through_the_fusion_with_gradients():
         torch.testing.assert_close(sdpa_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-@pytest.mark.parametrize("focus_attention", [True, False])
-def test_every_parameter_gets_a_gradient(focus_attention):
+@pytest.mark.parametrize("focus_attention, variant", MODELS)
+def test_every_parameter_gets_a_gradient(focus_attention, variant):
     """DDP (find_unused_parameters=False) needs this: no parameter may sit unused in either mode."""
-    fusion = _fusion(focus_attention=focus_attention).train()
+    fusion = _fusion(focus_attention=focus_attention, **VARIANTS[variant]).train()
     output = fusion(torch.randn(2, 6, TEXT_DIM), _masks([6, 4], 6), torch.randn(2, 9, SPEECH_DIM), _masks([9, 5], 9))
     # Random weights per output feature: a plain .sum() of a final LayerNorm's output (weight 1, bias 0) is constant
     # in its input, so every upstream gradient would be float round-off (exactly 0 on some CPUs).
@@ -133,7 +148,8 @@ def test_every_parameter_gets_a_gradient(focus_attention):
 
 def test_transformer_depth_and_final_norm():
     torch.manual_seed(0)
-    transformer = CrossmodalTransformer(EMBED_DIM, 4, 3, attn_dropout=0.0, relu_dropout=0.0, res_dropout=0.0).eval()
+    transformer = CrossmodalTransformer(_config(num_layers=3, attn_dropout=0.0, relu_dropout=0.0,
+                                                res_dropout=0.0)).eval()
     assert len(transformer.layers) == 3
     hidden_states = torch.randn(2, 5, EMBED_DIM)
     output = transformer(hidden_states, torch.randn(2, 7, EMBED_DIM), _masks([5, 2], 5), _masks([7, 7], 7))
@@ -142,4 +158,56 @@ def test_transformer_depth_and_final_norm():
     torch.testing.assert_close(valid.var(-1, unbiased=False), torch.ones(5), atol=1e-3, rtol=0)
     assert (output[1, 2:] == 0).all()
     with pytest.raises(ValueError, match="num_layers"):
-        CrossmodalTransformer(EMBED_DIM, 4, 0)
+        CrossmodalTransformer(_config(num_layers=0))
+
+
+def test_self_attention_stage_is_mults_mem_transformer_after_each_direction():
+    """self_attention_layers=0 is the crossmodal-only model (same parameters, same output); N > 0 adds per
+    direction N plain self-attention layers (no focal parameters, one LayerNorm per attention) over the
+    direction's output re-embedded (√D scale + positions), then a final LayerNorm."""
+    plain = _fusion(self_attention_layers=0)
+    stacked = _fusion(self_attention_layers=3)
+    assert plain.audio_self_attention is None and plain.text_self_attention is None
+    extra = set(stacked.state_dict()) - set(plain.state_dict())
+    assert set(plain.state_dict()) < set(stacked.state_dict())
+    assert {name.split(".")[0] for name in extra} == {"audio_self_attention", "text_self_attention"}
+    assert {int(name.split(".")[2]) for name in extra if ".layers." in name} == {0, 1, 2}
+    assert not any(".w_p." in name or "key_value_norm" in name for name in extra)
+
+    stacked.load_state_dict({**stacked.state_dict(), **plain.state_dict()})
+    inputs = (torch.randn(2, 6, TEXT_DIM), _masks([6, 4], 6), torch.randn(2, 9, SPEECH_DIM), _masks([9, 5], 9))
+    crossmodal_only = plain(*inputs)
+    output = stacked(*inputs)
+    text_mask, speech_mask = inputs[1], inputs[3]
+    for stage, before, after, mask in (
+        (stacked.audio_self_attention, crossmodal_only.audio_from_text, output.audio_from_text, speech_mask),
+        (stacked.text_self_attention, crossmodal_only.text_from_audio, output.text_from_audio, text_mask),
+    ):
+        positions = (mask.cumsum(1) - 1).float()
+        states = math.sqrt(EMBED_DIM) * before + sinusoidal_positional_embedding(positions, EMBED_DIM)
+        states = states * mask[..., None]
+        for layer in stage.layers:  # x + Attn(LN(x), LN(x)), x + FFN(LN(x)): MulT's self-attention layer
+            normed = layer.query_norm(states)
+            attended, _ = layer.attention(normed, normed, mask, mask)
+            states = states + attended
+            states = states + layer.fc2(torch.relu(layer.fc1(layer.ffn_norm(states))))
+        expected = stage.final_norm(states) * mask[..., None]
+        torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(output.audio_from_text, crossmodal_only.audio_from_text)
+
+
+def test_the_call_from_before_models_took_their_config_builds_the_same_model():
+    """benchmarks/focus_attention.py still calls CrossmodalFusion(text_dim, speech_dim, embed_dim, heads, layers,
+    **settings); it must build exactly the config-built model (ModelConfig's defaults for the rest)."""
+    torch.manual_seed(0)
+    legacy = CrossmodalFusion(TEXT_DIM, SPEECH_DIM, EMBED_DIM, 4, 2, attn_dropout=0.0, focus_attention=True,
+                              attn_implementation="eager").eval()
+    torch.manual_seed(0)
+    built = CrossmodalFusion(_config(attn_dropout=0.0, attn_implementation="eager"), TEXT_DIM, SPEECH_DIM).eval()
+    assert legacy.state_dict().keys() == built.state_dict().keys()
+    for name, value in built.state_dict().items():
+        assert torch.equal(legacy.state_dict()[name], value), name
+    layer = legacy.audio_from_text.layers[0]
+    assert (layer.relu_dropout, layer.res_dropout, legacy.embed_dropout) == (0.1, 0.1, 0.25)
+    with pytest.raises(TypeError, match="ModelConfig"):
+        CrossmodalFusion(_config(), TEXT_DIM, SPEECH_DIM, 4)

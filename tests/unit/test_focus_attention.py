@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 
+from ser_platform.config import ConfigError, ModelConfig
 from ser_platform.models.focus_attention import (
     ATTENTION_FUNCTIONS,
     FocusAttention,
@@ -15,16 +16,25 @@ from ser_platform.models.focus_attention import (
     scale_to_length,
 )
 
+from support import multihead_reference, one_thread  # noqa: F401  (one_thread: autouse fixture)
+
 FOCAL_PARAMS = ("w_p.weight", "w_g.weight", "u_c", "u_d")
+
+
 
 
 def _masks(lengths, total):
     return torch.arange(total)[None, :] < torch.tensor(lengths)[:, None]
 
 
-def _module(embed_dim=8, num_heads=2, seed=0, **kwargs):
+def _config(embed_dim=8, num_heads=2, **settings) -> ModelConfig:
+    """A ModelConfig of these sizes; attention dropout 0 unless given (the tests compare deterministic outputs)."""
+    return ModelConfig(embed_dim=embed_dim, num_heads=num_heads, **{"attn_dropout": 0.0, **settings})
+
+
+def _module(embed_dim=8, num_heads=2, seed=0, **settings):
     torch.manual_seed(seed)
-    module = FocusAttention(embed_dim, num_heads, **kwargs)
+    module = FocusAttention(_config(embed_dim, num_heads, **settings))
     # Random (not default) focal weights so μ, σ differ clearly between queries.
     with torch.no_grad():
         if module.focus_attention:
@@ -88,26 +98,32 @@ def test_worked_example_of_the_docstring():
     torch.testing.assert_close(bias, torch.tensor([[[-8 / 9, -2 / 9, 0.0, -2 / 9]]]))
 
 
+@pytest.mark.parametrize("per_key", [False, True], ids=["per_query", "as_written"])
 @pytest.mark.parametrize("with_padding", [True, False])
-def test_fused_focal_mask_matches_eq5_with_padding_values_and_gradients(with_padding):
+def test_fused_focal_mask_matches_eq5_with_padding_values_and_gradients(with_padding, per_key):
+    """The fused mask against eq. (5) then masked_fill; as written the centres are the 6 keys, the positions the 4
+    queries', and f is transposed onto the (query, key) logits."""
     generator = torch.Generator().manual_seed(0)
-    mu = (6 * torch.rand(2, 4, generator=generator, dtype=torch.float64)).requires_grad_()
-    sigma = (1 + 5 * torch.rand(2, 4, generator=generator, dtype=torch.float64)).requires_grad_()
+    centres, positions_len = (6, 4) if per_key else (4, 6)
+    mu = (6 * torch.rand(2, centres, generator=generator, dtype=torch.float64)).requires_grad_()
+    sigma = (1 + 5 * torch.rand(2, centres, generator=generator, dtype=torch.float64)).requires_grad_()
     keep = _masks([6, 3], 6) if with_padding else None
-    positions = torch.arange(6, dtype=torch.float64).expand(2, -1)
+    positions = torch.arange(positions_len, dtype=torch.float64).expand(2, -1) + float(per_key)
     expected = focal_bias(mu, sigma, positions)
+    expected = expected.transpose(1, 2) if per_key else expected
+    assert expected.shape == (2, 4, 6)
     if keep is not None:
         expected = expected.masked_fill(~keep[:, None], float("-inf"))
-    torch.testing.assert_close(focal_attn_mask(mu, sigma, positions, keep), expected)
+    torch.testing.assert_close(focal_attn_mask(mu, sigma, positions, keep, per_key), expected)
 
     def finite_part(mu, sigma):  # gradcheck needs finite outputs: read the valid keys only
-        mask = focal_attn_mask(mu, sigma, positions, keep)
+        mask = focal_attn_mask(mu, sigma, positions, keep, per_key)
         return mask if keep is None else mask[keep[:, None].expand_as(mask)]
 
     assert torch.autograd.gradcheck(finite_part, (mu, sigma))
     # An upstream gradient at padded keys (a constant -inf) must not reach μ̃, σ̃, as with masked_fill.
     upstream = torch.randn(2, 4, 6, generator=generator, dtype=torch.float64)
-    fused = torch.autograd.grad(focal_attn_mask(mu, sigma, positions, keep), (mu, sigma), upstream)
+    fused = torch.autograd.grad(focal_attn_mask(mu, sigma, positions, keep, per_key), (mu, sigma), upstream)
     reference = torch.autograd.grad(expected, (mu, sigma), upstream)
     for got, want in zip(fused, reference):
         torch.testing.assert_close(got, want)
@@ -123,12 +139,12 @@ def test_focal_bias_and_output_match_brute_force_loops(attn_implementation):
     output, focal = module(hidden_states, key_value_states, query_mask, key_mask, output_focal=True)
     expected, expected_bias = _brute_force(module, hidden_states, key_value_states, query_lengths, key_lengths)
 
-    bias = focal_bias(focal.mu_tilde, focal.sigma_tilde, focal.key_positions)
-    assert bias.shape == (2, 4, 5)
+    bias = focal_bias(focal.mu_tilde, focal.sigma_tilde, focal.positions)
+    assert bias.shape == (2, 4, 5) and torch.equal(focal.attn_bias(), bias)
     for (b, i, j), value in expected_bias.items():
         assert bias[b, i, j].item() == pytest.approx(value, rel=1e-5, abs=1e-5)
     torch.testing.assert_close(output.double(), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(focal.key_lengths, torch.tensor([5.0, 3.0]))
+    torch.testing.assert_close(focal.lengths, torch.tensor([5.0, 3.0]))
 
 
 def _run(module, inputs, attn_implementation):
@@ -156,11 +172,16 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("focus_attention", [True, False])
+READINGS = ("per_query", "as_written")
+# (focus_attention, focal_reading): without focus attention there is no reading to vary.
+VARIANTS = [(True, "per_query"), (True, "as_written"), (False, "per_query")]
+
+
+@pytest.mark.parametrize("focus_attention, focal_reading", VARIANTS)
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_sdpa_matches_eager_values_and_gradients(case, focus_attention):
+def test_sdpa_matches_eager_values_and_gradients(case, focus_attention, focal_reading):
     (batch, query_len, key_len), query_lengths, key_lengths = CASES[case]
-    module = _module(embed_dim=16, num_heads=4, focus_attention=focus_attention)
+    module = _module(embed_dim=16, num_heads=4, focus_attention=focus_attention, focal_reading=focal_reading)
     inputs = (
         torch.randn(batch, query_len, 16),
         torch.randn(batch, key_len, 16),
@@ -182,19 +203,21 @@ def test_sdpa_matches_eager_values_and_gradients(case, focus_attention):
             assert (eager_output[b] == 0).all() and (sdpa_output[b] == 0).all()
 
 
+@pytest.mark.parametrize("focal_reading", READINGS)
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-def test_gradients_reach_the_focal_parameters(attn_implementation):
-    module = _module(embed_dim=16, num_heads=4, attn_implementation=attn_implementation)
+def test_gradients_reach_the_focal_parameters(attn_implementation, focal_reading):
+    module = _module(embed_dim=16, num_heads=4, attn_implementation=attn_implementation, focal_reading=focal_reading)
     _, grads = _run(module, (torch.randn(2, 5, 16), torch.randn(2, 7, 16), _masks([5, 3], 5), _masks([7, 4], 7)),
                     attn_implementation)
     for name in FOCAL_PARAMS:
         assert grads[name].abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("focal_reading", READINGS)
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])
-def test_padding_changes_nothing(attn_implementation):
+def test_padding_changes_nothing(attn_implementation, focal_reading):
     """μ̃, σ̃, G and positions use true lengths: extra padded queries/keys holding garbage change no valid output."""
-    module = _module(embed_dim=16, num_heads=4, attn_implementation=attn_implementation)
+    module = _module(embed_dim=16, num_heads=4, attn_implementation=attn_implementation, focal_reading=focal_reading)
     hidden_states, key_value_states = torch.randn(1, 4, 16), torch.randn(1, 6, 16)
     reference, reference_focal = module(hidden_states, key_value_states, output_focal=True)
 
@@ -204,8 +227,9 @@ def test_padding_changes_nothing(attn_implementation):
 
     torch.testing.assert_close(output[:, :4], reference, rtol=1e-5, atol=1e-6)
     assert (output[:, 4:] == 0).all()
-    torch.testing.assert_close(focal.mu_tilde[:, :4], reference_focal.mu_tilde)
-    torch.testing.assert_close(focal.sigma_tilde[:, :4], reference_focal.sigma_tilde)
+    centres = 6 if focal_reading == "as_written" else 4  # as written the keys carry the centres
+    torch.testing.assert_close(focal.mu_tilde[:, :centres], reference_focal.mu_tilde)
+    torch.testing.assert_close(focal.sigma_tilde[:, :centres], reference_focal.sigma_tilde)
 
 
 def test_left_padding_uses_positions_of_valid_keys():
@@ -216,7 +240,7 @@ def test_left_padding_uses_positions_of_valid_keys():
     key_mask = torch.tensor([[False, False] + [True] * 6])
     output, focal = module(hidden_states, left_padded, None, key_mask, output_focal=True)
     torch.testing.assert_close(output, reference, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(focal.key_positions[0, 2:], torch.arange(6.0))
+    torch.testing.assert_close(focal.positions[0, 2:], torch.arange(6.0))
 
 
 def test_sigma_floor_keeps_the_bias_finite_when_sigma_collapses():
@@ -239,15 +263,12 @@ def test_without_focus_attention_equals_plain_multihead_attention():
     assert {name for name, _ in module.named_parameters()} == {
         f"{proj}.{kind}" for proj in ("q_proj", "k_proj", "v_proj", "out_proj") for kind in ("weight", "bias")
     }
-    reference = torch.nn.MultiheadAttention(16, 4, batch_first=True).eval()
-    with torch.no_grad():
-        reference.in_proj_weight.copy_(torch.cat([module.q_proj.weight, module.k_proj.weight, module.v_proj.weight]))
-        reference.in_proj_bias.copy_(torch.cat([module.q_proj.bias, module.k_proj.bias, module.v_proj.bias]))
-        reference.out_proj.weight.copy_(module.out_proj.weight)
-        reference.out_proj.bias.copy_(module.out_proj.bias)
+    reference = multihead_reference(module)
     hidden_states, key_value_states = torch.randn(3, 5, 16), torch.randn(3, 8, 16)
     query_lengths, key_mask = [5, 2, 4], _masks([8, 3, 6], 8)
-    expected, _ = reference(hidden_states, key_value_states, key_value_states, key_padding_mask=~key_mask)
+    expected, _ = reference(hidden_states.transpose(0, 1), key_value_states.transpose(0, 1),
+                            key_value_states.transpose(0, 1), key_padding_mask=~key_mask)
+    expected = expected.transpose(0, 1)
     for attn_implementation in ("eager", "sdpa"):
         module.attn_implementation = attn_implementation
         output, focal = module(hidden_states, key_value_states, _masks(query_lengths, 5), key_mask, output_focal=True)
@@ -258,7 +279,7 @@ def test_without_focus_attention_equals_plain_multihead_attention():
 
 def test_focus_attention_flag_changes_only_the_bias():
     with_focus = _module(embed_dim=16, num_heads=4)
-    without = FocusAttention(16, 4, focus_attention=False).eval()
+    without = FocusAttention(_config(16, 4, focus_attention=False)).eval()
     missing, unexpected = without.load_state_dict(with_focus.state_dict(), strict=False)
     assert not missing and sorted(unexpected) == sorted(FOCAL_PARAMS)
     hidden_states, key_value_states = torch.randn(2, 5, 16), torch.randn(2, 8, 16)
@@ -268,7 +289,7 @@ def test_focus_attention_flag_changes_only_the_bias():
     # Re-derive the focus output by hand: the plain path with the focal bias added to its logits.
     q, k, v = (layer(states).view(2, -1, 4, 4).transpose(1, 2) for layer, states in (
         (without.q_proj, hidden_states), (without.k_proj, key_value_states), (without.v_proj, key_value_states)))
-    bias = focal_bias(focal.mu_tilde, focal.sigma_tilde, focal.key_positions).masked_fill(~key_mask[:, None], -1e30)
+    bias = focal_bias(focal.mu_tilde, focal.sigma_tilde, focal.positions).masked_fill(~key_mask[:, None], -1e30)
     for attn_bias, result in ((torch.zeros_like(bias).masked_fill(~key_mask[:, None], -1e30), plain), (bias, output)):
         weights = torch.softmax(q @ k.transpose(-1, -2) / 2.0 + attn_bias[:, None], dim=-1)
         mixed = (weights @ v).transpose(1, 2).reshape(2, 5, 16)
@@ -287,35 +308,41 @@ def test_focal_parameters_are_shared_by_all_heads_and_per_query():
 
 def test_bad_configuration_and_inputs_are_refused():
     with pytest.raises(ValueError, match="attn_implementation='nope'"):
-        FocusAttention(16, 4, attn_implementation="nope")
-    with pytest.raises(ValueError, match="multiple of num_heads"):
-        FocusAttention(10, 4)
-    with pytest.raises(ValueError, match="sigma_min"):
-        FocusAttention(16, 4, sigma_min=0.0)
-    module = FocusAttention(16, 4)
+        FocusAttention(_config(16, 4, attn_implementation="nope"))
+    with pytest.raises(ValueError, match="attn_implementation='nope'"):
+        FocusAttention(_config(16, 4)).attn_implementation = "nope"
+    with pytest.raises(ConfigError, match="multiple of model.num_heads"):
+        FocusAttention(_config(10, 4))
+    # sigma_min = 0 is eq. (4) as written (test_fidelity.py); a negative floor is refused.
+    with pytest.raises(ConfigError, match="sigma_min"):
+        FocusAttention(_config(16, 4, sigma_min=-0.5))
+    module = FocusAttention(_config(16, 4))
     with pytest.raises(ValueError, match="key_attention_mask must be bool"):
         module(torch.randn(2, 5, 16), torch.randn(2, 8, 16), None, torch.ones(2, 8))
     assert set(ATTENTION_FUNCTIONS) == {"eager", "sdpa", "flex_attention"}
 
 
 def test_flex_attention_refuses_cpu_tensors():
-    module = FocusAttention(16, 4, attn_implementation="flex_attention")
+    module = FocusAttention(_config(16, 4, attn_implementation="flex_attention"))
     with pytest.raises(RuntimeError, match="needs CUDA tensors"):
         module(torch.randn(2, 5, 16), torch.randn(2, 8, 16))
 
 
-@pytest.mark.parametrize("focus_attention", [True, False])
-def test_flex_score_mod_matches_eager_forward_on_cpu(focus_attention):
+@pytest.mark.parametrize("focus_attention, focal_reading", VARIANTS)
+def test_flex_score_mod_matches_eager_forward_on_cpu(focus_attention, focal_reading):
     """The flex backend's score_mod and head-dim padding, checked forward-only through uncompiled flex on CPU
     (the CUDA test below covers compiled values and gradients where a GPU exists)."""
-    module = _module(embed_dim=40, num_heads=8, focus_attention=focus_attention, attn_implementation="eager")
+    module = _module(embed_dim=40, num_heads=8, focus_attention=focus_attention, attn_implementation="eager",
+                     focal_reading=focal_reading)
     hidden_states, key_value_states = torch.randn(3, 6, 40), torch.randn(3, 9, 40)
     key_mask = _masks([9, 0, 4], 9)
     query, key, value = (layer(states).view(3, -1, 8, 5).transpose(1, 2) for layer, states in (
         (module.q_proj, hidden_states), (module.k_proj, key_value_states), (module.v_proj, key_value_states)))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        focal = module.focal_parameters(hidden_states, key_value_states, key_mask) if focus_attention else None
+        query_mask = _masks([6, 4, 5], 6)
+        focal = (module.focal_parameters(hidden_states, key_value_states, query_mask, key_mask)
+                 if focus_attention else None)
         expected = ATTENTION_FUNCTIONS["eager"](query, key, value, focal, key_mask, dropout=0.0, scale=5**-0.5)
         flex = _flex_focal_attention(query, key, value, focal, key_mask, scale=5**-0.5, compiled=False)
     torch.testing.assert_close(flex, expected, rtol=1e-5, atol=1e-6)
@@ -344,7 +371,7 @@ def test_bfloat16_runs_and_stays_close_to_float32(attn_implementation):
     module = module.to(torch.bfloat16)
     output, focal = module(hidden_states.bfloat16(), key_value_states.bfloat16(), *masks, output_focal=True)
     output.float().sum().backward()
-    assert output.dtype == torch.bfloat16 and focal.key_positions.dtype == torch.float32
-    assert focal.key_positions[0, 300] == 300 and focal.key_lengths.tolist() == [301.0, 257.0]
+    assert output.dtype == torch.bfloat16 and focal.positions.dtype == torch.float32
+    assert focal.positions[0, 300] == 300 and focal.lengths.tolist() == [301.0, 257.0]
     torch.testing.assert_close(focal.mu_tilde, expected_focal.mu_tilde, rtol=0.05, atol=0.5)
     torch.testing.assert_close(output.float(), expected, rtol=0.05, atol=0.05)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,17 +16,10 @@ from ser_platform.losses import JointLoss
 from ser_platform.models.ser_model import FOCAL_PARAMETER_NAMES, SERModel, masked_mean, model_summary
 
 from support import TINY_MODEL as TINY  # tests/support.py: test_baselines builds the same models
-from support import check_metric_loss_routing, make_batch, make_model, take
+from support import base_shaped_speech, check_metric_loss_routing, make_batch, make_model, take
+from support import one_thread  # noqa: F401  (autouse fixture: one intra-op thread in this module)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared 2-core machine spinning OpenMP workers
-    made these tests several times slower; restore the setting afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_masked_mean_matches_a_loop():
@@ -178,3 +172,49 @@ def test_model_summary_shows_frozen_encoders_as_not_trainable():
     rows = summary_rows(model_summary(ModelConfig(**{**TINY.__dict__, "encoders": "frozen"})))
     assert rows["text encoder"][1] == 0 and rows["speech: wav2vec2"][1] == 0
     assert rows["total"][1] == rows["total"][0] - rows["text encoder"][0] - rows["speech: wav2vec2"][0]
+
+
+@pytest.mark.parametrize("group_norm", ["valid", "padded"])
+def test_logits_do_not_depend_on_batch_mates_with_a_wav2vec2_base_shaped_encoder(tmp_path, group_norm):
+    """Issue 14: an utterance's logits alone and inside a padded evaluation batch agree to 1e-5 with wav2vec2-base's
+    real config (GroupNorm conv stack; random weights, 2 layers); Hugging Face's zero-padded recipe does not."""
+    config = ModelConfig(**{**TINY.__dict__, "speech": base_shaped_speech(tmp_path, group_norm=group_norm)})
+    torch.manual_seed(0)
+    model = SERModel(config, pretrained=False).eval()
+    batch = make_batch([0.5, 0.15, 0.3], [5, 9, 3], seed=1)
+    with torch.no_grad():
+        batched = model(**batch).logits
+        differences = [float((model(**take(batch, b)).logits[0] - batched[b]).abs().max()) for b in range(3)]
+    if group_norm == "valid":
+        assert max(differences) < 1e-5, differences
+    else:  # the longest utterance has no padding; the others' valid frames change with it
+        assert differences[0] < 1e-5 and min(differences[1:]) > 1e-3, differences
+
+
+def _loss_and_gradients(config: ModelConfig, batch: dict, labels: torch.Tensor):
+    model = make_model(config, seed=4).train()
+    torch.manual_seed(5)  # the same dropout and SpecAugment draws in both runs
+    np.random.seed(5)
+    loss = JointLoss(LossConfig(space="speech"))(model(**batch), labels).loss
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return model, float(loss.detach()), grads
+
+
+@pytest.mark.parametrize("encoders", ["finetune", "frozen"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(encoders):
+    """model.gradient_checkpointing: Hugging Face activation checkpointing in the trained encoders only; the
+    forward pass in training mode (dropout, SpecAugment) and every gradient are unchanged."""
+    base = ModelConfig(**{**TINY.__dict__, "encoders": encoders})
+    batch, labels = make_batch([0.5, 0.7, 0.6, 0.5], [5, 8, 3, 6], seed=6), torch.tensor([0, 0, 1, 1])
+    plain, plain_loss, plain_grads = _loss_and_gradients(base, batch, labels)
+    checkpointed, loss, grads = _loss_and_gradients(ModelConfig(**{**base.__dict__, "gradient_checkpointing": True}),
+                                                    batch, labels)
+    encoders_hf = (checkpointed.text_encoder.encoder, checkpointed.speech_encoder.ssl.encoder)
+    layers = [m for encoder in encoders_hf for m in encoder.modules() if hasattr(m, "gradient_checkpointing")]
+    assert layers and all(m.gradient_checkpointing == (encoders == "finetune") for m in layers)
+    assert not any(getattr(m, "gradient_checkpointing", False) for m in plain.modules())
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    assert grads.keys() == plain_grads.keys() and len(grads) > 0
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)

@@ -9,30 +9,26 @@ import numpy as np
 import pytest
 import torch
 
-from ser_platform.config import SpeechEncoderConfig, TextEncoderConfig
+from ser_platform.config import ModelConfig, SpeechEncoderConfig, TextEncoderConfig
 from ser_platform.models.speech import (
     AcousticFeatureEncoder,
     GuidedAttention,
     SpeechEncoder,
     SSLSpeechEncoder,
+    group_norm_over_valid_frames,
     masked_standardize,
     spectrogram_bins,
 )
 from ser_platform.models.text import ROBERTA_SPECIAL_TOKENS, TextEncoder, build_tokenizer
 
+from support import one_thread  # noqa: F401  (autouse fixture: one intra-op thread in this module)
+
 TEXT = TextEncoderConfig(tiny_hidden_size=16, tiny_num_layers=1, tiny_num_heads=2)
 SPEECH = SpeechEncoderConfig(tiny_hidden_size=16, tiny_num_layers=1, tiny_num_heads=2, tiny_conv_dim=8,
                              cnn_channels=8, lstm_hidden=6)
+MODEL = ModelConfig(speech=SPEECH)  # the composite speech modules take the model's config (dropout, encoders)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads; on a shared 2-core machine spinning OpenMP workers
-    slow them down several times. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +143,7 @@ def test_wav2vec2_valid_frames_ignore_padding_and_input_scale():
 
 def test_acoustic_encoder_halves_the_frame_rate_and_ignores_padding():
     torch.manual_seed(0)
-    encoder = AcousticFeatureEncoder(40, 8, 6).eval()
+    encoder = AcousticFeatureEncoder(MODEL, 40).eval()  # 8 CNN channels, 6 LSTM units per direction
     features = torch.randn(1, 37, 40)
     alone, alone_lengths = encoder(features, torch.tensor([37]))
     assert alone.shape == (1, 19, 12) and alone_lengths.tolist() == [math.ceil(37 / 2)]
@@ -162,7 +158,7 @@ def test_acoustic_encoder_halves_the_frame_rate_and_ignores_padding():
 
 def test_guided_attention_matches_an_explicit_loop():
     torch.manual_seed(0)
-    module = GuidedAttention(8, 2).eval()
+    module = GuidedAttention(MODEL, 8, 2).eval()
     queries = torch.randn(2, 5, 8)
     guide = torch.randn(2, 4, 8)
     guide_mask = torch.tensor([[True, True, True, True], [True, True, False, False]])
@@ -188,7 +184,7 @@ def test_guided_attention_matches_an_explicit_loop():
 
 
 def test_guided_attention_with_an_all_padding_guide_is_finite():
-    module = GuidedAttention(8, 2).eval()
+    module = GuidedAttention(MODEL, 8, 2).eval()
     out = module(torch.randn(1, 3, 8), torch.randn(1, 4, 8), torch.zeros(1, 4, dtype=torch.bool))
     assert torch.isfinite(out).all()
 
@@ -209,7 +205,7 @@ def speech_batch(seconds: list[float], seed: int = 0):
 
 def test_speech_encoder_follows_the_wav2vec2_frame_grid():
     torch.manual_seed(0)
-    encoder = SpeechEncoder(SPEECH).eval()
+    encoder = SpeechEncoder(MODEL).eval()
     assert spectrogram_bins(SPEECH) == 321  # 40 ms window at 16 kHz: n_fft 640
     audio, audio_lengths, mfcc, spectrogram, feature_lengths = speech_batch([1.0, 0.55])
     out = encoder(audio, audio_lengths, mfcc, spectrogram, feature_lengths)
@@ -226,7 +222,7 @@ def test_speech_encoder_follows_the_wav2vec2_frame_grid():
 
 def test_speech_encoder_is_padding_invariant():
     torch.manual_seed(0)
-    encoder = SpeechEncoder(SPEECH).eval()
+    encoder = SpeechEncoder(MODEL).eval()
     audio, audio_lengths, mfcc, spectrogram, feature_lengths = speech_batch([0.6, 1.0], seed=1)
     batched = encoder(audio, audio_lengths, mfcc, spectrogram, feature_lengths)
     n, t = int(audio_lengths[0]), int(feature_lengths[0])
@@ -236,11 +232,91 @@ def test_speech_encoder_is_padding_invariant():
 
 
 def test_frozen_speech_encoder_freezes_only_wav2vec2():
-    encoder = SpeechEncoder(SPEECH, frozen=True)
+    encoder = SpeechEncoder(ModelConfig(speech=SPEECH, encoders="frozen"))
     encoder.train()
     assert not encoder.ssl.encoder.training and encoder.mfcc_encoder.training
     assert not any(p.requires_grad for p in encoder.ssl.parameters())
     assert all(p.requires_grad for p in encoder.guided_attention.parameters())
+
+
+def test_group_norm_over_valid_frames_is_the_group_norm_of_each_utterance_alone():
+    generator = torch.Generator().manual_seed(0)
+    norm = torch.nn.GroupNorm(4, 8)
+    with torch.no_grad():
+        norm.weight.normal_(generator=generator)
+        norm.bias.normal_(generator=generator)
+    frames = [11, 6, 0, 9]
+    hidden = torch.randn(4, 8, 11, generator=generator) + 3.0  # garbage (not zeros) in the padding
+    out = group_norm_over_valid_frames(hidden, frames, norm)
+    for b, n in enumerate(frames):
+        if n:
+            torch.testing.assert_close(out[b, :, :n], norm(hidden[b:b + 1, :, :n])[0])
+        assert torch.all(out[b, :, n:] == 0)
+    # The whole padded batch through the plain GroupNorm gives other values: the padding enters its statistics.
+    assert not torch.allclose(norm(hidden)[1, :, :6], out[1, :, :6], atol=1e-3)
+
+
+def tiny_group_norm_speech(folder) -> SpeechEncoderConfig:
+    """The tiny encoder's sizes with wav2vec2-base's kind of conv stack (GroupNorm in the first layer, no attention
+    mask in Hugging Face's recipe), as a local config folder."""
+    from transformers import Wav2Vec2Config
+
+    Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                   conv_dim=(8, 8, 8), conv_kernel=TINY_STACK[0], conv_stride=TINY_STACK[1], conv_bias=False,
+                   feat_extract_norm="group", num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=16,
+                   mask_time_prob=0.0, layerdrop=0.0, hidden_dropout=0.0, attention_dropout=0.0,
+                   activation_dropout=0.0, feat_proj_dropout=0.0).save_pretrained(folder)
+    return SpeechEncoderConfig(name=str(folder), mask_time_prob=0.0)
+
+
+def test_valid_frames_group_norm_survives_activation_checkpointing(tmp_path):
+    """Checkpointing recomputes each conv layer in backward: the GroupNorm over valid frames must be recomputed the
+    same way, so the gradients (of the trained conv stack too) equal those without checkpointing, and each
+    utterance's states equal its states alone."""
+    speech = tiny_group_norm_speech(tmp_path)
+    audio, lengths = torch.randn(3, 6000), torch.tensor([6000, 3500, 4200])
+    audio = audio * (torch.arange(6000)[None] < lengths[:, None])
+    results = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        encoder = SSLSpeechEncoder(speech, pretrained=False).train()
+        if checkpointing:
+            encoder.gradient_checkpointing_enable()
+        states, mask = encoder(audio, lengths)
+        (states * torch.linspace(-1, 1, 16)).sum().backward()
+        grads = {name: p.grad.clone() for name, p in encoder.named_parameters() if p.grad is not None}
+        results.append((states.detach(), grads))
+    (plain, plain_grads), (checkpointed, grads) = results
+    assert any(name.startswith("encoder.feature_extractor.conv_layers.0") for name in grads)
+    torch.testing.assert_close(checkpointed, plain)
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    encoder.eval()
+    with torch.no_grad():
+        batched, mask = encoder(audio, lengths)
+        for b, n in enumerate(lengths.tolist()):
+            alone, alone_mask = encoder(audio[b:b + 1, :n], lengths[b:b + 1])
+            frames = int(alone_mask.sum())
+            torch.testing.assert_close(batched[b, :frames], alone[0, :frames], rtol=1e-5, atol=1e-5)
+
+
+def test_feature_encoder_freezing_and_specaugment_follow_the_config():
+    torch.manual_seed(0)
+    encoder = SSLSpeechEncoder(SpeechEncoderConfig(**{**SPEECH.__dict__, "freeze_feature_encoder": True,
+                                                      "mask_time_prob": 0.2}))
+    conv = encoder.encoder.feature_extractor
+    assert not any(p.requires_grad for p in conv.parameters())
+    rest = [p for name, p in encoder.encoder.named_parameters() if not name.startswith("feature_extractor.")]
+    assert rest and all(p.requires_grad for p in rest)
+    assert encoder.encoder.config.mask_time_prob == 0.2
+    default = SSLSpeechEncoder(SPEECH)
+    assert all(p.requires_grad for p in default.parameters()) and default.encoder.config.mask_time_prob == 0.05
+    # Audio through the frozen conv stack still trains the rest.
+    states, _ = encoder.train()(torch.randn(2, 4000), torch.tensor([4000, 2500]))
+    states.square().sum().backward()
+    assert all(p.grad is None for p in conv.parameters())
+    assert encoder.encoder.encoder.layers[0].attention.q_proj.weight.grad is not None
 
 
 # --- published sizes, built without weights -----------------------------------------------------------------
@@ -267,5 +343,11 @@ def test_wav2vec2_base_architecture_matches_its_published_config():
         768, 12, 12, 3072)
     assert list(config.conv_dim) == [512] * 7
     assert (tuple(config.conv_kernel), tuple(config.conv_stride)) == BASE_STACK
-    assert config.feat_extract_norm == "group" and not encoder.pass_attention_mask
+    # GroupNorm conv stack: over each utterance's valid frames with the attention mask (default), or Hugging
+    # Face's recipe for such checkpoints, a zero-padded batch with no mask (group_norm="padded").
+    assert config.feat_extract_norm == "group" and encoder.valid_frames_norm and encoder.pass_attention_mask
+    with torch.device("meta"):
+        padded = SSLSpeechEncoder(SpeechEncoderConfig(name="facebook/wav2vec2-base", group_norm="padded"),
+                                  pretrained=False)
+    assert not padded.valid_frames_norm and not padded.pass_attention_mask
     assert 94e6 < sum(p.numel() for p in encoder.parameters()) < 96e6  # "95M" in the wav2vec 2.0 paper
