@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ser_platform.config import ModelConfig  # noqa: E402
 from ser_platform.models.crossmodal import CrossmodalFusion  # noqa: E402
 from ser_platform.tracking import git_commit  # noqa: E402
 
@@ -42,10 +43,10 @@ def make_batch(args, device):
 
 def build(args, focus_attention, device):
     torch.manual_seed(0)
-    return CrossmodalFusion(
-        args.text_dim, args.speech_dim, args.embed_dim, args.num_heads, args.num_layers,
-        attn_dropout=args.attn_dropout, focus_attention=focus_attention, attn_implementation=args.attn_implementation,
-    ).to(device).train()
+    config = ModelConfig(embed_dim=args.embed_dim, num_heads=args.num_heads, num_layers=args.num_layers,
+                         attn_dropout=args.attn_dropout, focus_attention=focus_attention,
+                         attn_implementation=args.attn_implementation)
+    return CrossmodalFusion(config, args.text_dim, args.speech_dim).to(device).train()
 
 
 def step(model, batch):

@@ -12,6 +12,7 @@ logs its row's label as ``variant`` and the table finds the row by that same lab
     ablation         Table 1: full model, without focus attention, without the metric loss
     embedding_space  Table 3: the metric loss on the fused, the speech or the text embedding
     compare_models   Table 4 (runnable part): one modality alone, early fusion, crossmodal without / with FA
+    tables           a group: ablation, grid and embedding_space, the paper's Tables 1-3, one sweep each
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from ser_platform.config import EMBEDDING_SPACES, ConfigError
+from ser_platform.config import EMBEDDING_SPACES, PAPER_TABLE_SPACES, ConfigError
 from ser_platform.tracking.schema import SEARCH_VARIANT
 
 
@@ -66,7 +67,7 @@ class Experiment:
     defaults: Mapping[str, Any] = field(default_factory=dict)
     demo_defaults: Mapping[str, Any] = field(default_factory=dict)
     pairs: tuple[tuple[str, str], ...] = ()  # (label A, label B): A - B compared under the table
-    notes: tuple[str, ...] = ()  # fixed lines under the table
+    caption_note: str = ""  # a sentence the table's caption ends with
 
     @property
     def is_search(self) -> bool:
@@ -103,9 +104,9 @@ PAPER_GRID = Experiment(
         Row("alpha=0.5 beta=1", {"loss.alpha": 0.5, "loss.beta": 1.0}, ("Joint Loss", "0.5", "1"), (0.771, 0.763)),
         Row("alpha=1 beta=0.5", {"loss.alpha": 1.0, "loss.beta": 0.5}, ("Joint Loss", "1", "0.5"), (0.764, 0.756)),
         Row("alpha=1 beta=1", {"loss.alpha": 1.0, "loss.beta": 1.0}, ("Joint Loss", "1", "1"), (0.761, 0.762)),
-    ))
+    ), defaults={"loss.space": PAPER_TABLE_SPACES["2"]})
 # The paper's Table 2 applies the metric loss to the fused embedding: its (0.5, 1) row equals Table 3's fused row.
-PAPER_GRID_SPACE = "fused"
+PAPER_GRID_SPACE = PAPER_TABLE_SPACES["2"]
 
 # alpha spans the paper's 0 (CE only) to 1; beta stays > 0 so the classifier is always trained; the margin M of
 # eq. (7)-(8) is on squared distances of unnormalised embeddings, so its scale is searched on a log axis.
@@ -122,7 +123,8 @@ SEARCH = Experiment(
 # --- Table 1 -------------------------------------------------------------------------------------------------
 
 # The paper's Table 1 "Full model" scores (.774/.777) are its Table 3 "Speech Embedding" row: its full model puts
-# the metric loss on the speech embedding, so the ablation starts from there (alpha 0.5, beta 1 as in Table 2).
+# the metric loss on the speech embedding (config.PAPER_TABLE_SPACES), so the ablation starts from there (alpha
+# 0.5, beta 1 as in Table 2).
 ABLATION = Experiment(
     "ablation", "1", "Table 1: ablation", "Table 1: ablation of the framework's components",
     columns=("Model", "Method"), rows=(
@@ -131,7 +133,8 @@ ABLATION = Experiment(
             (0.762, 0.755), short="B"),
         Row("without metric loss", {"loss.alpha": 0.0}, ("C", "Full model without Metric Loss"), (0.752, 0.730),
             short="C"),
-    ), defaults={"loss.space": "speech"}, pairs=(("Full model", "without FA"), ("Full model", "without metric loss")))
+    ), defaults={"loss.space": PAPER_TABLE_SPACES["1"]},
+    pairs=(("Full model", "without FA"), ("Full model", "without metric loss")))
 
 # --- Table 3 -------------------------------------------------------------------------------------------------
 
@@ -161,28 +164,44 @@ TABLE4_PUBLISHED = (("LSTM+Attn", 11, 0.725, 0.709), ("KS-transformer", 14, 0.74
 _PUBLISHED = "; ".join(f"{name} [{ref}] {wa:.3f}/{ua:.3f}" for name, ref, wa, ua in TABLE4_PUBLISHED)
 _BASELINES = ("Speech only", "Text only", "Early fusion", "Crossmodal without FA")
 # Table 4's runnable rows: each modality alone, early fusion, crossmodal without and with focus attention. The
-# metric loss sits on F(x) for all five (the one embedding every variant has), so only the fusion differs.
+# full model is the paper's "Ours" (its Table 1 A): the metric loss on the speech embedding, as for every row that
+# has one; "Text only" has none, so its metric loss sits on F(x). The paper's figures stand beside the two rows it
+# reports: "Ours" and, as its Table 1 B, the crossmodal model without focus attention.
 COMPARE_MODELS = Experiment(
     "compare_models", "4", "Table 4: baselines (one modality, early fusion, crossmodal)",
     "Table 4 (runnable part): the model against its own baselines, same encoders, loss and folds",
     columns=("Model",), rows=(
         Row("Speech only", {"model.fusion": "speech_only"}, ("Speech only (no text encoder)",)),
-        Row("Text only", {"model.fusion": "text_only"}, ("Text only (no speech encoder)",)),
+        Row("Text only", {"model.fusion": "text_only", "loss.space": "fused"}, ("Text only (no speech encoder)",)),
         Row("Early fusion", {"model.fusion": "early"}, ("Early fusion (pooled speech ; text -> F(x))",)),
-        Row("Crossmodal without FA", {"model.focus_attention": False}, ("Crossmodal transformer without FA",)),
+        Row("Crossmodal without FA", {"model.focus_attention": False},
+            ("Crossmodal transformer without FA (paper: Table 1 B)",), (0.762, 0.755)),
         Row("Full model", {}, ("Ours (crossmodal + FA + joint loss)",), (0.774, 0.777)),
-    ), defaults={"loss.space": "fused"}, demo_defaults=COMPARE_MODELS_DEMO,
+    ), defaults={"loss.space": PAPER_TABLE_SPACES["4"]}, demo_defaults=COMPARE_MODELS_DEMO,
     pairs=tuple(("Full model", baseline) for baseline in _BASELINES),
-    notes=(f"paper's Table 4 also lists published models (WA/UA), not re-implemented here: {_PUBLISHED}",))
+    caption_note=(f"The paper's Table 4 also lists published models, not re-implemented here; their WA/UA are the "
+                  f"paper's reported numbers, not ours: {_PUBLISHED}."))
 
 EXPERIMENTS = {e.key: e for e in (SEARCH, PAPER_GRID, ABLATION, EMBEDDING_SPACE, COMPARE_MODELS)}
+# Several experiments run by one command, each its own sweep (parent run): "tables" = the paper's Tables 1-3.
+GROUPS = {"tables": (ABLATION, PAPER_GRID, EMBEDDING_SPACE)}
+
+
+def experiments(key: str) -> tuple[Experiment, ...]:
+    """The catalogue entries ``key`` names: one experiment, or a group's; ``ConfigError`` lists the keys."""
+    if key in GROUPS:
+        return GROUPS[key]
+    if key not in EXPERIMENTS:
+        raise ConfigError(f"experiment={key!r}: expected one of {sorted(EXPERIMENTS) + sorted(GROUPS)}")
+    return (EXPERIMENTS[key],)
 
 
 def experiment(key: str) -> Experiment:
-    """The catalogue entry ``key``; ``ConfigError`` lists the keys there are."""
-    if key not in EXPERIMENTS:
-        raise ConfigError(f"experiment={key!r}: expected one of {sorted(EXPERIMENTS)}")
-    return EXPERIMENTS[key]
+    """The one catalogue entry ``key``; ``ConfigError`` lists the keys there are."""
+    found = experiments(key)
+    if len(found) != 1:
+        raise ConfigError(f"experiment={key!r} is a group of {len(found)} experiments, not one")
+    return found[0]
 
 
 def trial_overrides(experiment: Experiment, params: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:

@@ -72,14 +72,14 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_sweep_args(parser: argparse.ArgumentParser, *, choose_experiment: bool, grid: bool) -> None:
-    from ser_platform.catalogue import EXPERIMENTS
+    from ser_platform.catalogue import EXPERIMENTS, GROUPS
 
     group = parser.add_argument_group("sweep")
     if choose_experiment:
-        group.add_argument("--experiment", choices=sorted(EXPERIMENTS),
+        group.add_argument("--experiment", choices=sorted(EXPERIMENTS) + sorted(GROUPS),
                            help="catalogue experiment: search (Optuna, Table 2), grid (Table 2's points), ablation "
-                                "(Table 1), embedding_space (Table 3), compare_models (Table 4); default: search, "
-                                "or grid with --grid paper")
+                                "(Table 1), embedding_space (Table 3), compare_models (Table 4), or tables (Tables "
+                                "1-3 in turn, one sweep each); default: search, or grid with --grid paper")
     if grid:
         group.add_argument("--grid", choices=["paper"], help="exactly Table 2's (alpha, beta) points instead of "
                                                              "the Optuna search (with the default experiment)")
@@ -197,9 +197,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
+    from ser_platform.catalogue import GROUPS
     from ser_platform.catalogue import experiment as catalogue_entry
-    from ser_platform.sweep import default_experiment, sweep_command
+    from ser_platform.sweep import default_experiment, run_group, sweep_command
 
+    if args.experiment in GROUPS:
+        results = run_group([(e, experiment_config(args, e)) for e in GROUPS[args.experiment]], name=args.name,
+                            resume=args.resume, ray_address=args.ray_address, verbose=args.verbose)
+        return 0 if all(r.status == "FINISHED" for r in results) else 1
     if args.experiment is not None:
         experiment = catalogue_entry(args.experiment)
     else:  # the search, or Table 2's grid with --grid paper (sweep.grid); --resume reads it from the sweep

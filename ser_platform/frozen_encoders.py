@@ -14,15 +14,17 @@ The identity of an encoder's states (the cache key): name, **revision** and laye
   ``.../snapshots/<commit>/config.json`` holds the same hash); a local folder or an unresolved name: "unknown".
 * everything else the states depend on is stored as ``settings`` and compared when the cache is opened: the
   tokenizer (class and a hash of its full serialisation) and ``data.max_text_tokens`` for text; the sample
-  rate, ``data.max_audio_seconds`` in samples, the per-utterance waveform normalisation and whether the encoder
-  gets an attention mask for speech. Plus the dataset's fingerprint (``tracking.dataset_fingerprint``).
+  rate, ``data.max_audio_seconds`` in samples, the per-utterance waveform normalisation and how the speech
+  encoder meets padding (``models.speech.padding_treatment``). Plus the dataset's fingerprint
+  (``tracking.dataset_fingerprint``).
 
 States are computed exactly as the model computes them in the loop: the same collate (cropping, tokenising),
 the same encoder modules (``TextEncoder.layer_states``, ``SSLSpeechEncoder.layer_states``), frozen, eval mode,
-float32. Rows are batched after sorting each pool of rows by length (less padding). Encoders with an attention
-mask ("tiny", or any with ``feat_extract_norm="layer"``) give the same valid states however a row is padded;
-wav2vec2-base (GroupNorm, no mask) does not, so its cached states are those of the cache's own batching, close
-to unpadded (as close as in the loop with ``data.bucket_by_length``).
+float32. Rows are batched after sorting each pool of rows by length (less padding). A speech encoder whose
+padding treatment is "layer" (a LayerNorm conv stack, "tiny" included) or "valid" (wav2vec2-base's GroupNorm
+over each utterance's own frames, ``model.speech.group_norm``) gives the same valid states however a row is
+padded; with "padded" (Hugging Face's recipe) its cached states are those of the cache's own batching, and the
+treatment is part of the settings, so such a cache is never served to a model that treats padding otherwise.
 """
 
 from __future__ import annotations
@@ -109,12 +111,12 @@ def max_audio_samples(config: Config) -> int:
     return int(round(config.data.max_audio_seconds * config.data.sample_rate))
 
 
-def _settings(config: Config, modality: str, *, tokenizer: Any = None, attention_mask: bool | None = None) -> dict:
+def _settings(config: Config, modality: str, *, tokenizer: Any = None, padding: str | None = None) -> dict:
     if modality == "text":
         return {"tokenizer": tokenizer_fingerprint(tokenizer), "vocab_size": len(tokenizer),
                 "max_text_tokens": int(config.data.max_text_tokens)}
     return {"sample_rate": int(config.data.sample_rate), "max_audio_samples": max_audio_samples(config),
-            "waveform_normalisation": WAVEFORM_NORMALISATION, "attention_mask": bool(attention_mask)}
+            "waveform_normalisation": WAVEFORM_NORMALISATION, "padding": padding}
 
 
 def _dataset_fingerprint(dataset: str) -> str:
@@ -128,7 +130,7 @@ def entry_requests(config: Config, dataset: str, *, layers: Mapping[str, Sequenc
                    fingerprint: str | None = None) -> dict[str, list[EntryRequest]]:
     """What the config asks of the cache, per modality the model builds: one request per layer
     (default: ``model.text.layer`` / ``model.speech.layer``). Reads configs and the tokenizer, not weights."""
-    from ser_platform.models.speech import build_speech_encoder_config
+    from ser_platform.models.speech import build_speech_encoder_config, padding_treatment
     from ser_platform.models.text import build_text_encoder_config, build_tokenizer
 
     fingerprint = fingerprint or _dataset_fingerprint(dataset)
@@ -142,7 +144,7 @@ def entry_requests(config: Config, dataset: str, *, layers: Mapping[str, Sequenc
             encoder_config = config.model.speech
             hf_config = build_speech_encoder_config(encoder_config)
             settings = _settings(config, "speech",
-                                 attention_mask=getattr(hf_config, "feat_extract_norm", "layer") == "layer")
+                                 padding=padding_treatment(hf_config, encoder_config))
         revision = encoder_revision(encoder_config, hf_config)
         wanted = (layers or {}).get(modality) or (encoder_config.layer,)
         out[modality] = [EntryRequest(EncoderKey(modality, encoder_config.name, revision, int(layer)), fingerprint,

@@ -439,6 +439,46 @@ def _print_summary(result: SweepResult, config: Config, complete: list, plots: l
     print(f"Tune state: {result.sweep_dir}  (continue an interrupted sweep with --resume --name {result.name})")
 
 
+def ui_location(result: SweepResult) -> str:
+    """Where a sweep's table is in the MLflow UI: its parent run, and the filter that lists its trials."""
+    table = result.experiment.table
+    base = (result.mlflow_uri.rstrip("/") if is_server(result.mlflow_uri) else "http://127.0.0.1:5000")
+    return (f"{base}/#/experiments/{result.mlflow_experiment_id}/runs/{result.parent_run_id} (artifacts tables/); "
+            f"its trials: filter params.table = \"{table}\" on the experiment's runs")
+
+
+def run_group(configs: list[tuple[Experiment, Config]], *, name: str | None = None, resume: bool = False,
+              ray_address: str | None = None, verbose: bool = False) -> list[SweepResult]:
+    """Several experiments in turn on one Ray instance, each its own sweep ``NAME-<key>`` under its own parent
+    run (``ser sweep --experiment tables``: Tables 1-3); ``resume`` continues each one that exists."""
+    import ray
+
+    from ser_platform.ray_train import init_ray
+
+    name = name or f"tables-{time.strftime('%Y%m%d-%H%M%S')}"
+    console = Console(verbose)
+    logs = init_ray(ray_address, console)
+    results = []
+    try:
+        for position, (experiment, config) in enumerate(configs, start=1):
+            console.say(f"[{position}/{len(configs)}] {experiment.title}")
+            sub = f"{name}-{experiment.key}"
+            exists = resume and _read_meta(join_storage(absolute_location(config.tracking.storage
+                                                                           or DEFAULT_STORAGE), sub)) is not None
+            results.append(run_sweep(config, experiment, name=sub, resume=exists, console=Console(verbose)))
+    finally:
+        if logs is not None:
+            ray.shutdown()
+    console.say("")
+    for result in results:
+        console.say(f"Table {result.experiment.table} ({result.name}, {result.status}): {ui_location(result)}")
+    if results and not is_server(results[0].mlflow_uri):
+        console.say(f"(open the UI first: mlflow ui --backend-store-uri {results[0].mlflow_uri})")
+    if logs:
+        console.say(f"Ray's own output of this run: {logs}")
+    return results
+
+
 def sweep_command(config: Config, experiment: Experiment | None = None, *, name: str | None = None,
                   resume: bool = False, ray_address: str | None = None, verbose: bool = False) -> int:
     """``ser sweep`` and the experiment scripts: run the sweep, print the tables; exit status 1 unless every trial

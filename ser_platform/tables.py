@@ -188,9 +188,9 @@ def build_table(experiment: Experiment, sweep: SweepRecord, *, metric: str = "va
         data[column] = [row.cells[index] for row in experiment.rows]
     for key in dict.fromkeys(k for row in experiment.rows for k in row.overrides):
         data[key] = [row.overrides.get(key) for row in experiment.rows]
-    return Table(experiment.table, experiment.table_title, [*experiment.columns, *RESULT_HEADER], rows,
-                 _caption(sweep, records), {**data, **_columns(picked)},
-                 [*experiment.notes, *_excluded(records, used)], protocol)
+    caption = _caption(sweep, records) + (f" {experiment.caption_note}" if experiment.caption_note else "")
+    return Table(experiment.table, experiment.table_title, [*experiment.columns, *RESULT_HEADER], rows, caption,
+                 {**data, **_columns(picked)}, _excluded(records, used), protocol)
 
 
 def sweep_tables(sweep: SweepRecord, uri: str | None = None) -> list[Table]:

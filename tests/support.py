@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from ser_platform.config import LossConfig, ModelConfig, SpeechEncoderConfig, TextEncoderConfig
@@ -92,15 +91,6 @@ def fold_rows(fold: int, sizes: tuple[int, int, int]) -> dict[str, np.ndarray]:
 # --- the tiny SERModel of the model tests -------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread for a test module that imports this fixture (``from support import one_thread``):
-    tiny tensors gain nothing from more, and on a shared 2-core machine spinning OpenMP workers made the model
-    tests several times slower. Restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 TINY_MODEL = ModelConfig(

@@ -141,15 +141,6 @@ class CrossmodalOutput:
     text_from_audio: Tensor  # (B, T_L, D): A→L, text queries enriched by speech
 
 
-def _legacy_config(text_dim: int, speech_dim: int, embed_dim: int, num_heads: int, num_layers: int,
-                   **settings) -> tuple[ModelConfig, int, int]:
-    """The ModelConfig of the call ``CrossmodalFusion(text_dim, speech_dim, embed_dim, num_heads, num_layers,
-    **settings)`` from before the models took their config (still made by benchmarks/focus_attention.py; remove
-    once it passes a ModelConfig). Settings are ModelConfig's field names; what it leaves out takes their default."""
-    config = ModelConfig(embed_dim=embed_dim, num_heads=num_heads, num_layers=num_layers, **settings)
-    return config, text_dim, speech_dim
-
-
 class CrossmodalFusion(nn.Module):
     """Eq. (6) front end + both crossmodal directions (+ MulT's self-attention after each, if configured).
 
@@ -161,14 +152,8 @@ class CrossmodalFusion(nn.Module):
     only, so padding never shifts them.
     """
 
-    def __init__(self, config: ModelConfig | int, text_dim: int, speech_dim: Optional[int] = None,
-                 *legacy_sizes: int, **legacy_settings) -> None:
+    def __init__(self, config: ModelConfig, text_dim: int, speech_dim: int) -> None:
         super().__init__()
-        if not isinstance(config, ModelConfig):  # the pre-config call, sizes first (see _legacy_config)
-            config, text_dim, speech_dim = _legacy_config(config, text_dim, speech_dim, *legacy_sizes,
-                                                          **legacy_settings)
-        elif legacy_sizes or legacy_settings or speech_dim is None:
-            raise TypeError("CrossmodalFusion(config: ModelConfig, text_dim: int, speech_dim: int)")
         self.embed_dim = config.embed_dim
         self.embed_dropout = config.embed_dropout
         # Conv1D with kernel 1 is a per-step linear map; kept as Conv1d to mirror MulT and eq. (6).

@@ -7,7 +7,6 @@ import torch
 
 from ser_platform.config import ModelConfig
 
-from support import one_thread  # noqa: F401  (autouse fixture: one intra-op thread in this module)
 from ser_platform.models.crossmodal import (
     CrossmodalFusion,
     CrossmodalOutput,
@@ -195,19 +194,3 @@ def test_self_attention_stage_is_mults_mem_transformer_after_each_direction():
         torch.testing.assert_close(after, expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(output.audio_from_text, crossmodal_only.audio_from_text)
 
-
-def test_the_call_from_before_models_took_their_config_builds_the_same_model():
-    """benchmarks/focus_attention.py still calls CrossmodalFusion(text_dim, speech_dim, embed_dim, heads, layers,
-    **settings); it must build exactly the config-built model (ModelConfig's defaults for the rest)."""
-    torch.manual_seed(0)
-    legacy = CrossmodalFusion(TEXT_DIM, SPEECH_DIM, EMBED_DIM, 4, 2, attn_dropout=0.0, focus_attention=True,
-                              attn_implementation="eager").eval()
-    torch.manual_seed(0)
-    built = CrossmodalFusion(_config(attn_dropout=0.0, attn_implementation="eager"), TEXT_DIM, SPEECH_DIM).eval()
-    assert legacy.state_dict().keys() == built.state_dict().keys()
-    for name, value in built.state_dict().items():
-        assert torch.equal(legacy.state_dict()[name], value), name
-    layer = legacy.audio_from_text.layers[0]
-    assert (layer.relu_dropout, layer.res_dropout, legacy.embed_dropout) == (0.1, 0.1, 0.25)
-    with pytest.raises(TypeError, match="ModelConfig"):
-        CrossmodalFusion(_config(), TEXT_DIM, SPEECH_DIM, 4)

@@ -54,14 +54,6 @@ def tiny_config(**overrides):
     return load_config("demo", overrides={**TINY, **overrides})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dataset(training_dataset, tmp_path_factory) -> str:
     """A copy of the shared training dataset: these tests write caches beside it."""

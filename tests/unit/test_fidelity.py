@@ -27,7 +27,7 @@ from ser_platform.models.crossmodal import CrossmodalFusion, sinusoidal_position
 from ser_platform.models.focus_attention import FocusAttention, focal_bias, scale_to_length
 from ser_platform.models.ser_model import SEROutput
 
-from support import multihead_reference, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from support import multihead_reference
 
 # --- the paper's figures (WA, UA), transcribed from its Tables 1-4 ---------------------------------------------
 
@@ -258,3 +258,22 @@ def test_triplet_gradients_match_the_analytic_gradient_over_every_triplet():
     loss = JointLoss(LossConfig(alpha=1.0, beta=1.0, margin=margin, space="fused"))(output, torch.tensor(labels))
     loss.loss.backward()
     torch.testing.assert_close(fused.grad.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_each_catalogue_table_puts_the_metric_loss_where_the_paper_did():
+    """The catalogue's rows (what the sweeps run and the tables show) use the space PAPER_TABLE_SPACES derives from
+    the paper's figures, under either preset: Table 1's and Table 4's full model on the speech embedding, Table 2's
+    grid on the fused one, Table 3 one row per space."""
+    from ser_platform.catalogue import ABLATION, COMPARE_MODELS, EMBEDDING_SPACE, PAPER_GRID
+    from ser_platform.config import EMBEDDING_SPACES, PAPER_TABLE_SPACES, load_config
+
+    for preset in ("demo", "paper"):
+        def spaces(experiment):
+            base = load_config(preset, overrides=experiment.base_overrides(preset))
+            return {row.label: base.replace(row.overrides).loss.space for row in experiment.rows}
+
+        assert set(spaces(ABLATION).values()) == {PAPER_TABLE_SPACES["1"]}
+        assert set(spaces(PAPER_GRID).values()) == {PAPER_TABLE_SPACES["2"]}
+        assert sorted(spaces(EMBEDDING_SPACE).values()) == sorted(EMBEDDING_SPACES)
+        table4 = spaces(COMPARE_MODELS)
+        assert table4["Full model"] == PAPER_TABLE_SPACES["4"] and table4["Crossmodal without FA"] == "speech"

@@ -16,7 +16,7 @@ from ser_platform.models.focus_attention import (
     scale_to_length,
 )
 
-from support import multihead_reference, one_thread  # noqa: F401  (one_thread: autouse fixture)
+from support import multihead_reference
 
 FOCAL_PARAMS = ("w_p.weight", "w_g.weight", "u_c", "u_d")
 

@@ -17,7 +17,6 @@ from ser_platform.models.ser_model import FOCAL_PARAMETER_NAMES, SERModel, maske
 
 from support import TINY_MODEL as TINY  # tests/support.py: test_baselines builds the same models
 from support import base_shaped_speech, check_metric_loss_routing, make_batch, make_model, take
-from support import one_thread  # noqa: F401  (autouse fixture: one intra-op thread in this module)
 
 
 

@@ -21,7 +21,6 @@ from ser_platform.models.speech import (
 )
 from ser_platform.models.text import ROBERTA_SPECIAL_TOKENS, TextEncoder, build_tokenizer
 
-from support import one_thread  # noqa: F401  (autouse fixture: one intra-op thread in this module)
 
 TEXT = TextEncoderConfig(tiny_hidden_size=16, tiny_num_layers=1, tiny_num_heads=2)
 SPEECH = SpeechEncoderConfig(tiny_hidden_size=16, tiny_num_layers=1, tiny_num_heads=2, tiny_conv_dim=8,
