@@ -82,13 +82,8 @@ class CrossmodalBlock(nn.Module):
         self.relu_dropout = config.relu_dropout
         self.res_dropout = config.res_dropout
 
-    def forward(
-        self,
-        hidden_states: Tensor,
-        key_value_states: Optional[Tensor],
-        attention_mask: Optional[Tensor],
-        key_attention_mask: Optional[Tensor],
-    ) -> Tensor:
+    def forward(self, hidden_states: Tensor, key_value_states: Optional[Tensor], attention_mask: Optional[Tensor],
+                key_attention_mask: Optional[Tensor]) -> Tensor:
         queries = self.query_norm(hidden_states)
         if self.key_value_norm is None:
             keys, key_attention_mask = queries, attention_mask
@@ -118,13 +113,8 @@ class CrossmodalTransformer(nn.Module):
         self.layers = nn.ModuleList(CrossmodalBlock(config, self_attention=self_attention) for _ in range(num_layers))
         self.final_norm = nn.LayerNorm(config.embed_dim)
 
-    def forward(
-        self,
-        hidden_states: Tensor,
-        key_value_states: Optional[Tensor],
-        attention_mask: Optional[Tensor],
-        key_attention_mask: Optional[Tensor],
-    ) -> Tensor:
+    def forward(self, hidden_states: Tensor, key_value_states: Optional[Tensor], attention_mask: Optional[Tensor],
+                key_attention_mask: Optional[Tensor]) -> Tensor:
         for layer in self.layers:
             hidden_states = layer(hidden_states, key_value_states, attention_mask, key_attention_mask)
         hidden_states = self.final_norm(hidden_states)

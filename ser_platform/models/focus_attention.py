@@ -235,16 +235,8 @@ def _zero_keyless(output: Tensor, has_keys: Optional[Tensor]) -> Tensor:
     return output * has_keys.view(-1, 1, 1, 1).to(output.dtype)
 
 
-def eager_attention_forward(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    focal: Optional[FocalParameters],
-    key_attention_mask: Optional[Tensor],
-    *,
-    dropout: float,
-    scale: float,
-) -> Tensor:
+def eager_attention_forward(query: Tensor, key: Tensor, value: Tensor, focal: Optional[FocalParameters],
+                            key_attention_mask: Optional[Tensor], *, dropout: float, scale: float) -> Tensor:
     """Reference: softmax(Q Kᵀ·scale + f, padded keys -> -inf) V, all-padding samples -> zeros."""
     scores = torch.matmul(query, key.transpose(-1, -2)) * scale  # (B, H, T_q, T_k)
     if focal is not None:
@@ -258,16 +250,8 @@ def eager_attention_forward(
     return _zero_keyless(torch.matmul(weights, value), has_keys)
 
 
-def sdpa_attention_forward(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    focal: Optional[FocalParameters],
-    key_attention_mask: Optional[Tensor],
-    *,
-    dropout: float,
-    scale: float,
-) -> Tensor:
+def sdpa_attention_forward(query: Tensor, key: Tensor, value: Tensor, focal: Optional[FocalParameters],
+                           key_attention_mask: Optional[Tensor], *, dropout: float, scale: float) -> Tensor:
     """Fast default: ``scaled_dot_product_attention`` with bias + padding as one float additive mask.
 
     With focus attention the mask is the bias with -inf at padded keys, (B, 1, T_q, T_k) broadcast over heads; the
@@ -352,16 +336,8 @@ def _flex_focal_attention(
     return _zero_keyless(output[..., :head_dim], has_keys)
 
 
-def flex_attention_forward(
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    focal: Optional[FocalParameters],
-    key_attention_mask: Optional[Tensor],
-    *,
-    dropout: float,
-    scale: float,
-) -> Tensor:
+def flex_attention_forward(query: Tensor, key: Tensor, value: Tensor, focal: Optional[FocalParameters],
+                           key_attention_mask: Optional[Tensor], *, dropout: float, scale: float) -> Tensor:
     """Opt-in, CUDA only: the focal bias computed inside the kernel from μ̃, σ̃ (no T_q×T_k tensor)."""
     if query.device.type != "cuda":
         raise RuntimeError(
@@ -438,14 +414,9 @@ class FocusAttention(nn.Module):
             raise ValueError(f"attn_implementation={name!r} is not one of {sorted(ATTENTION_FUNCTIONS)}")
         self._attn_implementation = name
 
-    def focal_parameters(
-        self,
-        hidden_states: Tensor,
-        key_value_states: Tensor,
-        attention_mask: Optional[Tensor] = None,
-        key_attention_mask: Optional[Tensor] = None,
-        keys: Optional[Tensor] = None,
-    ) -> FocalParameters:
+    def focal_parameters(self, hidden_states: Tensor, key_value_states: Tensor,
+                         attention_mask: Optional[Tensor] = None, key_attention_mask: Optional[Tensor] = None,
+                         keys: Optional[Tensor] = None) -> FocalParameters:
         """Eq. (1)-(4) for every centre: raw and length-scaled centre and scope, plus the positions P_j.
 
         ``keys``: the projected keys K = k_proj(key_value_states), (B, T_k, D), if already computed (as written,
@@ -476,14 +447,9 @@ class FocusAttention(nn.Module):
             lengths=lengths, per_key=self.per_key,
         )
 
-    def forward(
-        self,
-        hidden_states: Tensor,
-        key_value_states: Tensor,
-        attention_mask: Optional[Tensor] = None,
-        key_attention_mask: Optional[Tensor] = None,
-        output_focal: bool = False,
-    ) -> tuple[Tensor, Optional[FocalParameters]]:
+    def forward(self, hidden_states: Tensor, key_value_states: Tensor, attention_mask: Optional[Tensor] = None,
+                key_attention_mask: Optional[Tensor] = None,
+                output_focal: bool = False) -> tuple[Tensor, Optional[FocalParameters]]:
         """hidden_states: (B, T_q, D) queries; key_value_states: (B, T_k, D); masks (B, T_q) / (B, T_k) bool,
         True = keep. Returns the output (B, T_q, D), zero at padded queries and for samples with no valid key,
         and the FocalParameters when ``output_focal`` (None without focus attention)."""

@@ -105,18 +105,9 @@ class SERModel(nn.Module):
             if encoder is not None:
                 encoder.gradient_checkpointing_enable()
 
-    def forward(
-        self,
-        input_values: Optional[Tensor],
-        audio_lengths: Tensor,
-        mfcc: Tensor,
-        spectrogram: Tensor,
-        feature_lengths: Tensor,
-        input_ids: Optional[Tensor],
-        attention_mask: Tensor,
-        text_states: Optional[Tensor] = None,
-        speech_ssl_states: Optional[Tensor] = None,
-    ) -> SEROutput:
+    def forward(self, input_values: Optional[Tensor], audio_lengths: Tensor, mfcc: Tensor, spectrogram: Tensor,
+                feature_lengths: Tensor, input_ids: Optional[Tensor], attention_mask: Tensor,
+                text_states: Optional[Tensor] = None, speech_ssl_states: Optional[Tensor] = None) -> SEROutput:
         """Shapes: input_values (B, S) zero-padded 16 kHz audio, audio_lengths (B,) valid samples; mfcc
         (B, T, n_mfcc), spectrogram (B, T, n_freq), feature_lengths (B,) valid frames (10 ms hop); input_ids and
         attention_mask (B, T_L) (True/1 = keep). ``text_states`` (B, T_L, D_t) / ``speech_ssl_states``

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from ser_platform.config import TINY_ENCODER, ModelConfig, SpeechEncoderConfig
-from ser_platform.models.text import check_layer, enable_activation_checkpointing
+from ser_platform.models.text import PretrainedEncoder, check_layer
 
 __all__ = [
     "KNOWN_SPEECH_CONFIGS",
@@ -122,10 +122,7 @@ def build_speech_encoder_config(speech_config: SpeechEncoderConfig, *, pretraine
     from transformers import AutoConfig, Wav2Vec2Config
 
     if speech_config.name == TINY_ENCODER:
-        hidden = speech_config.tiny_hidden_size
-        if hidden % speech_config.tiny_num_heads:
-            raise ValueError(f"model.speech.tiny_hidden_size={hidden} must be a multiple of "
-                             f"model.speech.tiny_num_heads={speech_config.tiny_num_heads}")
+        hidden = speech_config.tiny_hidden_size  # a multiple of tiny_num_heads (config.SpeechEncoderConfig checks)
         return Wav2Vec2Config(
             hidden_size=hidden, num_hidden_layers=speech_config.tiny_num_layers,
             num_attention_heads=speech_config.tiny_num_heads, intermediate_size=4 * hidden,
@@ -195,7 +192,7 @@ def _valid_frames_hook(norm: nn.GroupNorm, inputs: tuple[Tensor, ...], output: T
     return group_norm_over_valid_frames(hidden_states, frames, norm)
 
 
-class SSLSpeechEncoder(nn.Module):
+class SSLSpeechEncoder(PretrainedEncoder):
     """wav2vec2-style frame states: ``forward(input_values (B,S), audio_lengths (B,)) -> (states, mask)``.
 
     states (B, T_w, output_dim), zero at padded frames; mask (B, T_w) bool from ``frame_lengths``. The states
@@ -262,18 +259,6 @@ class SSLSpeechEncoder(nn.Module):
                                  "freeze_feature_encoder()")
             self.encoder.freeze_feature_encoder()
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Activation checkpointing in the encoder's layers (Hugging Face), when it is trained; a frozen encoder
-        runs without autograd and a cached one is not built: nothing to do."""
-        if self.encoder is not None and not self.frozen:
-            enable_activation_checkpointing(self.encoder)
-
-    def train(self, mode: bool = True) -> "SSLSpeechEncoder":
-        super().train(mode)
-        if self.frozen and self.encoder is not None:
-            self.encoder.eval()
-        return self
-
     def frame_lengths(self, audio_lengths: Tensor) -> Tensor:
         """Valid frames per sample: the conv stack's output length for each number of valid samples."""
         if self.encoder is not None:
@@ -289,11 +274,7 @@ class SSLSpeechEncoder(nn.Module):
     def layer_states(self, input_values: Tensor, audio_lengths: Tensor,
                      layers: Sequence[int]) -> tuple[list[Tensor], Tensor]:
         """The frame states of each of ``layers`` from one pass, zero at padded frames; the frame mask."""
-        if self.encoder is None:
-            raise ValueError("this SSLSpeechEncoder serves states from the encoder cache (data.encoder_cache) and "
-                             "has no encoder to run: pass speech_ssl_states")
-        for layer in layers:
-            check_layer(layer, self.num_layers, "speech layer")
+        self.check_runnable(layers, "speech layer", "speech_ssl_states")
         sample_mask = lengths_to_mask(audio_lengths, input_values.shape[1])
         waveform = masked_standardize(input_values, sample_mask)
         if self.valid_frames_norm:
@@ -430,15 +411,8 @@ class SpeechEncoder(nn.Module):
         self.acoustic_projection = nn.Linear(acoustic_dim, self.output_dim)
         self.guided_attention = GuidedAttention(config, self.output_dim, self.ssl.num_heads)
 
-    def forward(
-        self,
-        input_values: Optional[Tensor],
-        audio_lengths: Tensor,
-        mfcc: Tensor,
-        spectrogram: Tensor,
-        feature_lengths: Tensor,
-        ssl_states: Optional[Tensor] = None,
-    ) -> SpeechEncoderOutput:
+    def forward(self, input_values: Optional[Tensor], audio_lengths: Tensor, mfcc: Tensor, spectrogram: Tensor,
+                feature_lengths: Tensor, ssl_states: Optional[Tensor] = None) -> SpeechEncoderOutput:
         if ssl_states is None:
             if input_values is None:
                 raise ValueError("SpeechEncoder needs input_values (audio) unless ssl_states are given")

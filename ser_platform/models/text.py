@@ -103,10 +103,7 @@ def build_text_encoder_config(text_config: TextEncoderConfig, *, pretrained: boo
     from transformers import AutoConfig, RobertaConfig
 
     if text_config.name == TINY_ENCODER:
-        hidden = text_config.tiny_hidden_size
-        if hidden % text_config.tiny_num_heads:
-            raise ValueError(f"model.text.tiny_hidden_size={hidden} must be a multiple of "
-                             f"model.text.tiny_num_heads={text_config.tiny_num_heads}")
+        hidden = text_config.tiny_hidden_size  # a multiple of tiny_num_heads (config.TextEncoderConfig checks)
         return RobertaConfig(
             vocab_size=len(ROBERTA_SPECIAL_TOKENS) + 256, hidden_size=hidden,
             num_hidden_layers=text_config.tiny_num_layers, num_attention_heads=text_config.tiny_num_heads,
@@ -118,7 +115,36 @@ def build_text_encoder_config(text_config: TextEncoderConfig, *, pretrained: boo
     return AutoConfig.from_pretrained(text_config.name)
 
 
-class TextEncoder(nn.Module):
+class PretrainedEncoder(nn.Module):
+    """What the Hugging Face encoders (RoBERTa here, wav2vec2 in ``speech.SSLSpeechEncoder``) share: ``encoder``
+    (None when cached states replace it) and ``frozen`` (a fixed feature extractor: no gradients, no dropout)."""
+
+    encoder: nn.Module | None
+    frozen: bool
+    num_layers: int
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Activation checkpointing in the encoder's layers (Hugging Face), when it is trained; a frozen encoder
+        runs without autograd and a cached one is not built: nothing to do."""
+        if self.encoder is not None and not self.frozen:
+            enable_activation_checkpointing(self.encoder)
+
+    def check_runnable(self, layers: Sequence[int], what: str, states_argument: str) -> None:
+        """Before a pass: an encoder to run (not one served from the cache), and ``layers`` it has."""
+        if self.encoder is None:
+            raise ValueError(f"this {type(self).__name__} serves states from the encoder cache (data.encoder_cache) "
+                             f"and has no encoder to run: pass {states_argument}")
+        for layer in layers:
+            check_layer(layer, self.num_layers, what)
+
+    def train(self, mode: bool = True) -> "PretrainedEncoder":
+        super().train(mode)
+        if self.frozen and self.encoder is not None:
+            self.encoder.eval()  # a frozen encoder is a fixed feature extractor: no dropout, ever
+        return self
+
+
+class TextEncoder(PretrainedEncoder):
     """Token states of a Hugging Face encoder: ``forward(input_ids, attention_mask) -> (states, mask)``.
 
     input_ids, attention_mask: (B, T_L), attention_mask bool or 0/1, True = keep (RoBERTa's right padding).
@@ -167,26 +193,10 @@ class TextEncoder(nn.Module):
             self.encoder.requires_grad_(False)
             self.encoder.eval()
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Activation checkpointing in the encoder's layers (Hugging Face), when it is trained; a frozen encoder
-        runs without autograd and a cached one is not built: nothing to do."""
-        if self.encoder is not None and not self.frozen:
-            enable_activation_checkpointing(self.encoder)
-
-    def train(self, mode: bool = True) -> "TextEncoder":
-        super().train(mode)
-        if self.frozen and self.encoder is not None:
-            self.encoder.eval()  # a frozen encoder is a fixed feature extractor: no dropout, ever
-        return self
-
     def layer_states(self, input_ids: Tensor, attention_mask: Tensor,
                      layers: Sequence[int]) -> tuple[list[Tensor], Tensor]:
         """The states of each of ``layers`` (see the class docstring) from one pass, zero at padding; the mask."""
-        if self.encoder is None:
-            raise ValueError("this TextEncoder serves states from the encoder cache (data.encoder_cache) and has no "
-                             "encoder to run: pass text_states")
-        for layer in layers:
-            check_layer(layer, self.num_layers, "text layer")
+        self.check_runnable(layers, "text layer", "text_states")
         mask = attention_mask.bool()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             out = self.encoder(input_ids=input_ids, attention_mask=mask.long(),
