@@ -1,4 +1,6 @@
-"""The integration tier's Ray instance: one per test session, started by the first test that asks for it."""
+"""The integration tier's Ray instance: one for the tier, started by the first test that asks for it and stopped
+when the tier's last test is done (package scope), so the unit tests that run after it share no CPU with an idle
+Ray (its raylet, GCS, dashboard agent and prestarted workers)."""
 
 from __future__ import annotations
 
@@ -7,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def ray_cluster() -> Iterator[str]:
     """One local Ray instance for every integration test; yields its GCS address (for drivers in subprocesses).
 
