@@ -287,6 +287,9 @@ class TrainConfig:
     # "trial": one TorchTrainer runs all the config's folds in turn (a fresh model per fold), paying Ray Train's
     # ~20 s start-up once; "fold": one TorchTrainer per fold (finer restart unit). See BENCHMARKS.md.
     trainer_scope: str = "trial"
+    # Epochs between resume checkpoints (the last epoch and every fold's end always save one); 0 = fold ends only.
+    # A checkpoint holds the trained weights, the optimizer and the best epoch's weights (see train.state_fn).
+    checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
         _check_fields(self, "train.")
@@ -307,6 +310,7 @@ class TrainConfig:
         _check(self.precision in ("fp32", "bf16"), "train.precision", self.precision, "'fp32' or 'bf16'")
         _check(self.max_failures >= -1, "train.max_failures", self.max_failures, ">= -1 (-1 = unlimited)")
         _check(self.trainer_scope in ("trial", "fold"), "train.trainer_scope", self.trainer_scope, "'trial' or 'fold'")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, ">= 0 (0 = fold ends only)")
 
 
 @dataclass

@@ -195,7 +195,7 @@ class _RayHooks(Hooks):
         import ray.train
         import torch
 
-        if self.rank != 0:
+        if self.rank != 0 or state_fn is None:  # no checkpoint due (train.checkpoint_every), or not rank 0
             ray.train.report(metrics, checkpoint=None)  # a barrier: every rank reports as often as rank 0
             return
         with tempfile.TemporaryDirectory(prefix="ser-ckpt-") as tmp:

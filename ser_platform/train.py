@@ -151,8 +151,8 @@ class Hooks:
         pass
 
     def on_epoch_end(self, fold: int, epoch: int, metrics: Mapping[str, float],
-                     state_fn: Callable[[], dict]) -> None:
-        pass
+                     state_fn: Callable[[], dict] | None) -> None:
+        """``state_fn`` is None when no checkpoint is due this epoch (``train.checkpoint_every``)."""
 
     def on_model_selected(self, fold: int, result: FoldResult, weights_fn: Callable[[], dict]) -> None:
         """Just before ``on_fold_end``: ``weights_fn()`` copies the selected (best-validation) weights that
@@ -309,7 +309,20 @@ def _cpu_copy(value: Any) -> Any:
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return _cpu_copy(module.state_dict())
+    """The weights a checkpoint and the best-so-far copy keep: every entry but frozen parameters (a pretrained
+    checkpoint's or a seeded "tiny" encoder's, rebuilt exactly from the config), on the CPU."""
+    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+    return _cpu_copy({k: v for k, v in module.state_dict().items() if k not in frozen})
+
+
+def _load_kept_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load what ``_cpu_state`` kept; only frozen parameters may be missing."""
+    result = module.load_state_dict(state, strict=False)
+    frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
+    missing = [k for k in result.missing_keys if k not in frozen]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected "
+                         f"{result.unexpected_keys[:5]}")
 
 
 def _default_model(config: Config) -> nn.Module:
@@ -412,7 +425,7 @@ def _test(config: Config, fold: int, batches_for: BatchesFor, module: nn.Module,
     """Score the test split once, with the weights chosen on validation."""
     if state.best["model"] is None:
         raise ValueError(f"fold {fold}: no epoch was trained (train.epochs={config.train.epochs})")
-    module.load_state_dict(state.best["model"])
+    _load_kept_state(module, state.best["model"])
     test_pred = predict(module, loss_fn, batches_for(fold, "test", 0), config=config, features=features,
                         device=device, world_size=world_size)
     test = score(test_pred, config.data.eval_subset)
@@ -435,9 +448,12 @@ def _fit_fold(config: Config, fold: int, batches_for: BatchesFor, *, device: tor
     loss_fn = build_loss(config).to(device)
     start_epoch, state = 1, _FoldState()
     if in_progress is not None:
-        model.load_state_dict(in_progress["model"])
+        _load_kept_state(model, in_progress["model"])
         start_epoch = int(in_progress["epoch"]) + 1
-        state = _FoldState(history=[dict(h) for h in in_progress["history"]], best=dict(in_progress["best"]),
+        best = dict(in_progress["best"])
+        if best.pop("is_current", False):  # the checkpoint's own epoch was the best: one copy was stored
+            best["model"] = _cpu_state(model)
+        state = _FoldState(history=[dict(h) for h in in_progress["history"]], best=best,
                            resumed_from=list(in_progress.get("resumed_from", [])) + [int(in_progress["epoch"])])
         say(f"fold {fold}: resuming after epoch {in_progress['epoch']} from its checkpoint")
     wrapped = wrap_model(model)
@@ -449,11 +465,17 @@ def _fit_fold(config: Config, fold: int, batches_for: BatchesFor, *, device: tor
     hooks.on_fold_start(fold)
 
     def state_fn(epoch: int, include_training: bool = True) -> Callable[[], dict]:
+        """The checkpoint of this moment: the finished folds' results, and while training the weights kept by
+        ``_cpu_state``, the optimizer, the best epoch's weights (not stored twice when that epoch is this one),
+        the history."""
         def build() -> dict:
             saved: dict[str, Any] = {"version": STATE_VERSION, "finished": copy.deepcopy(finished)}
             if include_training:
+                best = dict(state.best)
+                if best["epoch"] == epoch:
+                    best.update(model=None, is_current=True)
                 saved.update(fold=fold, epoch=epoch, model=_cpu_state(module),
-                             optimizer=_cpu_copy(optimizer.state_dict()), best=dict(state.best),
+                             optimizer=_cpu_copy(optimizer.state_dict()), best=best,
                              history=copy.deepcopy(state.history), resumed_from=list(state.resumed_from))
             return saved
         return build
@@ -469,7 +491,9 @@ def _fit_fold(config: Config, fold: int, batches_for: BatchesFor, *, device: tor
             f"(triplet {metrics['train_metric_loss']:.4f}, ce {metrics['train_ce_loss']:.4f}) | val UA "
             f"{metrics['val_ua']:.3f} WA {metrics['val_wa']:.3f} | {metrics['epoch_time_s']:.1f} s"
             f"{' *' if improved else ''}")
-        hooks.on_epoch_end(fold, epoch, {"fold": float(fold), "epoch": float(epoch), **metrics}, state_fn(epoch))
+        due = train_cfg.checkpoint_every > 0 and (epoch % train_cfg.checkpoint_every == 0 or epoch == train_cfg.epochs)
+        hooks.on_epoch_end(fold, epoch, {"fold": float(fold), "epoch": float(epoch), **metrics},
+                           state_fn(epoch) if due else None)
         if state.stopped(train_cfg.patience) and epoch < train_cfg.epochs:
             say(f"fold {fold}: early stop after epoch {epoch} (no better validation UA for "
                 f"{train_cfg.patience} epochs; best epoch {state.best['epoch']})")

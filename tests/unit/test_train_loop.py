@@ -69,7 +69,8 @@ class Recorder(Hooks):
 
     def on_epoch_end(self, fold, epoch, metrics, state_fn):
         self.events.append(("epoch", fold, epoch))
-        self.states[(fold, epoch)] = state_fn()
+        if state_fn is not None:  # a checkpoint is due (train.checkpoint_every)
+            self.states[(fold, epoch)] = state_fn()
 
     def on_fold_end(self, fold, result, state_fn):
         self.events.append(("end", fold))
@@ -247,3 +248,46 @@ def test_after_a_ddp_step_every_rank_holds_the_same_parameters(tmp_path):
     ddp = torch.load(tmp_path / "linear-rank0.pt", weights_only=False)["params"]
     for key, value in model.state_dict().items():
         torch.testing.assert_close(ddp[key], value, msg=key)
+
+
+def _tensor_bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+@pytest.mark.slow  # three short trainings of one fold
+def test_checkpoints_keep_no_frozen_weights_no_second_copy_of_the_best_and_resume_exactly(tmp_path):
+    config = tiny_config(**{"model.encoders": "frozen", "train.epochs": 2})
+    hooks = Recorder()
+    uninterrupted = fit_folds(config, [1], Folds(config, folds=(1,)), hooks=hooks, log=None)[1]
+    model = SERModel(config.model)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen and all(n.startswith(("text_encoder.encoder.", "speech_encoder.ssl.encoder.")) for n in frozen)
+    for epoch in (1, 2):
+        state = hooks.states[(1, epoch)]
+        assert not frozen & set(state["model"]), "frozen encoders' weights are rebuilt from the config, not stored"
+        assert set(state["model"]) == set(model.state_dict()) - frozen
+        if state["best"]["epoch"] == epoch:  # the best epoch is this one: its weights are not stored twice
+            assert state["best"]["model"] is None and state["best"]["is_current"]
+        else:
+            assert set(state["best"]["model"]) == set(state["model"])
+    trained_bytes = _tensor_bytes({k: v for k, v in model.state_dict().items() if k not in frozen})
+    assert _tensor_bytes(hooks.states[(1, 1)]["model"]) == trained_bytes
+    # Through a file, as a checkpoint travels; the resumed fold ends exactly as the uninterrupted one.
+    torch.save(hooks.states[(1, 1)], tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", weights_only=True)
+    resumed = fit_folds(config, [1], Folds(config, folds=(1,)), resume_state=state, log=None)[1]
+    assert comparable(resumed) == {**comparable(uninterrupted), "resumed_from": [1]}
+
+
+def test_checkpoint_frequency_saves_every_nth_epoch_and_the_last():
+    config = tiny_config(**{"train.lr": 1e-12, "train.epochs": 5, "train.checkpoint_every": 2})
+    hooks = Recorder()
+    fit_folds(config, [1], Folds(config, folds=(1,)), hooks=hooks, log=None)
+    assert sorted(epoch for (_, epoch) in hooks.states if epoch != "done") == [2, 4, 5]
+    assert [e for e in hooks.events if e[0] == "epoch"] == [("epoch", 1, epoch) for epoch in range(1, 6)]
