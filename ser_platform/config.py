@@ -342,6 +342,10 @@ class TrackingConfig:
     # Each fold run keeps its selected weights + config as artifacts model/ for `ser predict`: 1.2 MB per fold for
     # the demo model, ~1.8 GB for the fine-tuned paper model (frozen encoders' weights are never stored).
     log_model: bool = True
+    # Optuna's study (the search's history, what --resume continues): an SQLAlchemy URL, e.g. the head's
+    # PostgreSQL on a cluster (postgresql+psycopg://...; cluster/README.md); "" = $SER_OPTUNA_STORAGE, else
+    # optuna.db in the run storage (in ./runs when that storage is s3:// or gs://: SQLite needs a local file).
+    optuna_storage: str = ""
 
     def __post_init__(self) -> None:
         _check_fields(self, "tracking.")

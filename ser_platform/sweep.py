@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -149,9 +150,14 @@ def _latest_sweep(storage: str) -> str:
     return metas[-1].parent.name
 
 
-def _optuna_url(storage: str) -> str:
-    # Optuna's RDBStorage needs a local database; with remote Tune storage it stays in ./runs of the driver.
-    root = Path(DEFAULT_STORAGE).resolve() if not is_local(storage) else Path(storage)
+def optuna_url(config: Config) -> str:
+    """Where the Optuna study lives (``tracking.optuna_storage``, see config.py): the URL, or
+    ``$SER_OPTUNA_STORAGE``, or an SQLite file in the run storage (``./runs`` when that storage is remote)."""
+    explicit = config.tracking.optuna_storage or os.environ.get("SER_OPTUNA_STORAGE", "")
+    if explicit.strip():
+        return explicit.strip()
+    storage = config.tracking.storage or DEFAULT_STORAGE
+    root = Path(DEFAULT_STORAGE).resolve() if not is_local(storage) else Path(absolute_location(storage))
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'optuna.db'}"
 
@@ -212,7 +218,7 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _build_tuner(ctx: TrialContext, config: Config, sweep_dir: str, optuna_url: str, max_concurrent: int,
+def _build_tuner(ctx: TrialContext, config: Config, sweep_dir: str, study_storage: str, max_concurrent: int,
                  resume: bool, verbose: bool) -> Any:
     from ray import tune
 
@@ -228,7 +234,7 @@ def _build_tuner(ctx: TrialContext, config: Config, sweep_dir: str, optuna_url: 
         from ray.tune.search.optuna import OptunaSearch
 
         search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=config.sweep.seed), study_name=ctx.sweep_name,
-                                  storage=optuna.storages.RDBStorage(optuna_url))
+                                  storage=optuna.storages.RDBStorage(study_storage))
         param_space, num_samples, total = search_space(experiment), config.sweep.trials, config.sweep.trials
     else:
         search_alg = None  # Tune's BasicVariantGenerator: every grid point once
@@ -246,7 +252,7 @@ def _build_tuner(ctx: TrialContext, config: Config, sweep_dir: str, optuna_url: 
     )
 
 
-def log_optuna_plots(run: tracking.MlflowRun, study_name: str, optuna_url: str) -> list[str]:
+def log_optuna_plots(run: tracking.MlflowRun, study_name: str, study_storage: str) -> list[str]:
     """Optuna's own plots of the study (optimisation history, parameter importances, alpha/beta contour) as figures
     on the parent run; a plot the study cannot support yet (too few finished trials) is skipped, saying why."""
     import matplotlib
@@ -256,7 +262,7 @@ def log_optuna_plots(run: tracking.MlflowRun, study_name: str, optuna_url: str) 
     import optuna
     import optuna.visualization.matplotlib as ovm
 
-    study = optuna.load_study(study_name=study_name, storage=optuna_url)
+    study = optuna.load_study(study_name=study_name, storage=study_storage)
     complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     plots = {
         "optuna/optimization_history.png": (1, lambda: ovm.plot_optimization_history(study)),
@@ -351,7 +357,7 @@ def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str
     sweep_dir = join_storage(config.tracking.storage, name)
     uri = tracking.ensure_store(config.tracking.mlflow_uri)
     experiment_id = meta.get("mlflow_experiment_id") or tracking.experiment_id(uri, config.tracking.experiment)
-    optuna_url = meta.get("optuna_storage") or _optuna_url(config.tracking.storage)
+    optuna_storage = meta.get("optuna_storage") or optuna_url(config)
     if meta.get("parent_run_id"):
         parent = tracking.MlflowRun(uri, meta["parent_run_id"])
         parent.set_status("RUNNING")
@@ -361,10 +367,10 @@ def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str
                                          config=config)
     _write_meta(sweep_dir, {"name": name, "experiment": experiment.key, "config": config.to_dict(),
                             "mlflow_uri": uri, "mlflow_experiment_id": experiment_id,
-                            "parent_run_id": parent.run_id, "optuna_storage": optuna_url, "study_name": name,
+                            "parent_run_id": parent.run_id, "optuna_storage": optuna_storage, "study_name": name,
                             "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
     result = SweepResult(name=name, experiment=experiment, sweep_dir=sweep_dir, mlflow_uri=uri,
-                         mlflow_experiment_id=experiment_id, parent_run_id=parent.run_id, optuna_storage=optuna_url,
+                         mlflow_experiment_id=experiment_id, parent_run_id=parent.run_id, optuna_storage=optuna_storage,
                          expected_trials=config.sweep.trials if experiment.is_search else len(experiment.rows))
     started_ray = not ray.is_initialized()
     if started_ray:
@@ -378,8 +384,8 @@ def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str
                        train_storage=join_storage(sweep_dir, "train"), train_fn=train_fn, progress=console.channel)
     status = "FAILED"
     try:
-        tuner = _build_tuner(ctx, config, sweep_dir, optuna_url, max_concurrent_trials(config, ray.cluster_resources()),
-                             resume, console.verbose)
+        tuner = _build_tuner(ctx, config, sweep_dir, optuna_storage,
+                             max_concurrent_trials(config, ray.cluster_resources()), resume, console.verbose)
         for trial in tuner.fit():
             metrics = dict(trial.metrics or {})
             result.trials.append({"trial_id": metrics.get("trial_id"), "config": dict(trial.config or {}),
