@@ -39,6 +39,7 @@ from ser_platform.data.loader import LocalFolds, make_collate, read_rows
 from ser_platform.data.parquet import prepare_dataset
 from ser_platform.data.synthetic import write_synthetic_corpus
 from ser_platform.frozen_encoders import build_encoder_cache, cached_collate, entry_requests, open_encoder_cache
+from ser_platform.losses import JointLoss
 from ser_platform.models.ser_model import SERModel
 from ser_platform.models.speech import SSLSpeechEncoder
 from ser_platform.models.text import build_tokenizer
@@ -157,17 +158,46 @@ def test_a_hidden_layer_is_served_as_the_encoder_computes_it(dataset, built):
     assert not torch.allclose(states, last)  # layer 0 really is another layer than the output
 
 
+def test_a_training_step_on_the_cache_equals_one_on_the_frozen_encoders(dataset, built):
+    """What is deterministic in training on the cache: the same batch, the same initial weights give the same
+    joint loss and the same gradient for every trained weight. (Over epochs the 1e-8 float differences between
+    the cache's batching and the loop's grow: on an Intel Xeon here two epochs moved losses by up to 6e-3
+    relative, so epochs are compared for what they are, not for equal floats: next test.)"""
+    config = tiny_config()
+    cached_config = config.replace({"data.encoder_cache": "auto"})
+    rows = {k: v[:8] for k, v in rows_of(dataset).items()}
+    batch = cached_collate(collate_for(config), open_encoder_cache(cached_config, dataset))(rows)
+    inputs = model_inputs(batch, AcousticFeatures())
+    running_inputs = {k: v for k, v in inputs.items() if k not in ("text_states", "speech_ssl_states")}
+    served_inputs = {**inputs, "input_values": None, "input_ids": None}  # the encoders' states come cached
+    steps = {}
+    for name, model_config, cached, model_in in (("running", config, False, running_inputs),
+                                                 ("served", cached_config, True, served_inputs)):
+        torch.manual_seed(5)
+        model = SERModel(model_config.model, cached_encoder_states=cached).train()
+        torch.manual_seed(6)  # the same dropout masks in both
+        losses = JointLoss(config.loss)(model(**model_in), batch["labels"])
+        losses.loss.backward()
+        steps[name] = (losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    (running, running_grads), (served, served_grads) = steps["running"], steps["served"]
+    torch.testing.assert_close(served.loss, running.loss, rtol=1e-5, atol=1e-6)
+    assert set(served_grads) == {n for n in running_grads if not n.startswith(("text_encoder.encoder.",
+                                                                                "speech_encoder.ssl.encoder."))}
+    for name, grad in served_grads.items():
+        torch.testing.assert_close(grad, running_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.slow
-def test_training_on_the_cache_matches_training_with_the_frozen_encoders(dataset, built):
+def test_training_on_the_cache_runs_the_same_epochs_and_scores_the_same_utterances(dataset, built):
     config = tiny_config(**{"train.epochs": 2})
     cached_config = config.replace({"data.encoder_cache": "auto"})
     running = fit_folds(config, [1], LocalFolds(dataset, config, collate_for(config)), log=None)[1]
     collate = cached_collate(collate_for(config), open_encoder_cache(cached_config, dataset))
     served = fit_folds(cached_config, [1], LocalFolds(dataset, config, collate), log=None)[1]
-    a, b = comparable(running), comparable(served)
-    for ha, hb in zip(a.pop("history"), b.pop("history")):
-        assert ha == pytest.approx(hb, rel=1e-4, abs=1e-5)
-    assert a == b
+    assert (served.epochs_run, served.num_test) == (running.epochs_run, running.num_test) == (2, served.num_test)
+    assert [h["train_samples"] for h in served.history] == [h["train_samples"] for h in running.history]
+    # The first epoch starts from the same weights on the same batches: its training loss agrees to float drift.
+    assert served.history[0]["train_loss"] == pytest.approx(running.history[0]["train_loss"], rel=1e-3)
 
 
 def test_the_cached_model_refuses_a_batch_without_states(dataset, built):
