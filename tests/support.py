@@ -288,3 +288,71 @@ def head_command(temp_dir: Path, num_cpus: int) -> tuple[list[str], int]:
         "--min-worker-port=0", "--max-worker-port=0", f"--num-cpus={num_cpus}", f"--temp-dir={temp_dir}",
         "--disable-usage-stats",
     ], dashboard
+
+
+# --- a real MLflow tracking server -----------------------------------------------------------------------------
+
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 (a free port unless given), in its own session so that stopping it stops its
+    whole process group (uvicorn workers, MLflow's job consumers); ``stop`` then ``start`` again is a server that
+    went away and came back on the same port and store."""
+
+    def __init__(self, backend: str, workdir: Path, *, artifacts: Path | None = None, port: int | None = None,
+                 env: dict | None = None):
+        import subprocess
+
+        self.backend, self.workdir, self.artifacts = backend, Path(workdir), artifacts
+        self.port = port or free_ports(1)[0]
+        self.env = env
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120) -> str:
+        import subprocess
+        import time
+        import urllib.request
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--backend-store-uri", self.backend, "--workers", "1"]
+        if self.artifacts is not None:
+            command += ["--artifacts-destination", str(self.artifacts)]
+        log = open(self.workdir / "server.log", "a")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        cwd=self.workdir, env=self.env)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as response:
+                    if response.read() == b"OK":
+                        return self.uri
+            except OSError:
+                pass
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start: {(self.workdir / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    def stop(self, timeout: float = 20) -> None:
+        import signal
+        import subprocess
+
+        if self.process is None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+        for pid in group_members(self.process.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.process.poll() is None:
+            self.process.wait()
+        self.process = None

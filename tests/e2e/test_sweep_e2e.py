@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from support import REPO, RAY_CLI, TINY_SIZES, free_ports, head_command, processes_mentioning
+from support import MlflowServer, REPO, RAY_CLI, TINY_SIZES, head_command, processes_mentioning
 from support import clean_env as auth_clean_env
 
 EXPERIMENT = "e2e"
@@ -162,21 +162,11 @@ def experiment_id(client) -> str:
 
 @pytest.fixture(scope="module")
 def mlflow_server(root, sweep_job):
-    port = free_ports(1)[0]
-    log_path = root / "mlflow_server.log"
-    log = open(log_path, "w")
-    env = clean_env(root / "home")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", sweep_job["uri"], "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    server = MlflowServer(sweep_job["uri"], root, env=clean_env(root / "home"))
     try:
-        wait_for(url + "/health", server, log_path, "mlflow server", timeout=120)
-        yield url
+        yield server.start()
     finally:
-        stop(server)
-        log.close()
+        server.stop()
 
 
 # --- tests -------------------------------------------------------------------------------------------------------
