@@ -810,3 +810,17 @@ def test_readme_gcp_accounts_hold_the_bucket_and_the_head_no_more_than_instances
     for nt in node_types(config).values():
         account = nt["node_config"]["serviceAccounts"][0]["email"].replace("YOUR_GCP_PROJECT", "$PROJECT")
         assert f"serviceAccount:{account}" in {member for member, _ in bucket_roles}, account
+
+
+def test_readme_sweep_cost_arithmetic_holds():
+    """Every 'a x b = c' and 'a / b / 3600 = c' of the paper sweep's cost section, to its printed precision."""
+    text = README.read_text()
+    section = text[text.index("### The paper sweep"):text.index("## One environment")]
+    number = r"(\d+(?:\.\d+)?(?:e\d+)?)"
+    products = re.findall(rf"{number} x {number} = {number}", section)
+    quotients = re.findall(rf"{number} / {number} / 3600 = {number}", section)
+    assert len(products) >= 6 and len(quotients) >= 2
+    for a, b, c in products:
+        assert float(a) * float(b) == pytest.approx(float(c), abs=0.6 * 10 ** -len(c.partition(".")[2])), (a, b, c)
+    for a, b, c in quotients:
+        assert float(a) / float(b) / 3600 == pytest.approx(float(c), abs=0.06), (a, b, c)
