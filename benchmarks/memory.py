@@ -116,7 +116,8 @@ class ShapeOnly(TorchDispatchMode):
             return func(*args, **kwargs)
         meta_args, meta_kwargs = tree_map_only(torch.Tensor, lambda t: t.to("meta"), (args, kwargs))
         result = func(*meta_args, **meta_kwargs)
-        return tree_map_only(torch.Tensor, lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).zero_(), result)
+        return tree_map_only(torch.Tensor, lambda t: torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).zero_(),
+                             result)
 
 
 class CudaPolicy(TorchFunctionMode):
@@ -179,9 +180,11 @@ def replay_lstm(func, args, kwargs):
     one of the call's inputs, one of its outputs or a storage of its own (bytes; floating ones in the dtype of the
     call's input: bf16 under autocast, as cuDNN's autocast RNN saves); views of one storage stay one storage."""
     flat = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
-    key = (tuple(tuple(t.shape) for t in flat), tuple(a for a in tree_flatten(args)[0] if not isinstance(a, torch.Tensor)))
+    options = tuple(a for a in tree_flatten(args)[0] if not isinstance(a, torch.Tensor))
+    key = (tuple(tuple(t.shape) for t in flat), options)
     if key not in LSTM_SAVES:
-        copies = {id(t): t.detach().float().requires_grad_(t.requires_grad) if t.is_floating_point() else t for t in flat}
+        copies = {id(t): t.detach().float().requires_grad_(t.requires_grad) if t.is_floating_point() else t
+                  for t in flat}
         recorded: list[torch.Tensor] = []
 
         def record(tensor):
@@ -315,7 +318,8 @@ def audio_inputs(model: SERModel, batch: int, seconds: float) -> dict[str, torch
 
 
 def text_inputs(batch: int, tokens: int) -> dict[str, torch.Tensor]:
-    return {"input_ids": torch.randint(5, 250, (batch, tokens)), "attention_mask": torch.ones(batch, tokens, dtype=torch.bool)}
+    return {"input_ids": torch.randint(5, 250, (batch, tokens)),
+            "attention_mask": torch.ones(batch, tokens, dtype=torch.bool)}
 
 
 def measure_parts(model: SERModel, batch: int, seconds: float, tokens: int, *, bf16: bool,
@@ -412,7 +416,8 @@ def run(model_config: ModelConfig, batch: int, seconds: list[float], tokens: lis
                 if checkpointing:
                     recomputed = next(r["largest layer"] for r in rows if (r["frozen FE"], r["bf16"], r["seconds"],
                                       r["tokens"], r["checkpointing"]) == (frozen_fe, bf16, audio, text, False))
-                rows.append({"variant": label, "batch": batch, "frozen FE": frozen_fe, "checkpointing": checkpointing, "bf16": bf16,
+                rows.append({"variant": label, "batch": batch, "frozen FE": frozen_fe,
+                             "checkpointing": checkpointing, "bf16": bf16,
                              "seconds": audio, "tokens": text, **terms, "recomputed layer": recomputed,
                              "peak": peak(terms, recomputed)})
     return rows
@@ -443,7 +448,8 @@ def print_report(rows: list[dict], batch: int, model_config: ModelConfig, elapse
     for r in rows:
         cells = [f"{1 - r['peak'] / GIB / usable_gib(gb):+.0%} {'fits' if fits(r['peak'], gb) else 'no'}"
                  for _, gb in GPUS]
-        print(f"| {r['variant']} | {r['seconds']:g} | {r['tokens']} | {r['peak'] / GIB:.1f} | " + " | ".join(cells) + " |")
+        print(f"| {r['variant']} | {r['seconds']:g} | {r['tokens']} | {r['peak'] / GIB:.1f} | "
+              + " | ".join(cells) + " |")
 
 
 def first_of(rows: list[dict], variant: str) -> dict:
@@ -460,7 +466,8 @@ def unique(items):
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="tiny encoders, one crossmodal layer, 1 s of audio, 8 tokens: seconds")
+    parser.add_argument("--small", action="store_true",
+                        help="tiny encoders, one crossmodal layer, 1 s of audio, 8 tokens: seconds")
     parser.add_argument("--batch", type=int, default=32, help="batch size to predict for (paper: 32)")
     parser.add_argument("--seconds", help="comma-separated audio lengths a batch is padded to (default 5,10,15)")
     parser.add_argument("--tokens", help="comma-separated token counts (default 64,128,256,512)")

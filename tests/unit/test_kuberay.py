@@ -53,7 +53,8 @@ def array(items: dict) -> dict:
 KEY_REF = closed({"name": STRING, "key": STRING, "optional": BOOLEAN}, ("key",))
 ENV_VAR = closed({"name": STRING, "value": STRING,
                   "valueFrom": closed({"secretKeyRef": KEY_REF, "configMapKeyRef": KEY_REF})}, ("name",))
-PROBE = closed({"exec": closed({"command": array(STRING)}), "httpGet": closed({"path": STRING, "port": QUANTITY}, ("port",)),
+PROBE = closed({"exec": closed({"command": array(STRING)}),
+                "httpGet": closed({"path": STRING, "port": QUANTITY}, ("port",)),
                 "periodSeconds": INTEGER, "initialDelaySeconds": INTEGER, "failureThreshold": INTEGER})
 CONTAINER = closed({
     "name": STRING, "image": STRING, "imagePullPolicy": STRING, "command": array(STRING), "args": array(STRING),
@@ -263,7 +264,8 @@ def gpu_group_problems(documents: list[dict]) -> list[str]:
         if not spec.get("enableInTreeAutoscaling"):
             problems.append("enableInTreeAutoscaling is off: the GPU group never grows")
         groups = [g for g in spec.get("workerGroupSpecs", []) if any(
-            str(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")) == "1" for c in containers(g["template"]))]
+            str(c.get("resources", {}).get("limits", {}).get("nvidia.com/gpu")) == "1"
+            for c in containers(g["template"]))]
         if len(groups) != 1:
             problems.append(f"expected one worker group of 1-GPU pods, found {len(groups)}")
         for group in groups:
@@ -294,7 +296,8 @@ def tracking_problems(documents: list[dict]) -> list[str]:
     artifacts = command[command.index("--artifacts-destination") + 1] if "--artifacts-destination" in command else ""
     if not (artifacts and is_object_storage(artifacts)):
         problems.append(f"MLflow's artifacts go to {artifacts!r}, not to object storage")
-    postgres = [t for _, t in pod_templates(documents) if any(c["image"].startswith("postgres:") for c in containers(t))]
+    postgres = [t for _, t in pod_templates(documents)
+                if any(c["image"].startswith("postgres:") for c in containers(t))]
     if not postgres or not any("persistentVolumeClaim" in v for v in postgres[0]["spec"].get("volumes", [])):
         problems.append("PostgreSQL's data is not on a PersistentVolumeClaim")
     for where, template in pod_templates(documents):
