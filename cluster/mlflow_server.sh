@@ -10,7 +10,8 @@
 # 0.0.0.0, and a public address is refused.
 # Environment: MLFLOW_SERVER_HOME (default ~/mlflow) holds the sqlite store, the log, the pid and the file
 # tracking_uri that `ray start` exports as MLFLOW_TRACKING_URI; MLFLOW_BACKEND_STORE_URI replaces the sqlite
-# store (e.g. postgresql://user:pass@host/db, a database that outlives the head).
+# store: on the cluster the PostgreSQL of cluster/postgres.sh (postgresql://ser@127.0.0.1:5432/mlflow, its password
+# in PGPASSFILE), or a managed database (RDS, Cloud SQL) that outlives the head.
 set -euo pipefail
 
 artifacts="${1:?usage: mlflow_server.sh ARTIFACTS_DESTINATION [PORT]}"
@@ -39,7 +40,11 @@ if address.is_unspecified or address.is_loopback or not address.is_private:
     sys.exit(f"refusing to bind MLflow to {address}: expected this node's private address")
 EOF
 
-setsid nohup mlflow server --host "$host" --port "$port" --backend-store-uri "$backend" --artifacts-destination "$artifacts" --workers 2 > "$state/server.log" 2>&1 < /dev/null &
+# MLflow 3 answers 403 "Invalid Host header" to a Host it does not list (DNS-rebinding protection; by default
+# localhost and some private ranges): list the address the workers use and the SSH tunnel's loopback end.
+allowed="$host,$host:$port,localhost,localhost:*,127.0.0.1,127.0.0.1:*"
+setsid nohup mlflow server --host "$host" --port "$port" --allowed-hosts "$allowed" --backend-store-uri "$backend" \
+  --artifacts-destination "$artifacts" --workers 2 > "$state/server.log" 2>&1 < /dev/null &
 pid=$!
 echo "$pid" > "$state/server.pid"
 

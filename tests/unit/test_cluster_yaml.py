@@ -212,8 +212,11 @@ def gpu_worker_problems(config: dict) -> list[str]:
             problems.append(f"{name}: min_workers {low} / max_workers {high} / cluster max_workers "
                             f"{config.get('max_workers')} do not let the autoscaler add GPU nodes")
         if config["provider"]["type"] == "gcp":
-            if nt["node_config"].get("scheduling", {}).get("onHostMaintenance") != "TERMINATE":
+            scheduling = nt["node_config"].get("scheduling", {})
+            if scheduling.get("onHostMaintenance") != "TERMINATE":
                 problems.append(f"{name}: GCP GPU VMs need scheduling.onHostMaintenance TERMINATE")
+            if scheduling.get("provisioningModel") == "SPOT" and scheduling.get("automaticRestart", True):
+                problems.append(f"{name}: Spot VMs need scheduling.automaticRestart false (GCP refuses true)")
     return problems
 
 
@@ -320,9 +323,87 @@ def storage_problems(config: dict) -> list[str]:
     return problems
 
 
+DB_HOME = "/home/ray/ser-db"  # SER_DB_HOME of cluster/postgres.sh inside the container (~/ser-db)
+
+
+def database_problems(config: dict) -> list[str]:
+    """The head starts cluster/postgres.sh (backed up to the bucket) before MLflow, MLflow's runs go to it, and its
+    folder is a host folder mounted into the container (a re-created container keeps it)."""
+    starts = head_commands(config)
+    db = [i for i, c in enumerate(starts) if re.search(r"postgres\.sh start\b", c)]
+    mlflow = [i for i, c in enumerate(starts) if "mlflow_server.sh" in c]
+    problems = []
+    if not db:
+        problems.append("the head starts no PostgreSQL (cluster/postgres.sh start)")
+    elif not re.search(r"\bSER_DB_BACKUP=\S+", starts[db[0]]):
+        problems.append("cluster/postgres.sh runs without SER_DB_BACKUP: nothing survives the head")
+    if db and mlflow and db[0] > mlflow[0]:
+        problems.append("MLflow starts before its PostgreSQL")
+    for i in mlflow:
+        if not re.search(r"\bMLFLOW_BACKEND_STORE_URI=\$\(cat ~/ser-db/mlflow_uri\)", starts[i]):
+            problems.append("the MLflow server's backend store is not the head's PostgreSQL (~/ser-db/mlflow_uri)")
+    mounts = [option.split()[-1] for option in config.get("docker", {}).get("head_run_options", [])
+              if option.startswith("-v ") or option.startswith("--volume ")]
+    if not any(m.split(":")[1:2] == [DB_HOME] and m.startswith("/") for m in mounts):
+        problems.append(f"no host folder mounted on {DB_HOME} (docker.head_run_options): the database would live "
+                        "in the container and die with it")
+    return problems
+
+
+def constraints_problems(config: dict) -> list[str]:
+    """Every pip install on a node resolves against cluster/constraints.txt from the synced checkout."""
+    targets = {m.rstrip("/") + "/cluster/constraints.txt" for m in repo_mounts(config)}
+    problems = []
+    for command in [*config.get("setup_commands", []), *config.get("head_setup_commands", []),
+                    *config.get("worker_setup_commands", [])]:
+        args = shlex.split(command)
+        if "pip" in args and "install" in args and option_value(args, "-c", "--constraint") not in targets:
+            problems.append(f"pip install without -c {sorted(targets)}: {command!r}")
+    return problems
+
+
+def gpu_container_problems(config: dict) -> list[str]:
+    """GPU containers get their GPUs by --gpus all, not by Ray's runtime detection, and a worker whose container
+    sees no GPU does not join (it would advertise GPU: 1 from its node type)."""
+    docker = config.get("docker", {})
+    problems = []
+    if not docker.get("disable_automatic_runtime_detection"):
+        problems.append("Ray's runtime detection adds --runtime=nvidia only when Docker lists it: disable it")
+    for name, nt in worker_types(config).items():
+        if nt.get("resources", {}).get("GPU", 0) >= 1:
+            options = nt.get("docker", {}).get("worker_run_options", docker.get("worker_run_options", []))
+            if "--gpus all" not in options:
+                problems.append(f"{name}: its container is started without --gpus all")
+    checked = False
+    for command in config.get("worker_start_ray_commands", []):
+        if re.search(r"\bray start\b", command):
+            break
+        checked = checked or "torch.cuda.device_count()" in command
+    if not checked:
+        problems.append("worker_start_ray_commands start Ray without checking that the container sees a GPU")
+    return problems
+
+
+def service_account_problems(config: dict) -> list[str]:
+    """GCP: no node runs as Ray's autoscaler account (project-wide Compute Admin and Storage Object Admin)."""
+    if config["provider"]["type"] != "gcp":
+        return []
+    problems = []
+    for name, nt in node_types(config).items():
+        accounts = [a["email"] for a in nt["node_config"].get("serviceAccounts", [])]
+        if not accounts:
+            problems.append(f"{name}: no serviceAccounts, so Ray's ray-autoscaler-sa-v1 (the head) or the default "
+                            "compute account (workers)")
+        problems += [f"{name}: runs as {a}, which Ray grants project-wide admin roles" for a in accounts
+                     if a.startswith("ray-autoscaler-sa-")]
+    return problems
+
+
 def invariant_problems(config: dict, repo: Path = REPO) -> list[str]:
     return (open_ports_problems(config) + gpu_worker_problems(config) + package_install_problems(config)
-            + mlflow_binding_problems(config, repo) + token_auth_problems(config) + storage_problems(config))
+            + mlflow_binding_problems(config, repo) + token_auth_problems(config) + storage_problems(config)
+            + database_problems(config) + constraints_problems(config) + gpu_container_problems(config)
+            + service_account_problems(config))
 
 
 # ---- the configs as shipped ---------------------------------------------------------------------------------
@@ -574,3 +655,172 @@ def test_the_other_clouds_object_store_is_rejected():
 
 
 # The head's MLflow start script, run here: tests/e2e/test_mlflow_server_script.py.
+
+
+def _without(config: dict, key: str, pattern: str) -> dict:
+    config[key] = [c for c in config[key] if not re.search(pattern, c)]
+    return config
+
+
+@pytest.mark.parametrize("path", CONFIG_PATHS, **PATH_IDS)
+@pytest.mark.parametrize("change", [
+    lambda c: _without(c, "head_start_ray_commands", r"postgres\.sh start"),
+    lambda c: c.__setitem__("head_start_ray_commands", [re.sub(r"SER_DB_BACKUP=\S+ ", "", x)
+                                                        for x in c["head_start_ray_commands"]]),
+    lambda c: c.__setitem__("head_start_ray_commands", [re.sub(r"MLFLOW_BACKEND_STORE_URI=\S+ ", "", x)
+                                                        for x in c["head_start_ray_commands"]]),
+    lambda c: c["head_start_ray_commands"].reverse(),
+    lambda c: c["docker"].pop("head_run_options"),
+], ids=["no-database", "no-backup", "sqlite-backend", "mlflow-first", "database-in-the-container"])
+def test_results_that_die_with_the_head_are_rejected(path, change):
+    config = load(path)
+    change(config)
+    assert database_problems(config)
+
+
+@pytest.mark.parametrize("path", CONFIG_PATHS, **PATH_IDS)
+def test_install_without_the_constraints_is_rejected(path):
+    config = load(path)
+    config["setup_commands"] = [re.sub(r" -c \S+", "", c) for c in config["setup_commands"]]
+    assert constraints_problems(config)
+
+
+@pytest.mark.parametrize("path", CONFIG_PATHS, **PATH_IDS)
+@pytest.mark.parametrize("change", [
+    lambda c: c["docker"].pop("disable_automatic_runtime_detection"),
+    lambda c: c["docker"].pop("worker_run_options"),
+    lambda c: _without(c, "worker_start_ray_commands", r"torch\.cuda"),
+], ids=["runtime-detection", "no-gpus-flag", "no-gpu-check"])
+def test_gpu_workers_without_a_gpu_in_the_container_are_rejected(path, change):
+    config = load(path)
+    change(config)
+    assert gpu_container_problems(config)
+
+
+def test_gcp_nodes_as_rays_admin_account_are_rejected():
+    config = load(CLUSTER_DIR / "gcp-gpu.yaml")
+    for nt in node_types(config).values():
+        nt["node_config"]["serviceAccounts"][0]["email"] = "ray-autoscaler-sa-v1@p.iam.gserviceaccount.com"
+    assert len(service_account_problems(config)) == 2
+    del node_types(config)["worker_gpu"]["node_config"]["serviceAccounts"]
+    assert any("no serviceAccounts" in p for p in service_account_problems(config))
+
+
+def test_gcp_spot_block_in_the_comment_is_valid_and_restart_true_is_rejected():
+    text = (CLUSTER_DIR / "gcp-gpu.yaml").read_text()
+    block = re.search(r"replace this block with:\n((?:\s*#\s{3,}.*\n)+)", text).group(1)
+    spot = yaml.safe_load("\n".join(line.split("#", 1)[1][2:] for line in block.splitlines()))["scheduling"]
+    config = load(CLUSTER_DIR / "gcp-gpu.yaml")
+    config["available_node_types"]["worker_gpu"]["node_config"]["scheduling"] = spot
+    assert spot["provisioningModel"] == "SPOT" and gpu_worker_problems(config) == []
+    assert schema_errors(config) == []
+    spot["automaticRestart"] = True
+    assert any("automaticRestart" in p for p in gpu_worker_problems(config))
+
+
+# ---- cluster/README.md: the commands a first sweep copies --------------------------------------------------
+
+
+def test_readme_submits_the_paper_sweep_with_its_budget_and_a_name():
+    sweeps = [shlex.split(c) for c in readme_commands() if "ray job submit" in c and "sweep_loss_weights.py" in c]
+    assert sweeps
+    for args in sweeps:
+        assert option_value(args, "--trials") == "40", args  # the paper's sweep, not the preset's default budget
+        assert option_value(args, "--name"), args  # what --resume finds the sweep by
+
+
+def test_readme_tunnel_strips_the_carriage_return_of_ray_exec():
+    captures = [c for c in readme_commands() if re.search(r"=\$\(ray exec ", c)]
+    assert captures, "README captures the MLflow URI with ray exec"
+    assert all(re.search(r"\|\s*tr -d '\\r'\s*\)", c) for c in captures), captures
+
+
+def readme_policies() -> dict[str, dict]:
+    """The IAM policy documents README writes with heredocs (`cat > /tmp/NAME.json <<EOF`), variables filled."""
+    values = {"$BUCKET": "my-bucket", "$ACCOUNT": "123456789012", "$REGION": "us-west-2"}
+    policies = {}
+    for name, body in re.findall(r"cat > /tmp/([\w-]+)\.json <<'?EOF'?\n(.*?)\nEOF", README.read_text(), re.S):
+        for variable, value in values.items():
+            body = body.replace(variable, value)
+        policies[name] = json.loads(body)
+    return policies
+
+
+def allowed(policy: dict, action: str, resource_kind: str = "") -> list[dict]:
+    """The Allow statements of ``policy`` that name ``action`` (exactly or by wildcard) on such a resource."""
+    found = []
+    for statement in policy["Statement"]:
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        resources = statement.get("Resource", [])
+        resources = resources if isinstance(resources, list) else [resources]
+        if statement["Effect"] == "Allow" and any(re.fullmatch(a.replace("*", ".*"), action) for a in actions) \
+                and any(resource_kind in r or r == "*" for r in resources):
+            found.append(statement)
+    return found
+
+
+def ray_head_ec2_actions() -> set[str]:
+    """The EC2 API calls of Ray's AWS node provider (what the autoscaler on the head does), as IAM actions."""
+    source = (Path(ray.autoscaler.__file__).parent / "_private" / "aws" / "node_provider.py").read_text()
+    calls = set(re.findall(r"ec2\.meta\.client\.(\w+)", source))  # called, or kept to call (terminate)
+    actions = {"ec2:" + "".join(part.title() for part in call.split("_")) for call in calls}
+    if "create_instances(" in source:
+        actions.add("ec2:RunInstances")
+    if "instances.filter(" in source:
+        actions.add("ec2:DescribeInstances")
+    return actions
+
+
+def test_readme_s3_policy_lets_multipart_uploads_be_aborted():
+    bucket = readme_policies()["ser-bucket"]
+    for action in ("s3:GetObject", "s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"):
+        assert allowed(bucket, action, "my-bucket/"), action
+    assert allowed(bucket, "s3:ListBucket", "my-bucket")
+
+
+def test_readme_head_policy_covers_rays_calls_and_no_more():
+    head = readme_policies()["ser-head"]
+    needed = ray_head_ec2_actions()
+    assert {"ec2:RunInstances", "ec2:TerminateInstances", "ec2:CreateTags", "ec2:DescribeInstances"} <= needed
+    for action in needed:
+        assert allowed(head, action), f"Ray's autoscaler calls {action}; the head's policy does not allow it"
+    assert not any(allowed(head, a) for a in ("ec2:DeleteVpc", "ec2:ModifyInstanceAttribute", "iam:CreateRole"))
+    assert not [c for c in readme_commands() if "attach-role-policy" in c], "no managed policy (AmazonEC2FullAccess...)"
+    for action in ("ec2:RunInstances", "ec2:TerminateInstances", "ec2:StopInstances", "ec2:CreateTags"):
+        for statement in allowed(head, action, ":instance/"):
+            condition = json.dumps(statement.get("Condition", {}))
+            assert "ray-cluster-name" in condition or "ec2:CreateAction" in condition, statement
+    launch = allowed(head, "ec2:RunInstances", ":instance/")
+    workers = {nt["node_config"]["InstanceType"] for nt in worker_types(_aws()).values()}
+    assert [s["Condition"]["StringEquals"]["ec2:InstanceType"] for s in launch] == sorted(workers)
+    assert {s["Condition"]["StringEquals"]["aws:RequestTag/ray-cluster-name"] for s in launch} == {
+        _aws()["cluster_name"]}
+
+
+def test_readme_gcp_accounts_hold_the_bucket_and_the_head_no_more_than_instances():
+    commands = [shlex.split(c) for c in readme_commands() if c.startswith("gcloud ") and "iam-policy-binding" in c]
+    project_roles = {(option_value(a, "--member"), option_value(a, "--role")) for a in commands
+                     if a[1:3] == ["projects", "add-iam-policy-binding"]}
+    assert project_roles == {("serviceAccount:ser-ray-head@$PROJECT.iam.gserviceaccount.com",
+                              "roles/compute.instanceAdmin.v1")}
+    bucket_roles = {(option_value(a, "--member"), option_value(a, "--role")) for a in commands
+                    if a[1:3] == ["storage", "buckets"]}
+    assert {role for _, role in bucket_roles} == {"roles/storage.objectUser"}
+    config = load(CLUSTER_DIR / "gcp-gpu.yaml")
+    for nt in node_types(config).values():
+        account = nt["node_config"]["serviceAccounts"][0]["email"].replace("YOUR_GCP_PROJECT", "$PROJECT")
+        assert f"serviceAccount:{account}" in {member for member, _ in bucket_roles}, account
+
+
+def test_readme_sweep_cost_arithmetic_holds():
+    """Every 'a x b = c' and 'a / b / 3600 = c' of the paper sweep's cost section, to its printed precision."""
+    text = README.read_text()
+    section = text[text.index("### The paper sweep"):text.index("## One environment")]
+    number = r"(\d+(?:\.\d+)?(?:e\d+)?)"
+    products = re.findall(rf"{number} x {number} = {number}", section)
+    quotients = re.findall(rf"{number} / {number} / 3600 = {number}", section)
+    assert len(products) >= 6 and len(quotients) >= 2
+    for a, b, c in products:
+        assert float(a) * float(b) == pytest.approx(float(c), abs=0.6 * 10 ** -len(c.partition(".")[2])), (a, b, c)
+    for a, b, c in quotients:
+        assert float(a) / float(b) / 3600 == pytest.approx(float(c), abs=0.06), (a, b, c)
