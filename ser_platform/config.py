@@ -323,6 +323,9 @@ class SweepConfig:
     mode: str = "max"
     seed: int = 0  # Optuna TPE sampler seed
     grid: str = ""  # "" = Optuna search; "paper" = exactly Table 2's (alpha, beta) points
+    # Tune restarts an errored trial this often (-1 = without limit); a restarted trial resumes its folds from
+    # their checkpoints. Worker failures inside a fold are train.max_failures'.
+    max_failures: int = 0
 
     def __post_init__(self) -> None:
         _check_fields(self, "sweep.")
@@ -332,6 +335,7 @@ class SweepConfig:
         _check(self.mode in ("max", "min"), "sweep.mode", self.mode, "'max' or 'min'")
         _check(self.seed >= 0, "sweep.seed", self.seed, ">= 0")
         _check(self.grid in ("", "paper"), "sweep.grid", self.grid, "'' or 'paper'")
+        _check(self.max_failures >= -1, "sweep.max_failures", self.max_failures, ">= -1 (-1 = without limit)")
 
 
 @dataclass
@@ -421,6 +425,9 @@ def _paper() -> Config:
             attn_dropout=0.25, relu_dropout=0.25, res_dropout=0.25, embed_dropout=0.25, dropout=0.25,
             focal_reading="as_written", sigma_min=0.0, self_attention_layers=0,
             embedding_dim=128,
+            # With the frozen feature encoder and bf16, what makes batch 32 of 15 s fit a 24 GB L4 (the cluster
+            # configs' GPU) with 43-51 % left: benchmarks/memory.py, BENCHMARKS.md ("GPU memory").
+            gradient_checkpointing=True,
         ),
         loss=LossConfig(alpha=0.5, beta=1.0, space="speech"),
         train=TrainConfig(epochs=30, batch_size=32, lr=1e-5, patience=5, num_workers=1, use_gpu=True,

@@ -12,12 +12,15 @@ pickles a config and the one that reads it, fail late and obscurely, so the entr
 from __future__ import annotations
 
 import importlib.metadata
+import platform
 import socket
 from typing import Any, Mapping
 
-# What must be the same everywhere: the libraries whose objects cross processes (models, configs, datasets,
-# Ray's own protocol) and the project itself.
-PACKAGES = ("torch", "torchaudio", "ray", "transformers", "mlflow", "pyarrow", "ser_platform")
+# What must be the same everywhere: the libraries whose objects cross processes or whose numbers a run depends on
+# (models, tokenizers, the losses, configs, datasets, Ray's own protocol), and the project itself. The rest of the
+# environment is pinned by cluster/constraints.txt.
+PACKAGES = ("torch", "torchaudio", "ray", "transformers", "tokenizers", "pytorch-metric-learning", "mlflow",
+            "optuna", "pyarrow", "numpy", "ser_platform")
 
 
 class EnvironmentMismatch(ValueError):
@@ -36,6 +39,7 @@ def versions() -> dict[str, str]:
         except importlib.metadata.PackageNotFoundError:
             found[name] = "absent"
     found["ser_platform"] += f" ({git_commit()})"
+    found["python"] = platform.python_version()
     return found
 
 

@@ -247,7 +247,7 @@ def _build_tuner(ctx: TrialContext, config: Config, sweep_dir: str, study_storag
                                     trial_dirname_creator=_trial_dirname),
         # Tune's own status tables only with --verbose: the callback prints a line per trial.
         run_config=tune.RunConfig(name=ctx.sweep_name, storage_path=config.tracking.storage, verbose=int(verbose),
-                                  failure_config=tune.FailureConfig(max_failures=0),
+                                  failure_config=tune.FailureConfig(max_failures=config.sweep.max_failures),
                                   callbacks=[_progress_callback(total, config.sweep.metric)]),
     )
 

@@ -12,7 +12,7 @@ from ser_platform.environment import EnvironmentMismatch, check_worker, differen
 
 def test_versions_are_the_installed_distributions_and_the_commit():
     found = versions()
-    assert set(found) == set(environment.PACKAGES)
+    assert set(found) == set(environment.PACKAGES) | {"python"}
     for name in ("torch", "ray", "transformers", "mlflow", "pyarrow"):
         assert found[name] == importlib.metadata.version(name)
     assert found["ser_platform"].startswith(importlib.metadata.version("ser_platform") + " (")
