@@ -356,3 +356,102 @@ class MlflowServer:
         if self.process.poll() is None:
             self.process.wait()
         self.process = None
+
+
+# --- a sweep whose trials train nothing -------------------------------------------------------------------------
+
+SWEEP_CALLS_ENV = "SER_TEST_SWEEP_CALLS"  # file the stand-in appends each call's trial id to
+SWEEP_BLOCK_ENV = "SER_TEST_SWEEP_BLOCK"  # set: the stand-in hangs on the second trial (to be killed there)
+
+
+def standin_scores(alpha: float, beta: float, fold: int) -> dict[str, float]:
+    """Per-fold scores as a known formula of the configuration, so the tables can be checked against it."""
+    test_ua = 0.40 + 0.20 * alpha - 0.05 * beta + 0.01 * fold
+    return {"val_wa": test_ua + 0.03, "val_ua": test_ua + 0.02, "test_wa": test_ua + 0.01, "test_ua": test_ua}
+
+
+def standin_train_folds(config, *, run_name, storage_path, parent_run_id=None, tags=None, labels=None,
+                        progress=None):
+    """``ray_train.train_folds``'s signature and logging, numbers from ``standin_scores``: Tune's and MLflow's
+    bookkeeping of a sweep in seconds. ``$SER_TEST_SWEEP_CALLS`` records each call; with ``$SER_TEST_SWEEP_BLOCK``
+    the second trial hangs (a test kills the driver there)."""
+    import time
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    trial_id = (tags or {}).get("ser.trial_id", run_name)
+    calls = os.environ.get(SWEEP_CALLS_ENV)
+    if calls:
+        with open(calls, "a") as handle:
+            handle.write(trial_id + "\n")
+        seen = Path(calls).read_text().split()
+        if os.environ.get(SWEEP_BLOCK_ENV) and len(set(seen)) >= 2:
+            time.sleep(600)  # the test kills the sweep's driver here
+    client = MlflowClient(config.tracking.mlflow_uri)
+    experiment_id = client.get_experiment_by_name(config.tracking.experiment).experiment_id
+    per_fold = {}
+    for fold in config.data.folds:
+        scores = standin_scores(config.loss.alpha, config.loss.beta, fold)
+        per_fold[fold] = SimpleNamespace(fold=fold, best_epoch=1, confusion=[[1]], **scores)
+        # Like train_folds: a restarted trial finds its fold runs again by their tags instead of adding runs.
+        found = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
+                                                     f"tags.`ser.fold` = '{fold}'")
+        run = found[0] if found else client.create_run(experiment_id, run_name=f"fold={fold}", tags={
+            "mlflow.parentRunId": parent_run_id, "ser.fold": str(fold), "ser.role": "fold", **(tags or {})})
+        client.log_metric(run.info.run_id, "test_ua", scores["test_ua"])
+        client.set_terminated(run.info.run_id)
+    summary = {}
+    for key in ("val_wa", "val_ua", "test_wa", "test_ua"):
+        values = np.array([getattr(per_fold[f], key) for f in per_fold])
+        summary[f"{key}_mean"], summary[f"{key}_std"] = float(values.mean()), float(values.std())
+    return SimpleNamespace(per_fold=per_fold, summary=summary)
+
+
+def tune_trials(sweep_dir: Path) -> dict[str, str]:
+    """trial id -> status, from Tune's experiment state file (what a restore will read)."""
+    import json
+
+    states = sorted(sweep_dir.glob("experiment_state-*.json"))
+    if not states:
+        return {}
+    try:
+        data = json.loads(states[-1].read_text())
+    except json.JSONDecodeError:  # caught mid-write
+        return {}
+    trials = [json.loads(entry[0]) for entry in data["trial_data"]]
+    return {t["trial_id"]: t["status"] for t in trials}
+
+
+SWEEP_DRIVER = """
+import json, os, sys
+import ray
+sys.path.insert(0, {tests_dir!r})
+import support
+from ser_platform.config import from_dict
+from ser_platform.sweep import run_sweep
+
+address = {address!r}
+if address:  # a cluster that is up; its workers do not see this process's environment: hand the switches over
+    env_vars = {{k: v for k, v in os.environ.items() if k in ({calls_env!r}, {block_env!r})}}
+    ray.init(address=address, log_to_driver=False, runtime_env={{"env_vars": env_vars}})
+ray.cloudpickle.register_pickle_by_value(support)  # Ray's workers cannot import the tests' helpers
+config = from_dict(json.loads(open({config!r}).read()))
+result = run_sweep(config, name={name!r}, resume={resume}, train_fn=support.standin_train_folds, verbose=False)
+print("RESULT " + json.dumps({{"status": result.status, "parent": result.parent_run_id,
+                               "trials": [t["trial_id"] for t in result.trials]}}))
+"""
+
+
+def sweep_driver(tmp: Path, config_file: Path, *, name: str, resume: bool, env: dict,
+                 address: str | None = None):
+    """A sweep's driver in a subprocess (so a test can kill it): on the cluster at ``address``, or (None) on a
+    local Ray of its own (run_sweep starts it), with the stand-in trials; it prints ``RESULT {json}`` at the end."""
+    import subprocess
+
+    script = tmp / f"driver_{name}_{int(resume)}.py"
+    script.write_text(SWEEP_DRIVER.format(tests_dir=str(REPO / "tests"), address=address or "",
+                                          config=str(config_file), name=name, resume=resume,
+                                          calls_env=SWEEP_CALLS_ENV, block_env=SWEEP_BLOCK_ENV))
+    return subprocess.Popen([sys.executable, str(script)], cwd=tmp, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)

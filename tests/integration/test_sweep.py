@@ -1,9 +1,9 @@
 """Sweeps: Ray Tune + Optuna over the loss, every trial on every fold, MLflow parent/trial/fold runs, resume.
 
-On the session's local Ray instance (tests/integration/conftest.py). The main test runs the real ``train_folds``
-(tiny corpus, tiny model, 1 epoch, 5 folds, 2 Optuna trials); the grid and resume tests swap in
-``standin_train_folds`` (same signature, numbers computed from the config by a formula, fold runs logged like
-``train_folds`` does) so they exercise Tune's and MLflow's bookkeeping in seconds.
+On the tier's local Ray instance (tests/integration/conftest.py), with ``support.standin_train_folds`` in place
+of ``train_folds`` (same signature, numbers computed from the config by a formula, fold runs logged like
+``train_folds`` does), so they exercise Tune's and MLflow's bookkeeping in seconds; a sweep that really trains is
+tests/e2e/test_sweep_e2e.py's.
 """
 
 from __future__ import annotations
@@ -11,66 +11,21 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+import support
 from ser_platform.catalogue import PAPER_GRID
 from ser_platform.config import load_config
 from ser_platform.sweep import run_sweep
+from support import SWEEP_BLOCK_ENV, SWEEP_CALLS_ENV, standin_scores, standin_train_folds, sweep_driver, tune_trials
 
 # Table 2's rows as (alpha, beta, paper WA, paper UA), from the catalogue the grid is built from.
 TABLE2_POINTS = [(row.overrides["loss.alpha"], row.overrides["loss.beta"], *row.paper) for row in PAPER_GRID.rows]
 
-TESTS_DIR = Path(__file__).resolve().parent
-CALLS_ENV = "SER_TEST_SWEEP_CALLS"  # file the stand-in appends each call's trial id to
-BLOCK_ENV = "SER_TEST_SWEEP_BLOCK"  # set: the stand-in hangs on the second trial (to be killed there)
-
-
-# --- a stand-in for ray_train.train_folds (same signature) ------------------------------------------------------
-
-def standin_scores(alpha: float, beta: float, fold: int) -> dict[str, float]:
-    """Per-fold scores as a known formula of the configuration, so the tables can be checked against it."""
-    test_ua = 0.40 + 0.20 * alpha - 0.05 * beta + 0.01 * fold
-    return {"val_wa": test_ua + 0.03, "val_ua": test_ua + 0.02, "test_wa": test_ua + 0.01, "test_ua": test_ua}
-
-
-def standin_train_folds(config, *, run_name, storage_path, parent_run_id=None, tags=None, labels=None,
-                        progress=None):
-    from mlflow import MlflowClient
-
-    trial_id = (tags or {}).get("ser.trial_id", run_name)
-    calls = os.environ.get(CALLS_ENV)
-    if calls:
-        with open(calls, "a") as handle:
-            handle.write(trial_id + "\n")
-        seen = Path(calls).read_text().split()
-        if os.environ.get(BLOCK_ENV) and len(set(seen)) >= 2:
-            time.sleep(600)  # the test kills the sweep's driver here
-    client = MlflowClient(config.tracking.mlflow_uri)
-    experiment_id = client.get_experiment_by_name(config.tracking.experiment).experiment_id
-    per_fold = {}
-    for fold in config.data.folds:
-        scores = standin_scores(config.loss.alpha, config.loss.beta, fold)
-        per_fold[fold] = SimpleNamespace(fold=fold, best_epoch=1, confusion=[[1]], **scores)
-        # Like train_folds: a restarted trial finds its fold runs again by their tags instead of adding runs.
-        found = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
-                                                     f"tags.`ser.fold` = '{fold}'")
-        run = found[0] if found else client.create_run(experiment_id, run_name=f"fold={fold}", tags={
-            "mlflow.parentRunId": parent_run_id, "ser.fold": str(fold), **(tags or {})})
-        client.log_metric(run.info.run_id, "test_ua", scores["test_ua"])
-        client.set_terminated(run.info.run_id)
-    summary = {}
-    for key in ("val_wa", "val_ua", "test_wa", "test_ua"):
-        values = np.array([getattr(per_fold[f], key) for f in per_fold])
-        summary[f"{key}_mean"], summary[f"{key}_std"] = float(values.mean()), float(values.std())
-    return SimpleNamespace(per_fold=per_fold, summary=summary)
 
 
 # --- fixtures ---------------------------------------------------------------------------------------------------
@@ -79,7 +34,7 @@ def standin_train_folds(config, *, run_name, storage_path, parent_run_id=None, t
 def ray_address(ray_cluster):
     import ray
 
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test file
+    ray.cloudpickle.register_pickle_by_value(support)  # Ray workers cannot import the tests' helpers
     return ray_cluster
 
 
@@ -128,47 +83,6 @@ def test_paper_grid_runs_exactly_table2_points(ray_address, tmp_path, training_d
         assert row[-2:] == [f"{paper_wa:.3f}", f"{paper_ua:.3f}"]
 
 
-def _tune_trials(sweep_dir: Path) -> dict[str, str]:
-    """trial id -> status, from Tune's experiment state file (what a restore will read)."""
-    states = sorted(sweep_dir.glob("experiment_state-*.json"))
-    if not states:
-        return {}
-    try:
-        data = json.loads(states[-1].read_text())
-    except json.JSONDecodeError:  # caught mid-write
-        return {}
-    trials = [json.loads(entry[0]) for entry in data["trial_data"]]
-    return {t["trial_id"]: t["status"] for t in trials}
-
-
-DRIVER = textwrap.dedent("""
-    import json, os, sys
-    import ray
-    sys.path.insert(0, {tests_dir!r})
-    import test_sweep
-    from ser_platform.config import from_dict
-    from ser_platform.sweep import run_sweep
-
-    # The cluster's workers do not see this process's environment: hand the stand-in's switches over explicitly.
-    env_vars = {{k: v for k, v in os.environ.items() if k in ({calls_env!r}, {block_env!r})}}
-    ray.init(address={address!r}, log_to_driver=False, runtime_env={{"env_vars": env_vars}})
-    ray.cloudpickle.register_pickle_by_value(test_sweep)
-    config = from_dict(json.loads(open({config!r}).read()))
-    result = run_sweep(config, name="resumable", resume={resume}, train_fn=test_sweep.standin_train_folds,
-                       verbose=False)
-    print("RESULT " + json.dumps({{"status": result.status, "parent": result.parent_run_id,
-                                   "trials": [t["trial_id"] for t in result.trials]}}))
-""")
-
-
-def _driver(tmp: Path, address: str, config_file: Path, resume: bool, env: dict) -> subprocess.Popen:
-    script = tmp / f"driver_{int(resume)}.py"
-    script.write_text(DRIVER.format(tests_dir=str(TESTS_DIR), address=address, config=str(config_file),
-                                    resume=resume, calls_env=CALLS_ENV, block_env=BLOCK_ENV))
-    return subprocess.Popen([sys.executable, str(script)], cwd=tmp, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
 def test_killed_sweep_resumes_without_redoing_finished_trials(ray_address, tmp_path, training_dataset):
     import optuna
 
@@ -176,28 +90,29 @@ def test_killed_sweep_resumes_without_redoing_finished_trials(ray_address, tmp_p
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(config.to_dict()))
     calls = tmp_path / "calls.txt"
-    env = {**os.environ, CALLS_ENV: str(calls), "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONUNBUFFERED": "1"}
-    first = _driver(tmp_path, ray_address, config_file, False, {**env, BLOCK_ENV: "1"})
+    env = {**os.environ, SWEEP_CALLS_ENV: str(calls), "TUNE_GLOBAL_CHECKPOINT_S": "1", "PYTHONUNBUFFERED": "1"}
+    first = sweep_driver(tmp_path, config_file, name="resumable", resume=False, env={**env, SWEEP_BLOCK_ENV: "1"},
+                         address=ray_address)
     sweep_dir = tmp_path / "runs" / "resumable"
     deadline = time.monotonic() + 240
     try:
         # Kill once Tune's saved state has the first trial finished and the second one inside its training.
         while time.monotonic() < deadline:
-            states = sorted(_tune_trials(sweep_dir).values())
+            states = sorted(tune_trials(sweep_dir).values())
             training = set(calls.read_text().split()) if calls.exists() else set()
             if states == ["RUNNING", "TERMINATED"] and len(training) == 2:
                 break
             assert first.poll() is None, f"sweep exited early:\n{first.stdout.read()}"
             time.sleep(0.5)
         else:
-            pytest.fail(f"the first trial never finished in Tune's saved state: {_tune_trials(sweep_dir)}")
+            pytest.fail(f"the first trial never finished in Tune's saved state: {tune_trials(sweep_dir)}")
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     killed_trial_runs = _runs(config.tracking.mlflow_uri, "test_sweep", "tags.`ser.role` = 'trial'")
     assert sorted(r.info.status for r in killed_trial_runs) == ["FINISHED", "RUNNING"]
 
-    second = _driver(tmp_path, ray_address, config_file, True, env)
+    second = sweep_driver(tmp_path, config_file, name="resumable", resume=True, env=env, address=ray_address)
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0, out
     result = json.loads(out.split("RESULT ", 1)[1].splitlines()[0])
