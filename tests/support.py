@@ -6,19 +6,14 @@
 * the tiny ``SERModel`` the model tests build, its inputs and the metric-loss gradient check;
 * a sweep's parent and trial runs logged the way ``sweep.run_trial`` logs them, without Ray;
 * processes: free loopback ports, a Ray head started with `ray start --head --block` on its own ports, temp dir
-  and HOME, an `mlflow ui` / `mlflow server` on its own port, and finding (to kill) whatever a test started.
-  Linux (/proc).
+  and HOME, and finding (to kill) whatever a test started. Linux (/proc).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -265,52 +260,69 @@ def head_command(temp_dir: Path, num_cpus: int) -> tuple[list[str], int]:
     ], dashboard
 
 
+# --- a real MLflow tracking server -----------------------------------------------------------------------------
+
 class MlflowServer:
-    """``mlflow COMMAND`` (``ui`` or ``server``) on ``backend_uri``, on a free loopback port, started in a session of
-    its own so that ``stop`` ends its uvicorn workers and job consumers too. It boots while the caller works (a
-    few to tens of seconds on 2 busy cores); ``wait_ready`` then polls ``/health`` with a deadline. Use it as a
-    context manager; its log is ``workdir/mlflow-COMMAND.log``."""
+    """`mlflow server` on 127.0.0.1 (a free port unless given), in its own session so that stopping it stops its
+    whole process group (uvicorn workers, MLflow's job consumers); ``stop`` then ``start`` again is a server that
+    went away and came back on the same port and store."""
 
-    def __init__(self, command: str, backend_uri: str, workdir: Path, *extra: str):
-        self.url = f"http://127.0.0.1:{free_ports(1)[0]}"
-        self.log_path = workdir / f"mlflow-{command}.log"
-        self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", command, "--host", "127.0.0.1", "--port", self.url.rsplit(":", 1)[1],
-             "--backend-store-uri", backend_uri, "--workers", "1", *extra],
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir,
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    def __init__(self, backend: str, workdir: Path, *, artifacts: Path | None = None, port: int | None = None,
+                 env: dict | None = None):
+        import subprocess
 
-    def wait_ready(self, timeout: float = 120.0) -> str:
-        """The server's base URL once ``/health`` answers OK; RuntimeError with its log's tail if it exits or the
-        deadline passes first."""
+        self.backend, self.workdir, self.artifacts = backend, Path(workdir), artifacts
+        self.port = port or free_ports(1)[0]
+        self.env = env
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120) -> str:
+        import subprocess
+        import time
+        import urllib.request
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                   "--backend-store-uri", self.backend, "--workers", "1"]
+        if self.artifacts is not None:
+            command += ["--artifacts-destination", str(self.artifacts)]
+        log = open(self.workdir / "server.log", "a")
+        self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        cwd=self.workdir, env=self.env)
+        log.close()
         deadline = time.monotonic() + timeout
         while True:
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
+                with urllib.request.urlopen(self.uri + "/health", timeout=2) as response:
                     if response.read() == b"OK":
-                        return self.url
+                        return self.uri
             except OSError:
                 pass
             if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"mlflow did not start on {self.url}: {self.log_path.read_text()[-2000:]}")
+                self.stop()
+                raise RuntimeError(f"mlflow server did not start: {(self.workdir / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
 
-    def stop(self) -> None:
-        """SIGTERM to the whole group, SIGKILL to whatever is left of it after 20 s."""
+    def stop(self, timeout: float = 20) -> None:
+        import signal
+        import subprocess
+
+        if self.process is None:
+            return
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(timeout=20)
+            self.process.wait(timeout=timeout)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         for pid in group_members(self.process.pid):
-            os.kill(pid, signal.SIGKILL)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         if self.process.poll() is None:
             self.process.wait()
-        self._log.close()
-
-    def __enter__(self) -> "MlflowServer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
+        self.process = None

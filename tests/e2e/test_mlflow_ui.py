@@ -5,9 +5,9 @@ A fresh SQLite store is filled the way the sweeps log, without training: each sw
 through the package's own tracking code (``support.open_sweep`` / ``support.log_trial``), each trial's five fold
 runs through the fold logger Ray Train's rank 0 uses (``tracking.FoldLogger``), with known per-fold scores; the
 trial's summary is ``train.summarize_trial``'s, and the tables are built and logged on the parent runs as a sweep
-does at its end (``tables.sweep_tables`` / ``log_tables``). `mlflow ui` serves the store on a free loopback port
-(it boots while the store fills), and Debian's Chromium, headless, driven by Playwright (the ``playwright``
-package with the system browser: nothing downloaded), follows the doc.
+does at its end (``tables.sweep_tables`` / ``log_tables``). `mlflow server` (`mlflow ui`) serves the store on a
+free loopback port (it boots while the store fills), and Debian's Chromium, headless, driven by Playwright (the
+``playwright`` package with the system browser: nothing downloaded), follows the doc.
 
 Truths: each table cell equals numpy's mean ± sample std of the known per-fold scores; each number the page shows
 (rounded as the tables round) equals the table's cell; a fold run's page shows that fold's known score; the
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -155,15 +156,23 @@ class Store:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
+    """`mlflow server` on the filled store (`mlflow ui`, the doc's command, is the same command in MLflow 3:
+    mlflow/cli/__init__.py maps one onto the other). It boots (seconds to tens of seconds on 2 busy cores) while
+    the store fills: ``start`` waits for it in a thread."""
     root = tmp_path_factory.mktemp("mlflow-ui")
     uri = tracking.ensure_store(f"sqlite:///{root / 'mlflow.db'}")  # the schema first: the server must not race it
     experiment_id = tracking.experiment_id(uri, "ser_platform")
-    with MlflowServer("ui", uri, root) as server:
-        known: dict[str, dict[int, FoldResult]] = {}
-        tables = {name: log_sweep(uri, experiment_id, name, experiment, 10 * position, known)
-                  for position, (name, experiment) in enumerate(SWEEPS.items())}
-        print("\n\n".join(format_table(t) for built in tables.values() for t in built))
-        yield Store(server.wait_ready(), experiment_id, MlflowClient(uri), tables, known)
+    server = MlflowServer(uri, root / "server", env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
+    with ThreadPoolExecutor(1) as pool:
+        try:
+            started = pool.submit(server.start)
+            known: dict[str, dict[int, FoldResult]] = {}
+            tables = {name: log_sweep(uri, experiment_id, name, experiment, 10 * position, known)
+                      for position, (name, experiment) in enumerate(SWEEPS.items())}
+            print("\n\n".join(format_table(t) for built in tables.values() for t in built))
+            yield Store(started.result(), experiment_id, MlflowClient(uri), tables, known)
+        finally:
+            server.stop()
 
 
 # --- the browser, and the doc's steps ---------------------------------------------------------------------------
@@ -357,14 +366,6 @@ def test_fold_runs_under_a_trial(page, store):
     expect(page.get_by_placeholder(SEARCH_BOX)).to_have_value('params.table = "1"')
 
 
-def test_the_column_choice_stays(page, store):
-    """"Open the UI", step 4: the browser keeps the chosen columns for the experiment (a reload)."""
-    page.reload()
-    expect(name_cell(page, next(iter(SWEEPS)))).to_be_visible()
-    for column in (*METRIC_COLUMNS, *PARAM_COLUMNS):
-        expect(page.get_by_role("columnheader", name=column, exact=True).first).to_be_visible()
-
-
 def test_a_filter_fold_runs_do_not_match_hides_them(page, store):
     """"Caveats": a filter on a trial metric keeps the trials (under their parents) but not their fold runs: a
     trial shows no ⊞."""
@@ -416,3 +417,10 @@ def test_search_sorted_by_the_objective(page, store):
     sort_by(page, "Created")  # the tree again: the parent alone, folded
     expect(name_cell(page, "fold=1")).to_have_count(0)
     assert [r["name"] for r in read_rows(page)] == [name]
+
+
+def test_the_column_choice_stays(page, store):
+    """"Open the UI", step 4: the browser keeps the chosen columns for the experiment (a reload)."""
+    page.reload()
+    for column in (*METRIC_COLUMNS, *PARAM_COLUMNS):
+        expect(page.get_by_role("columnheader", name=column, exact=True).first).to_be_visible()
