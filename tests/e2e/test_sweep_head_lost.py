@@ -52,7 +52,7 @@ def runs(client, experiment: str, role: str, parent: str | None = None) -> list:
     return client.search_runs([experiment_id], query, max_results=1000)
 
 
-def test_a_sweep_resumes_after_its_driver_tracking_server_and_database_were_lost(training_dataset):
+def test_a_sweep_resumes_after_its_driver_tracking_server_and_database_were_lost(training_dataset, monkeypatch):
     import optuna
     from mlflow import MlflowClient
 
@@ -68,6 +68,7 @@ def test_a_sweep_resumes_after_its_driver_tracking_server_and_database_were_lost
     try:
         postgres("start", db_env)
         pgpass = str(db_home / "pgpass")
+        monkeypatch.setenv("PGPASSFILE", pgpass)  # how libpq finds the password here too (Optuna's read-back)
         backend, optuna_uri = ((db_home / n).read_text().strip() for n in ("mlflow_uri", "optuna_uri"))
         server = MlflowServer(backend, root / "mlflow", artifacts=root / "artifacts", env={**db_env, "PGPASSFILE": pgpass})
         server.start()
