@@ -277,8 +277,8 @@ class TrainConfig:
     seed: int = 0
     seeds: int = 1  # run every fold with seed, seed+1, ..., seed+seeds-1; tables: mean ± std over folds × seeds
     num_workers: int = 1  # Ray Train workers (DDP ranks) per trial
-    # CPUs per worker; 0 = "auto": the cluster's CPUs shared out among sweep.max_concurrent trials and their
-    # workers (on a 2-core laptop one worker gets ~2 CPUs and trains with 2 torch threads).
+    # CPUs per worker; 0 = "auto": the largest node's CPUs shared by the workers that must share such a node
+    # (resources.py; on a 2-core laptop one worker gets ~2 CPUs and trains with 2 torch threads).
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     gpus_per_worker: float = 1.0
@@ -287,6 +287,9 @@ class TrainConfig:
     # "trial": one TorchTrainer runs all the config's folds in turn (a fresh model per fold), paying Ray Train's
     # ~20 s start-up once; "fold": one TorchTrainer per fold (finer restart unit). See BENCHMARKS.md.
     trainer_scope: str = "trial"
+    # (fold, seed) units of one configuration trained at once, each its own TorchTrainer; 0 = "auto": the worker
+    # slots the cluster (or its autoscaler's maximum) gives each trial (resources.py). With 1, trainer_scope applies.
+    parallel_units: int = 0
 
     def __post_init__(self) -> None:
         _check_fields(self, "train.")
@@ -307,6 +310,7 @@ class TrainConfig:
         _check(self.precision in ("fp32", "bf16"), "train.precision", self.precision, "'fp32' or 'bf16'")
         _check(self.max_failures >= -1, "train.max_failures", self.max_failures, ">= -1 (-1 = unlimited)")
         _check(self.trainer_scope in ("trial", "fold"), "train.trainer_scope", self.trainer_scope, "'trial' or 'fold'")
+        _check(self.parallel_units >= 0, "train.parallel_units", self.parallel_units, ">= 0 (0 = auto)")
 
 
 @dataclass
@@ -338,6 +342,9 @@ class TrackingConfig:
     # Each fold run keeps its selected weights + config as artifacts model/ for `ser predict`: 1.2 MB per fold for
     # the demo model, ~1.8 GB for the fine-tuned paper model (frozen encoders' weights are never stored).
     log_model: bool = True
+    # On a cluster of several nodes, local paths (dataset, storage, an MLflow file store) are refused: a worker
+    # on another node cannot read them (cluster.check_no_shared_disk). True vouches that every node mounts them.
+    shared_filesystem: bool = False
 
     def __post_init__(self) -> None:
         _check_fields(self, "tracking.")
