@@ -190,6 +190,16 @@ def resolve_locations(config: Any) -> Any:
     })
 
 
+def check_before_ray(config: Any) -> None:
+    """What can fail in seconds, before Ray starts and without writing anything: a named dataset
+    (``resolve_dataset``'s checks) and an http(s) tracking server (probed)."""
+    from ser_platform.tracking.store import check_tracking_server, resolve_tracking_uri
+
+    if config.data.dataset:
+        resolve_dataset(config.data.dataset)
+    check_tracking_server(resolve_tracking_uri(config))
+
+
 def prepare_run(config: Any, *, sweep: bool, say: Any = print) -> Any:
     """The entry point's one step once Ray is connected and before anything is written: the cluster's shape
     (``resources.cluster_shape``), local paths refused on a cluster of several nodes (``check_no_shared_disk``),

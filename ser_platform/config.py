@@ -287,8 +287,9 @@ class TrainConfig:
     # "trial": one TorchTrainer runs all the config's folds in turn (a fresh model per fold), paying Ray Train's
     # ~20 s start-up once; "fold": one TorchTrainer per fold (finer restart unit). See BENCHMARKS.md.
     trainer_scope: str = "trial"
-    # (fold, seed) units of one configuration trained at once, each its own TorchTrainer; 0 = "auto": the worker
-    # slots the cluster (or its autoscaler's maximum) gives each trial (resources.py). With 1, trainer_scope applies.
+    # (fold, seed) units of one configuration trained at once; 0 = "auto": the worker groups the cluster (or its
+    # autoscaler's maximum) holds for each trial (resources.py). trainer_scope "trial" deals a seed's folds into
+    # that many lanes, one TorchTrainer each; "fold" runs a TorchTrainer per (fold, seed), that many at once.
     parallel_units: int = 0
 
     def __post_init__(self) -> None:

@@ -4,26 +4,33 @@
 
 1. In the driver: the tracking store is created/probed (fails fast), each fold's train/val/test splits are
    read from Parquet and filtered by speaker (``data/loader.fold_datasets``), the leakage guard runs on the
-   actual rows, and the splits are materialised in Ray's object store (``config.data.materialize``).
+   actual rows, and the splits are materialised in Ray's object store (``config.data.materialize``), all before
+   any worker takes its CPUs (``FoldData``; a sweep's driver prepares them once for all its trials).
    With ``data.encoder_cache`` the cache is checked here too (``frozen_encoders.open_encoder_cache``: a stale
    one stops the run before any trainer starts); each worker then loads its entries into memory, its collate
    adds the cached states to every batch, and the model is built without RoBERTa/wav2vec2.
-2. ``config.train.trainer_scope``: "trial" = one ``TorchTrainer`` runs every fold in turn (datasets
-   ``train_1, val_1, test_1, ...``), paying Ray Train's start-up once; "fold" = one ``TorchTrainer`` per fold
-   (a finer unit of restart). Both run the same per-worker function over a list of folds.
+2. The (fold, seed) units become Ray Train runs (``_units``): ``config.train.trainer_scope`` "trial" deals each
+   seed's folds into ``train.parallel_units`` lanes, one ``TorchTrainer`` per lane running its folds in turn
+   (datasets ``train_1, val_1, test_1, ...``), paying Ray Train's start-up once per lane; "fold" = one
+   ``TorchTrainer`` per (fold, seed) (a finer unit of restart). At most ``train.parallel_units`` runs train at
+   once (``run_at_most``, one driver thread each); the others queue, and on an autoscaling cluster the workers
+   that wait are the demand that starts nodes. All run the same per-worker function over a list of folds.
 3. On every worker: ``get_dataset_shard(...)`` -> batches (training split sharded over workers, reshuffled per
    epoch; evaluation splits read whole, each rank scoring every world_size-th batch), ``prepare_model`` (DDP:
    gloo on CPU, nccl on GPU), ``train.fit_folds``. Each epoch ends with a checkpoint (fold, epoch, model and
-   optimizer state, best-so-far weights, finished folds' results) reported to ``RunConfig(storage_path)``;
-   ``FailureConfig(max_failures)`` restarts failed workers, which continue from that checkpoint. Running
-   ``train_folds`` again with the same ``run_name`` and ``storage_path`` continues an interrupted run too
-   (Ray Train V2 restores a run of the same name from its storage).
-4. Rank 0 logs to MLflow (``tracking.FoldLogger``): a run per fold (found again, not duplicated, after a
-   restart) nested under ``parent_run_id`` or under a run this function creates. Per-fold results come back through the train
-   function's return value (``Result.return_value``: Ray Train V2 returns rank 0's value). At fold end the
-   selected weights and the resolved config go to the fold run as artifacts ``model/`` (``ser predict``).
-5. ``config.train.seeds`` > 1: steps 2-4 again per seed (seed, seed+1, ...), Train runs ``<run_name>/seed=S``
-   and a fold run per (fold, seed); the summary is over every fold × seed run (``train.summarize_trial``).
+   optimizer state, best-so-far weights, finished folds' results) reported to ``RunConfig(storage_path)``
+   (object storage on a cluster; its size and upload seconds go to the fold run, ``CHECKPOINT_MB`` and
+   ``CHECKPOINT_SECONDS``); ``FailureConfig(max_failures)`` restarts failed workers (a lost node's too, on the
+   nodes that remain), which continue from that checkpoint. Running ``train_folds`` again with the same
+   ``run_name`` and ``storage_path`` continues an interrupted run too (Ray Train V2 restores a run of the same
+   name from its storage).
+4. Rank 0 logs to MLflow (``tracking.FoldLogger``): a run per (fold, seed) (found again, not duplicated, after a
+   restart) nested under ``parent_run_id`` or under a run this function creates. Per-fold results come back
+   through the train function's return value (``Result.return_value``: Ray Train V2 returns rank 0's value). At
+   fold end the selected weights and the resolved config go to the fold run as artifacts ``model/`` (``ser
+   predict``).
+5. ``config.train.seeds`` > 1: every seed's runs (seed, seed+1, ...) under ``<run_name>/seed=S``, a fold run per
+   (fold, seed); the summary is over every fold × seed run (``train.summarize_trial``).
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from typing import Any, Mapping
 
 from ser_platform import tracking
 from ser_platform.tracking import schema
-from ser_platform.cluster import absolute_location, prepare_run, resolve_dataset
+from ser_platform.cluster import absolute_location, check_before_ray, prepare_run, resolve_dataset
 from ser_platform.config import Config, from_dict
 from ser_platform.console import Console, worker_lines
 from ser_platform.resources import trainer_resources
@@ -379,8 +386,8 @@ class FoldData:
 
 @dataclasses.dataclass(frozen=True)
 class _Unit:
-    """One Ray Train run: a seed's folds (one trainer for all of them, ``trainer_scope = trial`` one at a time) or
-    one (fold, seed); ``name`` is its run's folder under the storage, ``train_run`` the name its fold runs carry."""
+    """One Ray Train run: folds of one seed, trained in turn by one trainer; ``name`` is the run's folder under
+    the storage, ``train_run`` the name its fold runs carry (one per seed, whatever the split into runs)."""
 
     seed: int
     folds: tuple[int, ...]
@@ -389,18 +396,23 @@ class _Unit:
 
 
 def _units(config: Config, run_name: str) -> list[_Unit]:
-    """The configuration's units. A trainer per (fold, seed) when units run in parallel (``train.parallel_units``
-    > 1) or with ``trainer_scope = fold``; names as before parallel units existed, so interrupted runs resume:
-    ``NAME`` (one seed) or ``NAME/seed=S``, then ``/fold=K`` for a trainer per fold."""
+    """The configuration's Ray Train runs. ``trainer_scope = fold``: one per (fold, seed). ``trial``: each seed's
+    folds dealt into ``train.parallel_units`` lanes (folds 1,3,5 and 2,4 for two), one run per lane training its
+    folds in turn, so Ray Train's start-up (~20 s here) is paid once per lane, not per fold. Names as before lanes
+    existed, so interrupted runs resume: ``NAME`` (one seed) or ``NAME/seed=S``, then ``/fold=K`` (a run per
+    fold) or ``/folds=K,L`` (a lane of some of the folds)."""
     seeds = [config.train.seed + i for i in range(config.train.seeds)]
-    per_fold = config.train.parallel_units > 1 or config.train.trainer_scope == "fold"
+    folds = list(config.data.folds)
+    per_fold = config.train.trainer_scope == "fold"
+    lanes = len(folds) if per_fold else max(1, min(config.train.parallel_units, len(folds)))
     units = []
     for seed in seeds:
         seed_name = run_name if len(seeds) == 1 else f"{run_name}/seed={seed}"
-        if per_fold:
-            units += [_Unit(seed, (k,), f"{seed_name}/fold={k}", seed_name) for k in config.data.folds]
-        else:
-            units.append(_Unit(seed, tuple(config.data.folds), seed_name, seed_name))
+        for lane in range(lanes):
+            part = tuple(folds[lane::lanes])
+            suffix = (f"/fold={part[0]}" if per_fold or len(part) == 1 else
+                      "" if len(part) == len(folds) else "/folds=" + ",".join(map(str, part)))
+            units.append(_Unit(seed, part, seed_name + suffix, seed_name))
     return units
 
 
@@ -555,9 +567,9 @@ def train_command(config: Config, ray_address: str | None = None, *, verbose: bo
     fold as they end, then every fold and the mean ± std (``verbose``: Ray's own output too)."""
     console = Console(verbose)
     console.quiet_libraries()
-    # An unreachable tracking server fails before Ray starts (seconds, not minutes); a local store is created only
-    # once the cluster is known to be one node (cluster.prepare_run).
-    tracking.check_tracking_server(tracking.resolve_tracking_uri(config))
+    # A bad dataset or an unreachable tracking server fails before Ray starts (seconds, not minutes); a local store
+    # is created only once the cluster is known to be one node (cluster.prepare_run).
+    check_before_ray(config)
     run_name = "train-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     started = time.perf_counter()
     console.open(init_ray(ray_address, console))

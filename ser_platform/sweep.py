@@ -35,8 +35,8 @@ from typing import Any, Callable
 
 from ser_platform import tracking
 from ser_platform.catalogue import PAPER_GRID, SEARCH, Experiment, experiment as catalogue_entry, trial_overrides
-from ser_platform.cluster import (DEFAULT_STORAGE, absolute_location, is_local, join_storage, prepare_run,
-                                  resolve_storage)
+from ser_platform.cluster import (DEFAULT_STORAGE, absolute_location, check_before_ray, is_local, join_storage,
+                                  prepare_run, resolve_storage)
 from ser_platform.config import Config, ConfigError, from_dict
 from ser_platform.console import Console
 from ser_platform.resources import TRIAL_RESOURCES
@@ -371,7 +371,7 @@ def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str
     signature), e.g. for tests of the sweep machinery. ``verbose``: print the tables and where to look at the
     end; ``console``: what shows while it runs (default: the project's lines, not Ray's).
 
-    Order: an unreachable tracking server fails first; then Ray, and with the cluster known
+    Order: a bad dataset or an unreachable tracking server fails first; then Ray, and with the cluster known
     (``cluster.prepare_run``) local paths are refused on several nodes before anything is written, and the
     trials and units at once are decided and printed; the splits are read once for every trial."""
     import ray
@@ -384,7 +384,7 @@ def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str
     config, experiment, name, meta = _start_or_resume(config, experiment, name, resume)
     if resume and verbose:
         print(f"resuming sweep {name!r} ({experiment.title}) with its stored configuration")
-    tracking.check_tracking_server(tracking.resolve_tracking_uri(config))
+    check_before_ray(config)
     started_ray = not ray.is_initialized()
     console.open(init_ray(ray_address, console) if started_ray else None)
     status, result, parent = "FAILED", None, None

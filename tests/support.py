@@ -542,3 +542,50 @@ def fake_autoscaler_config(node_type: str, resources: dict, max_workers: int, id
             "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts_sync_continuously": False,
             "rsync_exclude": [], "rsync_filter": []}
     return config
+
+
+class MlflowServer:
+    """`mlflow server` on a free 127.0.0.1 port for one test module: runs in a SQLite file in ``folder``,
+    artifacts proxied to ``artifacts`` (a folder, or ``s3://BUCKET/prefix`` with ``env`` naming the S3 endpoint:
+    the server writes them with boto3). Its own session, stopped with its group; the start waits at most 120 s."""
+
+    def __init__(self, folder: Path, artifacts: str, env: dict | None = None):
+        self.folder, self.artifacts = Path(folder), artifacts
+        self.env = {**os.environ, **(env or {})}
+        self.uri = f"http://127.0.0.1:{free_ports(1)[0]}"
+        self.process = None
+
+    def __enter__(self) -> "MlflowServer":
+        import subprocess
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = self.folder / "mlflow-server.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", self.uri.rsplit(":", 1)[1],
+             "--backend-store-uri", f"sqlite:///{self.folder / 'mlflow.db'}",
+             "--artifacts-destination", self.artifacts, "--workers", "1"],
+            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True, cwd=self.folder, env=self.env)
+        try:
+            wait_until(lambda: answers(self.uri + "/health", b"OK"), self.process, log, "mlflow server", 120)
+        except BaseException:
+            stop_group(self.process)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stop_group(self.process)
+
+
+def node_holding(cluster: "LocalCluster", pid: int) -> int:
+    """The index of the worker node of ``cluster`` whose `ray start` started process ``pid`` (parents followed
+    through /proc)."""
+    starts = {process.pid: index for index, process in enumerate(cluster.workers)}
+    current = pid
+    while current > 1:
+        group = os.getpgid(current) if os.path.exists(f"/proc/{current}") else 0
+        if current in starts or group in starts:
+            return starts.get(current, starts.get(group))
+        with open(f"/proc/{current}/stat") as f:
+            stat = f.read()
+        current = int(stat[stat.rindex(")") + 2:].split()[1])
+    raise LookupError(f"process {pid} was not started by a worker node of the cluster in {cluster.root}")
