@@ -425,9 +425,9 @@ class LocalCluster:
     def __enter__(self) -> "LocalCluster":
         try:
             self._start_head()
+            self.wait_for_nodes(1)
             for cpus in ([] if self.autoscaling else self.worker_cpus):
                 self.add_worker(cpus)
-            self.wait_for_nodes(1 + (0 if self.autoscaling else len(self.worker_cpus)))
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -455,21 +455,30 @@ class LocalCluster:
                                      start_new_session=True)
         wait_until(lambda: answers(self.dashboard + "/api/version"), self.head, log, "Ray head", 120)
 
-    def add_worker(self, cpus: float = 1, resources: dict | None = None) -> int:
-        """Start one more worker node; its index (for ``stop_worker``)."""
+    def add_worker(self, cpus: float = 1, resources: dict | None = None, attempts: int = 3) -> int:
+        """Start one more worker node and wait until it is alive; its index (for ``stop_worker``). On a loaded
+        machine a raylet can miss Ray's fixed 30 s registration window (`ray start` then exits): it is started
+        again, up to ``attempts`` times."""
         import json
         import subprocess
 
-        index = len(self.workers)
+        index, alive = len(self.workers), len(self.nodes())
         command = RAY_CLI + ["start", "--block", f"--address={self.address}", "--node-ip-address=127.0.0.1",
                              f"--num-cpus={cpus}", "--num-gpus=0", f"--object-store-memory={self.object_store}",
-                             *_node_ports(), "--disable-usage-stats"]
-        if resources:
-            command.append(f"--resources={json.dumps(resources)}")
-        log = self.root / f"worker{index}.log"
-        self.workers.append(subprocess.Popen(command, env=self.env, stdout=open(log, "w"),
-                                             stderr=subprocess.STDOUT, start_new_session=True))
-        return index
+                             "--disable-usage-stats"] + ([f"--resources={json.dumps(resources)}"] if resources else [])
+        for attempt in range(attempts):
+            log = self.root / f"worker{index}-{attempt}.log"
+            process = subprocess.Popen(command + _node_ports(), env=self.env, stdout=open(log, "w"),
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+            if attempt == 0:
+                self.workers.append(process)
+            self.workers[index] = process
+            try:
+                self.wait_for_nodes(alive + 1, process=process)
+                return index
+            except ChildProcessError:
+                stop_group(process)
+        raise RuntimeError(f"worker node {index} did not start in {attempts} attempts; logs in {self.root}")
 
     def stop_worker(self, index: int) -> None:
         """A worker node lost: SIGKILL to its whole process group (raylet, its workers), nothing drained."""
@@ -492,7 +501,9 @@ class LocalCluster:
         with urllib.request.urlopen(request, timeout=10) as response:
             return [n for n in json.loads(response.read())["data"]["result"]["result"] if n["state"] == "ALIVE"]
 
-    def wait_for_nodes(self, count: int, timeout: float = 120) -> list[dict]:
+    def wait_for_nodes(self, count: int, timeout: float = 180, process=None) -> list[dict]:
+        """Until ``count`` nodes are alive; ``ChildProcessError`` if ``process`` (a node's `ray start`) exits
+        first, ``RuntimeError`` after ``timeout`` seconds."""
         import time
 
         deadline = time.monotonic() + timeout
@@ -503,6 +514,8 @@ class LocalCluster:
                 alive = []
             if len(alive) >= count:
                 return alive
+            if process is not None and process.poll() is not None:
+                raise ChildProcessError(f"`ray start` exited with {process.returncode} before its node was alive")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{len(alive)} of {count} Ray nodes alive after {timeout:.0f} s; logs in "
                                    f"{self.root}")

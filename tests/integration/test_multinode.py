@@ -131,7 +131,7 @@ def test_concurrent_trials_that_take_every_cpu_complete(world):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "2 trial(s) at once (asked 2" in run.stdout and "1 CPU per worker (auto" in run.stdout
     runs = fold_runs(world, "full")
-    assert len(runs) == 4 and len({r.info.parent_run_id for r in runs}) == 2
+    assert len(runs) == 4 and len({r.data.tags["mlflow.parentRunId"] for r in runs}) == 2
     assert written(workdir) == []
 
 
