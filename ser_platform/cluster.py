@@ -201,13 +201,33 @@ def check_before_ray(config: Any) -> None:
 
 
 def prepare_run(config: Any, *, sweep: bool, say: Any = print) -> Any:
-    """The entry point's one step once Ray is connected and before anything is written: the cluster's shape
+    """The entry point's one step once Ray is connected and before anything is written: every node's versions
+    against the driver's (``environment.check_cluster``), the cluster's shape
     (``resources.cluster_shape``), local paths refused on a cluster of several nodes (``check_no_shared_disk``),
     the locations resolved (``resolve_locations``: the embedded dataset is built here, on one node only), and the
     resources decided (``resources.resolve``: trials and (fold, seed) units at once, CPUs per worker; what it
     decides is said through ``say``)."""
+    from ser_platform.environment import check_cluster
     from ser_platform.resources import cluster_shape, resolve
 
+    check_cluster()  # a node with other versions fails here, before any work (environment.py)
     shape = cluster_shape()
     check_no_shared_disk(config, shape)
-    return resolve(resolve_locations(config), shape, sweep=sweep, say=say)
+    resolved = resolve(resolve_locations(config), shape, sweep=sweep, say=say)
+    _leave_job_package()
+    return resolved
+
+
+def _leave_job_package() -> None:
+    """A job's driver steps out of its ``--working-dir`` package once every path is absolute. Ray's runtime-env
+    agent unpacks a package afresh (delete, then unzip) when two workers on the node set it up at once, which
+    leaves the driver in a deleted folder and fails Tune's path handling (FileNotFoundError from getcwd; seen with
+    Ray 2.60 on several nodes). The package's modules stay importable: its path is on sys.path, not relative."""
+    import tempfile
+
+    try:
+        inside = "/runtime_resources/working_dir_files/" in os.getcwd()
+    except FileNotFoundError:
+        inside = True
+    if inside:
+        os.chdir(tempfile.gettempdir())

@@ -353,7 +353,8 @@ class TrackingConfig:
     log_model: bool = True
     # Optuna's study (the search's history, what --resume continues): an SQLAlchemy URL, e.g. the head's
     # PostgreSQL on a cluster (postgresql+psycopg://...; cluster/README.md); "" = $SER_OPTUNA_STORAGE, else
-    # optuna.db in the run storage (in ./runs when that storage is s3:// or gs://: SQLite needs a local file).
+    # optuna.db in the run storage (when that is s3:// or gs://, in the driver's ~/.cache/ser_platform: SQLite needs
+    # a local file, and a job's working directory is for its logs only).
     optuna_storage: str = ""
     # On a cluster of several nodes, local paths (dataset, storage, an MLflow file store) are refused: a worker
     # on another node cannot read them (cluster.check_no_shared_disk). True vouches that every node mounts them.

@@ -52,6 +52,7 @@ from ser_platform.tracking import schema
 from ser_platform.cluster import absolute_location, check_before_ray, prepare_run, resolve_dataset
 from ser_platform.config import Config, from_dict
 from ser_platform.console import Console, worker_lines
+from ser_platform.environment import check_worker, versions
 from ser_platform.resources import trainer_resources
 from ser_platform.train import FoldResult, Hooks, TrialResult, summarize_trial
 
@@ -279,6 +280,7 @@ def train_loop_per_worker(loop_config: dict) -> dict[int, dict]:
     from ser_platform.train import fit_folds
 
     quiet_ray()
+    check_worker(loop_config.get("versions"))  # a node the autoscaler added after the driver's check
     # Ray sets OMP_NUM_THREADS from the integer part of a worker's CPUs (1 for 1.99): use what was granted.
     torch.set_num_threads(max(1, math.ceil(float(loop_config.get("cpus", 1.0)) - 0.05)))
     config = from_dict(loop_config["config"])
@@ -311,7 +313,8 @@ def _fit(config: Config, *, name: str, storage_path: str, folds: list[int], data
     scaling = trainer_resources(config)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={**loop_config, "folds": folds, "cpus": scaling["resources_per_worker"]["CPU"]},
+        train_loop_config={**loop_config, "folds": folds, "cpus": scaling["resources_per_worker"]["CPU"],
+                           "versions": versions()},
         torch_config=TorchConfig(backend="nccl" if config.train.use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(**scaling),
         run_config=ray.train.RunConfig(

@@ -156,12 +156,14 @@ def _latest_sweep(storage: str) -> str:
 
 def optuna_url(config: Config) -> str:
     """Where the Optuna study lives (``tracking.optuna_storage``, see config.py): the URL, or
-    ``$SER_OPTUNA_STORAGE``, or an SQLite file in the run storage (``./runs`` when that storage is remote)."""
+    ``$SER_OPTUNA_STORAGE``, or an SQLite file in the run storage; when that storage is remote, in the driver's
+    cache folder (never the job's working directory, which holds its logs only)."""
     explicit = config.tracking.optuna_storage or os.environ.get("SER_OPTUNA_STORAGE", "")
     if explicit.strip():
         return explicit.strip()
     storage = config.tracking.storage or DEFAULT_STORAGE
-    root = Path(DEFAULT_STORAGE).resolve() if not is_local(storage) else Path(absolute_location(storage))
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "ser_platform"
+    root = Path(absolute_location(storage)) if is_local(storage) else cache
     root.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{root / 'optuna.db'}"
 

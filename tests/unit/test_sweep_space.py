@@ -25,8 +25,10 @@ def test_the_optuna_study_goes_where_the_config_or_the_environment_says(tmp_path
     monkeypatch.chdir(tmp_path)
     local = load_config("demo", overrides={"tracking.storage": str(tmp_path / "runs")})
     assert optuna_url(local) == f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     remote = load_config("demo", overrides={"tracking.storage": "s3://bucket/runs"})
-    assert optuna_url(remote) == f"sqlite:///{tmp_path / 'runs' / 'optuna.db'}"  # SQLite needs a local file
+    # SQLite needs a local file: the driver's cache, not the (job's) working directory
+    assert optuna_url(remote) == f"sqlite:///{tmp_path / 'cache' / 'ser_platform' / 'optuna.db'}"
     monkeypatch.setenv("SER_OPTUNA_STORAGE", "postgresql+psycopg://ser@127.0.0.1:5432/optuna")
     assert optuna_url(remote) == "postgresql+psycopg://ser@127.0.0.1:5432/optuna"  # the head's database
     own = remote.replace({"tracking.optuna_storage": "postgresql+psycopg://ser@db:5432/study"})
