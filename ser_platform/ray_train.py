@@ -96,9 +96,10 @@ def _rows(ds: Any) -> dict[str, list]:
     return {c: table[c].tolist() for c in ("id", "speaker", "session")}
 
 
-def prepare_fold_data(dataset: str, specs: Mapping[int, Any], *, materialize: bool,
-                      progress: bool = True) -> dict[int, dict[str, Any]]:
-    """Each fold's ``{"train", "val", "test"}`` Ray Datasets, checked for leakage on their actual rows.
+def prepare_fold_data(dataset: str, specs: Mapping[int, Any], *, materialize: bool, progress: bool = True,
+                      texts: Any = None) -> dict[int, dict[str, Any]]:
+    """Each fold's ``{"train", "val", "test"}`` Ray Datasets, checked for leakage on their actual rows; ``texts``
+    (``data.transcripts.SplitTexts``): the ASR text the splits read instead of the gold transcripts.
 
     Raises ``FoldLeakageError`` before any training if a test utterance, speaker or held-out session reaches
     training (``folds.assert_no_leakage``), or a validation speaker is also a training speaker; ``ValueError``
@@ -112,7 +113,7 @@ def prepare_fold_data(dataset: str, specs: Mapping[int, Any], *, materialize: bo
     base = read_dataset(dataset, materialize=materialize)
     out: dict[int, dict[str, Any]] = {}
     for fold, spec in tqdm(sorted(specs.items()), desc="fold data", unit="fold", disable=not progress):
-        splits = fold_datasets(base, spec, materialize=materialize)
+        splits = fold_datasets(base, spec, materialize=materialize, texts=texts)
         rows = {name: _rows(ds) for name, ds in splits.items()}
         for name, split_rows in rows.items():
             if not split_rows["id"]:
@@ -385,7 +386,11 @@ def train_folds(config: Config, *, run_name: str, storage_path: str, parent_run_
         own_run = tracking.open_train_run(uri, experiment_id, run_name, config, params, tags)
     try:
         specs = {k: fold_spec(k, config.data.protocol) for k in config.data.folds}
-        fold_data = prepare_fold_data(dataset, specs, materialize=config.data.materialize)
+        from ser_platform.data.transcripts import load_split_texts
+
+        texts = load_split_texts(dataset, config.data.train_text_source, config.data.test_text_source,
+                                 config.data.asr_model)
+        fold_data = prepare_fold_data(dataset, specs, materialize=config.data.materialize, texts=texts)
         runs = tracking.FoldRunContext(
             tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id or own_run.run_id,
             train_run=run_name, tags=dict(tags or {}), params=params,
