@@ -4,7 +4,7 @@ one 5-fold trial each, measured in one run, plus the same comparison in FLOPs at
 Trial: ``train.fit_folds`` (the plain-torch per-worker loop, no Ray: Ray's fixed start-up would blur the
 ratio) over the 5 loso5 folds, the demo preset with ``model.encoders=frozen``, on a synthetic corpus prepared
 without feature columns (MFCC/spectrogram computed in the loop, on both sides alike). Batches come in-process
-from the Parquet rows (``loader.plan_pool_batches`` + the collate, as ``benchmarks/ingest.py`` does).
+from the Parquet rows (``loader.LocalFolds``, the library's in-process path).
 
 * recompute: the frozen encoders run on every batch of every epoch (train, validation and test passes);
 * cached: ``build_encoder_cache`` once (timed apart), then the same trial reading the cache
@@ -51,40 +51,12 @@ SIZES = {
 }
 
 
-def in_process_batches(dataset: str, config, collate):
-    """``batches_for(fold, split, epoch)`` over the Parquet rows read once with pyarrow (no Ray)."""
-    import pyarrow.parquet as pq
-
-    from ser_platform.data.folds import fold_spec
-    from ser_platform.data.loader import plan_pool_batches
-    from ser_platform.train import derive_seed
-
-    table = pq.read_table(dataset, columns=["id", "speaker", "label", "mode", "transcript", "audio", "duration"])
-    rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
-    batch_size = config.train.batch_size
-
-    def batches_for(fold: int, split: str, epoch: int):
-        speakers = getattr(fold_spec(fold, config.data.protocol), f"{split}_speakers")
-        keep = np.flatnonzero(np.isin(rows["speaker"], sorted(speakers)))
-        if split == "train":
-            seed = derive_seed(config.train.seed, fold, epoch, 0)
-            order = keep[np.random.default_rng(seed).permutation(len(keep))]
-            plan = plan_pool_batches([{k: v[order] for k, v in rows.items()}], batch_size,
-                                     samples_per_class=config.train.samples_per_class,
-                                     bucket_by_length=config.data.bucket_by_length, seed=seed)
-        else:
-            plan = ({k: v[keep[i:i + batch_size]] for k, v in rows.items()} for i in range(0, len(keep), batch_size))
-        for batch in plan:
-            yield collate(batch)
-
-    return batches_for
-
-
 def trial(config, dataset: str, collate) -> tuple[float, dict]:
+    from ser_platform.data.loader import LocalFolds
     from ser_platform.train import fit_folds
 
     started = time.perf_counter()
-    results = fit_folds(config, list(config.data.folds), in_process_batches(dataset, config, collate), log=None)
+    results = fit_folds(config, list(config.data.folds), LocalFolds(dataset, config, collate), log=None)
     return time.perf_counter() - started, results
 
 

@@ -46,6 +46,9 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                                             "sqlite:///mlflow.db in the working directory)")
     where.add_argument("--mlflow-experiment", help="MLflow experiment name (default: ser_platform)")
     where.add_argument("--storage", help="Ray run storage: a local folder, s3://... or gs://... (default: ./runs)")
+    where.add_argument("--shared-filesystem", action="store_true",
+                       help="every node of the cluster mounts the local paths given (dataset, storage, MLflow "
+                            "store); without it they are refused on a cluster of several nodes")
 
 
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
@@ -110,6 +113,8 @@ def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
         overrides.update({"train.seed": args.seed, "sweep.seed": args.seed})
     if getattr(args, "gpu", False):
         overrides["train.use_gpu"] = True
+    if getattr(args, "shared_filesystem", False):
+        overrides["tracking.shared_filesystem"] = True
     gpus = getattr(args, "gpus_per_trial", None)
     if gpus is not None:
         if gpus <= 0:

@@ -9,7 +9,12 @@ same places, and nothing below the entry point checks a path or a scheme again.
   ``pyarrow.fs`` (``resolve_storage``, the same filesystem layer Ray Train and Tune use for
   ``RunConfig(storage_path=...)``) and extended with ``join_storage``;
 - ``data.dataset = ""`` is the embedded synthetic corpus (``demo.ensure_demo_dataset``, built once);
-- the tracking URI's precedence and its probe belong to ``tracking.store``.
+- the tracking URI's precedence and its probe belong to ``tracking.store``;
+- no shared disk is assumed (``check_no_shared_disk``): on a cluster of several nodes, or one an autoscaler can
+  grow, a worker on another machine cannot read the head's disk, so a local dataset, run storage or MLflow file
+  store is refused at start, before anything is written, unless ``tracking.shared_filesystem`` vouches that every
+  node mounts those paths. Object storage (``s3://``, ``gs://``; S3-compatible stores through
+  ``AWS_ENDPOINT_URL``) and an ``http(s)://`` tracking server are what every node reaches.
 
 Nothing here parses arguments; bad values raise ``ValueError`` quoting them.
 """
@@ -142,6 +147,38 @@ def resolve_dataset(dataset: str) -> str:
     return location
 
 
+def _local_tracking(uri: str) -> bool:
+    """An MLflow store on this machine's disk (``sqlite:///``, ``file:``, a folder), as opposed to a server or a
+    database server every node reaches (``http(s)://``, ``postgresql://``, ...)."""
+    scheme = urlsplit(uri).scheme.lower() if "://" in uri or uri.startswith("file:") else ""
+    return scheme in ("", "file", "sqlite")
+
+
+def check_no_shared_disk(config: Any, shape: Any) -> None:
+    """Refuse local paths while workers run on other nodes (module docstring); ``shape``: the cluster's
+    (``resources.ClusterShape``). One ``ConfigError`` naming every local location and what to use instead."""
+    from ser_platform.config import ConfigError
+
+    if not shape.multi_node or config.tracking.shared_filesystem:
+        return
+    local = []
+    if not config.data.dataset or is_local(config.data.dataset):
+        local.append(f"data.dataset={config.data.dataset or '(the embedded demo dataset, data/demo)'}")
+    if not config.tracking.storage or is_local(config.tracking.storage):
+        local.append(f"tracking.storage={config.tracking.storage or DEFAULT_STORAGE}")
+    from ser_platform.tracking.store import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(config)  # "" means $MLFLOW_TRACKING_URI or ./mlflow.db: resolved, nothing written
+    if _local_tracking(uri):
+        local.append(f"tracking.mlflow_uri={uri}")
+    if local:
+        raise ConfigError(
+            f"{', '.join(local)}: local to this machine, but workers run on other nodes ({shape.describe()}), which "
+            "cannot read it; use s3://BUCKET/... or gs://BUCKET/... (--dataset, --storage) and an http(s):// MLflow "
+            "tracking server (--mlflow-uri), or --shared-filesystem (tracking.shared_filesystem=true) if every node "
+            "mounts these paths")
+
+
 def resolve_locations(config: Any) -> Any:
     """The config with its dataset, run storage and tracking URI resolved (module docstring)."""
     from ser_platform.tracking.store import resolve_tracking_uri
@@ -151,3 +188,26 @@ def resolve_locations(config: Any) -> Any:
         "tracking.storage": absolute_location(config.tracking.storage or DEFAULT_STORAGE),
         "tracking.mlflow_uri": resolve_tracking_uri(config),
     })
+
+
+def check_before_ray(config: Any) -> None:
+    """What can fail in seconds, before Ray starts and without writing anything: a named dataset
+    (``resolve_dataset``'s checks) and an http(s) tracking server (probed)."""
+    from ser_platform.tracking.store import check_tracking_server, resolve_tracking_uri
+
+    if config.data.dataset:
+        resolve_dataset(config.data.dataset)
+    check_tracking_server(resolve_tracking_uri(config))
+
+
+def prepare_run(config: Any, *, sweep: bool, say: Any = print) -> Any:
+    """The entry point's one step once Ray is connected and before anything is written: the cluster's shape
+    (``resources.cluster_shape``), local paths refused on a cluster of several nodes (``check_no_shared_disk``),
+    the locations resolved (``resolve_locations``: the embedded dataset is built here, on one node only), and the
+    resources decided (``resources.resolve``: trials and (fold, seed) units at once, CPUs per worker; what it
+    decides is said through ``say``)."""
+    from ser_platform.resources import cluster_shape, resolve
+
+    shape = cluster_shape()
+    check_no_shared_disk(config, shape)
+    return resolve(resolve_locations(config), shape, sweep=sweep, say=say)

@@ -288,8 +288,8 @@ class TrainConfig:
     seed: int = 0
     seeds: int = 1  # run every fold with seed, seed+1, ..., seed+seeds-1; tables: mean ± std over folds × seeds
     num_workers: int = 1  # Ray Train workers (DDP ranks) per trial
-    # CPUs per worker; 0 = "auto": the cluster's CPUs shared out among sweep.max_concurrent trials and their
-    # workers (on a 2-core laptop one worker gets ~2 CPUs and trains with 2 torch threads).
+    # CPUs per worker; 0 = "auto": the largest node's CPUs shared by the workers that must share such a node
+    # (resources.py; on a 2-core laptop one worker gets ~2 CPUs and trains with 2 torch threads).
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     gpus_per_worker: float = 1.0
@@ -301,6 +301,10 @@ class TrainConfig:
     # Epochs between resume checkpoints (the last epoch and every fold's end always save one); 0 = fold ends only.
     # A checkpoint holds the trained weights, the optimizer and the best epoch's weights (see train.state_fn).
     checkpoint_every: int = 1
+    # (fold, seed) units of one configuration trained at once; 0 = "auto": the worker groups the cluster (or its
+    # autoscaler's maximum) holds for each trial (resources.py). trainer_scope "trial" deals a seed's folds into
+    # that many lanes, one TorchTrainer each; "fold" runs a TorchTrainer per (fold, seed), that many at once.
+    parallel_units: int = 0
 
     def __post_init__(self) -> None:
         _check_fields(self, "train.")
@@ -322,6 +326,7 @@ class TrainConfig:
         _check(self.max_failures >= -1, "train.max_failures", self.max_failures, ">= -1 (-1 = unlimited)")
         _check(self.trainer_scope in ("trial", "fold"), "train.trainer_scope", self.trainer_scope, "'trial' or 'fold'")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", self.checkpoint_every, ">= 0 (0 = fold ends only)")
+        _check(self.parallel_units >= 0, "train.parallel_units", self.parallel_units, ">= 0 (0 = auto)")
 
 
 @dataclass
@@ -361,6 +366,9 @@ class TrackingConfig:
     # PostgreSQL on a cluster (postgresql+psycopg://...; cluster/README.md); "" = $SER_OPTUNA_STORAGE, else
     # optuna.db in the run storage (in ./runs when that storage is s3:// or gs://: SQLite needs a local file).
     optuna_storage: str = ""
+    # On a cluster of several nodes, local paths (dataset, storage, an MLflow file store) are refused: a worker
+    # on another node cannot read them (cluster.check_no_shared_disk). True vouches that every node mounts them.
+    shared_filesystem: bool = False
 
     def __post_init__(self) -> None:
         _check_fields(self, "tracking.")

@@ -4,26 +4,33 @@
 
 1. In the driver: the tracking store is created/probed (fails fast), each fold's train/val/test splits are
    read from Parquet and filtered by speaker (``data/loader.fold_datasets``), the leakage guard runs on the
-   actual rows, and the splits are materialised in Ray's object store (``config.data.materialize``).
+   actual rows, and the splits are materialised in Ray's object store (``config.data.materialize``), all before
+   any worker takes its CPUs (``FoldData``; a sweep's driver prepares them once for all its trials).
    With ``data.encoder_cache`` the cache is checked here too (``frozen_encoders.open_encoder_cache``: a stale
    one stops the run before any trainer starts); each worker then loads its entries into memory, its collate
    adds the cached states to every batch, and the model is built without RoBERTa/wav2vec2.
-2. ``config.train.trainer_scope``: "trial" = one ``TorchTrainer`` runs every fold in turn (datasets
-   ``train_1, val_1, test_1, ...``), paying Ray Train's start-up once; "fold" = one ``TorchTrainer`` per fold
-   (a finer unit of restart). Both run the same per-worker function over a list of folds.
+2. The (fold, seed) units become Ray Train runs (``_units``): ``config.train.trainer_scope`` "trial" deals each
+   seed's folds into ``train.parallel_units`` lanes, one ``TorchTrainer`` per lane running its folds in turn
+   (datasets ``train_1, val_1, test_1, ...``), paying Ray Train's start-up once per lane; "fold" = one
+   ``TorchTrainer`` per (fold, seed) (a finer unit of restart). At most ``train.parallel_units`` runs train at
+   once (``run_at_most``, one driver thread each); the others queue, and on an autoscaling cluster the workers
+   that wait are the demand that starts nodes. All run the same per-worker function over a list of folds.
 3. On every worker: ``get_dataset_shard(...)`` -> batches (training split sharded over workers, reshuffled per
    epoch; evaluation splits read whole, each rank scoring every world_size-th batch), ``prepare_model`` (DDP:
    gloo on CPU, nccl on GPU), ``train.fit_folds``. Each epoch ends with a checkpoint (fold, epoch, model and
-   optimizer state, best-so-far weights, finished folds' results) reported to ``RunConfig(storage_path)``;
-   ``FailureConfig(max_failures)`` restarts failed workers, which continue from that checkpoint. Running
-   ``train_folds`` again with the same ``run_name`` and ``storage_path`` continues an interrupted run too
-   (Ray Train V2 restores a run of the same name from its storage).
-4. Rank 0 logs to MLflow (``tracking.FoldLogger``): a run per fold (found again, not duplicated, after a
-   restart) nested under ``parent_run_id`` or under a run this function creates. Per-fold results come back through the train
-   function's return value (``Result.return_value``: Ray Train V2 returns rank 0's value). At fold end the
-   selected weights and the resolved config go to the fold run as artifacts ``model/`` (``ser predict``).
-5. ``config.train.seeds`` > 1: steps 2-4 again per seed (seed, seed+1, ...), Train runs ``<run_name>/seed=S``
-   and a fold run per (fold, seed); the summary is over every fold × seed run (``train.summarize_trial``).
+   optimizer state, best-so-far weights, finished folds' results) reported to ``RunConfig(storage_path)``
+   (object storage on a cluster; its size and upload seconds go to the fold run, ``CHECKPOINT_MB`` and
+   ``CHECKPOINT_SECONDS``); ``FailureConfig(max_failures)`` restarts failed workers (a lost node's too, on the
+   nodes that remain), which continue from that checkpoint. Running ``train_folds`` again with the same
+   ``run_name`` and ``storage_path`` continues an interrupted run too (Ray Train V2 restores a run of the same
+   name from its storage).
+4. Rank 0 logs to MLflow (``tracking.FoldLogger``): a run per (fold, seed) (found again, not duplicated, after a
+   restart) nested under ``parent_run_id`` or under a run this function creates. Per-fold results come back
+   through the train function's return value (``Result.return_value``: Ray Train V2 returns rank 0's value). At
+   fold end the selected weights and the resolved config go to the fold run as artifacts ``model/`` (``ser
+   predict``).
+5. ``config.train.seeds`` > 1: every seed's runs (seed, seed+1, ...) under ``<run_name>/seed=S``, a fold run per
+   (fold, seed); the summary is over every fold × seed run (``train.summarize_trial``).
 """
 
 from __future__ import annotations
@@ -33,20 +40,25 @@ import datetime
 import logging
 import math
 import os
+import queue
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping
 
 from ser_platform import tracking
 from ser_platform.tracking import schema
-from ser_platform.cluster import absolute_location, resolve_dataset, resolve_locations
+from ser_platform.cluster import absolute_location, check_before_ray, prepare_run, resolve_dataset
 from ser_platform.config import Config, from_dict
 from ser_platform.console import Console, worker_lines
 from ser_platform.resources import trainer_resources
 from ser_platform.train import FoldResult, Hooks, TrialResult, summarize_trial
 
 CHECKPOINT_FILE = "state.pt"
+# Per-epoch metrics of a fold run: the checkpoint's size and the seconds Ray Train took to persist it (to object
+# storage on a cluster), what an epoch costs in data moved besides training (benchmarks/cluster.py reads them).
+CHECKPOINT_MB, CHECKPOINT_SECONDS = "checkpoint_mb", "checkpoint_seconds"
 FAULT_ENV = "SER_TEST_KILL_WORKER"  # "FOLD:EPOCH:PID_FILE": tests only, see _FaultInjection
 
 __all__ = ["FoldResult", "TrialResult", "format_result", "init_ray", "prepare_fold_data", "quiet_ray",
@@ -177,9 +189,12 @@ class _RayHooks(Hooks):
         self.fault.maybe_wait_for_kill(fold, epoch, self.rank)
 
     def on_epoch_end(self, fold, epoch, metrics, state_fn) -> None:
+        # Logged before the checkpoint: a restart redoes this epoch and logs it again, never leaves it out.
         if self.logger is not None:
             self.logger.epoch(fold, epoch, metrics)
-        self._report(dict(metrics), state_fn, f"fold{fold:02d}-epoch{epoch:03d}")
+        moved = self._report(dict(metrics), state_fn, f"fold{fold:02d}-epoch{epoch:03d}")
+        if self.logger is not None and moved is not None:
+            self.logger.epoch(fold, epoch, {CHECKPOINT_MB: moved[0] / 2**20, CHECKPOINT_SECONDS: moved[1]})
 
     def on_model_selected(self, fold, result, weights_fn) -> None:
         if self.logger is not None and self.logger.config.tracking.log_model:
@@ -192,16 +207,21 @@ class _RayHooks(Hooks):
                    "test_ua": result.test_ua, "val_ua": result.val_ua, "fold_done": 1.0}
         self._report(metrics, state_fn, f"fold{fold:02d}-done")
 
-    def _report(self, metrics: dict, state_fn, name: str) -> None:
+    def _report(self, metrics: dict, state_fn, name: str) -> tuple[int, float] | None:
+        """Report ``metrics`` with a checkpoint (rank 0 writes it); rank 0 returns the checkpoint's bytes and the
+        seconds ``report`` took to persist it to the run's storage (an upload, with object storage)."""
         import ray.train
         import torch
 
         if self.rank != 0 or state_fn is None:  # no checkpoint due (train.checkpoint_every), or not rank 0
             ray.train.report(metrics, checkpoint=None)  # a barrier: every rank reports as often as rank 0
-            return
+            return None
         with tempfile.TemporaryDirectory(prefix="ser-ckpt-") as tmp:
             torch.save(state_fn(), Path(tmp) / CHECKPOINT_FILE)
+            size = (Path(tmp) / CHECKPOINT_FILE).stat().st_size
+            started = time.perf_counter()
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+            return size, time.perf_counter() - started
 
 
 def _load_checkpoint_state(checkpoint: Any) -> dict | None:
@@ -284,12 +304,12 @@ def train_loop_per_worker(loop_config: dict) -> dict[int, dict]:
 # --- the driver ----------------------------------------------------------------------------------------------
 
 def _fit(config: Config, *, name: str, storage_path: str, folds: list[int], datasets: dict[str, Any],
-         loop_config: dict, cluster_cpus: float) -> dict[int, FoldResult]:
+         loop_config: dict) -> dict[int, FoldResult]:
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    scaling = trainer_resources(config, cluster_cpus)
+    scaling = trainer_resources(config)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={**loop_config, "folds": folds, "cpus": scaling["resources_per_worker"]["CPU"]},
@@ -337,29 +357,131 @@ def _inputs(config: Config, dataset: str) -> tuple[dict[str, str], dict[str, str
     return params, encoder_cache
 
 
-def _train_seed(config: Config, seed: int, seeds: list[int], *, name: str, storage: str, fold_data: dict,
-                loop_config: dict, runs: tracking.FoldRunContext, cluster_cpus: float) -> dict[int, FoldResult]:
-    """Every fold of one seed: one Train run (``trainer_scope = trial``) or one per fold, named ``name`` (one
-    seed, so runs from before train.seeds existed resume as they were) or ``name/seed=S``."""
-    seed_config = config if len(seeds) == 1 else config.replace({"train.seed": seed})
-    seed_name = name if len(seeds) == 1 else f"{name}/seed={seed}"
-    seed_runs = dataclasses.replace(runs, train_run=seed_name, num_seeds=len(seeds))
-    seed_loop = {**loop_config, "config": seed_config.to_dict(), "runs": seed_runs}
-    if config.train.trainer_scope == "trial":
-        datasets = {f"{split}_{k}": ds for k, splits in fold_data.items() for split, ds in splits.items()}
-        return _fit(seed_config, name=seed_name, storage_path=storage, folds=list(config.data.folds),
-                    datasets=datasets, loop_config=seed_loop, cluster_cpus=cluster_cpus)
-    per_fold: dict[int, FoldResult] = {}
-    for k in config.data.folds:
-        datasets = {f"{split}_{k}": ds for split, ds in fold_data[k].items()}
-        per_fold.update(_fit(seed_config, name=f"{seed_name}/fold={k}", storage_path=storage, folds=[k],
-                             datasets=datasets, loop_config=seed_loop, cluster_cpus=cluster_cpus))
-    return per_fold
+@dataclasses.dataclass
+class FoldData:
+    """Every fold's splits (``prepare_fold_data``), read and materialised once, before any worker takes its CPUs
+    (``resources.py``): a sweep's driver prepares them for all its trials, whose configurations share the dataset,
+    protocol and folds; ``for_config`` hands them to a trial that reads the same, None to one that does not."""
+
+    key: tuple
+    splits: dict[int, dict[str, Any]]
+    seconds: float  # reading (from object storage too) and materialising, wall time
+
+    @staticmethod
+    def key_of(config: Config) -> tuple:
+        data = config.data  # the text sources too: a trial reading other text (Table 5's rows) reads other splits
+        return (data.dataset, data.protocol, tuple(data.folds), data.materialize, data.train_text_source,
+                data.test_text_source, data.asr_model)
+
+    @classmethod
+    def prepare(cls, config: Config, dataset: str, *, progress: bool = True) -> "FoldData":
+        from ser_platform.data.folds import fold_spec
+
+        started = time.perf_counter()
+        specs = {k: fold_spec(k, config.data.protocol) for k in config.data.folds}
+        from ser_platform.data.transcripts import load_split_texts
+
+        data = config.data
+        texts = load_split_texts(dataset, data.train_text_source, data.test_text_source, data.asr_model)
+        splits = prepare_fold_data(dataset, specs, materialize=data.materialize, progress=progress, texts=texts)
+        return cls(cls.key_of(config.replace({"data.dataset": dataset})), splits, time.perf_counter() - started)
+
+    def for_config(self, config: Config) -> dict[int, dict[str, Any]] | None:
+        return self.splits if self.key_of(config) == self.key else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Unit:
+    """One Ray Train run: folds of one seed, trained in turn by one trainer; ``name`` is the run's folder under
+    the storage, ``train_run`` the name its fold runs carry (one per seed, whatever the split into runs)."""
+
+    seed: int
+    folds: tuple[int, ...]
+    name: str
+    train_run: str
+
+
+def _units(config: Config, run_name: str) -> list[_Unit]:
+    """The configuration's Ray Train runs. ``trainer_scope = fold``: one per (fold, seed). ``trial``: each seed's
+    folds dealt into ``train.parallel_units`` lanes (folds 1,3,5 and 2,4 for two), one run per lane training its
+    folds in turn, so Ray Train's start-up (~20 s here) is paid once per lane, not per fold. Names as before lanes
+    existed, so interrupted runs resume: ``NAME`` (one seed) or ``NAME/seed=S``, then ``/fold=K`` (a run per
+    fold) or ``/folds=K,L`` (a lane of some of the folds)."""
+    seeds = [config.train.seed + i for i in range(config.train.seeds)]
+    folds = list(config.data.folds)
+    per_fold = config.train.trainer_scope == "fold"
+    lanes = len(folds) if per_fold else max(1, min(config.train.parallel_units, len(folds)))
+    units = []
+    for seed in seeds:
+        seed_name = run_name if len(seeds) == 1 else f"{run_name}/seed={seed}"
+        for lane in range(lanes):
+            part = tuple(folds[lane::lanes])
+            suffix = (f"/fold={part[0]}" if per_fold or len(part) == 1 else
+                      "" if len(part) == len(folds) else "/folds=" + ",".join(map(str, part)))
+            units.append(_Unit(seed, part, seed_name + suffix, seed_name))
+    return units
+
+
+def _run_unit(config: Config, unit: _Unit, *, storage: str, fold_data: Mapping[int, Mapping[str, Any]],
+              loop_config: dict, runs: tracking.FoldRunContext) -> dict[int, FoldResult]:
+    seeded = config if config.train.seeds == 1 else config.replace({"train.seed": unit.seed})
+    unit_runs = dataclasses.replace(runs, train_run=unit.train_run, num_seeds=config.train.seeds)
+    prefix = loop_config["prefix"] + (f"seed {unit.seed} | " if config.train.seeds > 1 else "")
+    unit_loop = {**loop_config, "config": seeded.to_dict(), "runs": unit_runs, "prefix": prefix}
+    datasets = {f"{split}_{k}": ds for k in unit.folds for split, ds in fold_data[k].items()}
+    return _fit(seeded, name=unit.name, storage_path=storage, folds=list(unit.folds), datasets=datasets,
+                loop_config=unit_loop)
+
+
+def run_at_most(jobs: list[Any], run: Any, at_once: int) -> list[Any]:
+    """``[run(job) for job in jobs]``, at most ``at_once`` at a time (each TorchTrainer's ``fit`` blocks its
+    thread while Ray schedules its workers; those that find no room wait for it, and their placement groups are
+    the demand an autoscaler answers). Daemon threads: Ctrl-C in the main thread ends the process, and with it
+    the trainers it drives. After a failure no new job starts; the first error is raised once the running ones end."""
+    if at_once <= 1 or len(jobs) <= 1:
+        return [run(job) for job in jobs]
+    results: list[Any] = [None] * len(jobs)
+    errors: list[BaseException] = []
+    waiting = queue.Queue()
+    for index in range(len(jobs)):
+        waiting.put(index)
+
+    def worker() -> None:
+        while not errors:
+            try:
+                index = waiting.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                results[index] = run(jobs[index])
+            except BaseException as err:  # noqa: BLE001 (re-raised in the caller's thread)
+                errors.append(err)
+
+    threads = [threading.Thread(target=worker, daemon=True, name=f"ser-unit-{i}")
+               for i in range(min(at_once, len(jobs)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        while thread.is_alive():
+            thread.join(0.5)  # short waits: the main thread stays responsive to Ctrl-C
+    if errors:
+        raise errors[0]
+    return results
+
+
+def _resolved(config: Config) -> Config:
+    """A config whose resources the entry point did not decide (a test or benchmark calling ``train_folds``
+    directly): decided here for the cluster this process is connected to, silently."""
+    if config.train.cpus_per_worker and config.train.parallel_units:
+        return config
+    from ser_platform.resources import cluster_shape, resolve
+
+    return resolve(config, cluster_shape(), sweep=False, say=lambda _line: None)
 
 
 def train_folds(config: Config, *, run_name: str, storage_path: str, parent_run_id: str | None = None,
                 tags: Mapping[str, str] | None = None, labels: Mapping[str, str] | None = None,
-                progress: Any = None) -> TrialResult:
+                progress: Any = None, fold_data: FoldData | None = None) -> TrialResult:
     """Train and test ``config`` on every fold of ``config.data.folds`` with Ray Train (module docstring).
 
     ``run_name`` names the Ray Train run(s) under ``storage_path`` (checkpoints; the same name continues an
@@ -367,15 +489,15 @@ def train_folds(config: Config, *, run_name: str, storage_path: str, parent_run_
     a Tune trial's run), else under a run created here (params: config, git commit, dataset fingerprint;
     metrics: the summary over folds). ``tags`` go on every fold run, ``labels`` (a sweep trial's UI keys,
     ``tracking.TrialIdentity.labels``; default: the config's protocol, folds and seeds) become their params.
-    ``progress``: the console's channel (``console.Console.channel``) the workers' lines go to. Returns per-fold
-    results and their mean/std.
+    ``progress``: the console's channel (``console.Console.channel``) the workers' lines go to. ``fold_data``:
+    splits a sweep's driver prepared (``FoldData``), used when they are this config's. Returns per-fold results
+    and their mean/std.
     """
-    import ray
-
     from ser_platform.data.folds import fold_spec
 
     init_ray()
     quiet_ray()
+    config = _resolved(config)
     dataset = config.data.dataset or resolve_dataset("")  # resolved by the entry point (cluster.resolve_locations)
     uri = tracking.ensure_store(tracking.resolve_tracking_uri(config))
     experiment_id = tracking.experiment_id(uri, config.tracking.experiment)
@@ -386,24 +508,23 @@ def train_folds(config: Config, *, run_name: str, storage_path: str, parent_run_
         own_run = tracking.open_train_run(uri, experiment_id, run_name, config, params, tags)
     try:
         specs = {k: fold_spec(k, config.data.protocol) for k in config.data.folds}
-        from ser_platform.data.transcripts import load_split_texts
-
-        texts = load_split_texts(dataset, config.data.train_text_source, config.data.test_text_source,
-                                 config.data.asr_model)
-        fold_data = prepare_fold_data(dataset, specs, materialize=config.data.materialize, texts=texts)
+        splits = fold_data.for_config(config.replace({"data.dataset": dataset})) if fold_data else None
+        splits = splits or FoldData.prepare(config, dataset).splits
         runs = tracking.FoldRunContext(
             tracking_uri=uri, experiment_id=experiment_id, parent_run_id=parent_run_id or own_run.run_id,
             train_run=run_name, tags=dict(tags or {}), params=params,
             speakers={k: (sorted(s.test_speakers), sorted(s.val_speakers)) for k, s in specs.items()})
         loop_config = {"fault": os.environ.get(FAULT_ENV) or None, "encoder_cache": encoder_cache,
                        "progress": progress, "prefix": f"{run_name.replace('=', ' ')} | " if parent_run_id else ""}
-        seeds = [config.train.seed + i for i in range(config.train.seeds)]
-        per_seed = {seed: _train_seed(config, seed, seeds, name=run_name, storage=absolute_location(storage_path),
-                                      fold_data=fold_data, loop_config=loop_config, runs=runs,
-                                      cluster_cpus=float(ray.cluster_resources().get("CPU", 1)))
-                    for seed in seeds}
-        result = TrialResult(per_fold=per_seed[seeds[0]], summary=summarize_trial(per_seed[seeds[0]], per_seed),
-                             per_seed=per_seed)
+        units = _units(config, run_name)
+        done = run_at_most(units, lambda unit: _run_unit(config, unit, storage=absolute_location(storage_path),
+                                                         fold_data=splits, loop_config=loop_config, runs=runs),
+                           config.train.parallel_units)
+        per_seed: dict[int, dict[int, FoldResult]] = {}
+        for unit, results in zip(units, done):
+            per_seed.setdefault(unit.seed, {}).update(results)
+        first = per_seed[config.train.seed]
+        result = TrialResult(per_fold=first, summary=summarize_trial(first, per_seed), per_seed=per_seed)
     except BaseException:
         if own_run is not None:
             own_run.set_status("FAILED")
@@ -448,17 +569,19 @@ def format_result(result: TrialResult) -> str:
 
 
 def train_command(config: Config, ray_address: str | None = None, *, verbose: bool = False) -> int:
-    """``ser train``: one configuration on ``config.data.folds``; prints each epoch and fold as they end, then
-    every fold and the mean ± std (``verbose``: Ray's own output too)."""
+    """``ser train``: one configuration on ``config.data.folds``; prints what resources it decided, each epoch and
+    fold as they end, then every fold and the mean ± std (``verbose``: Ray's own output too)."""
     console = Console(verbose)
     console.quiet_libraries()
-    config = resolve_locations(config)
-    # Fail on an unusable tracking store before Ray starts (seconds, not minutes).
-    tracking.ensure_store(config.tracking.mlflow_uri)
+    # A bad dataset or an unreachable tracking server fails before Ray starts (seconds, not minutes); a local store
+    # is created only once the cluster is known to be one node (cluster.prepare_run).
+    check_before_ray(config)
     run_name = "train-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     started = time.perf_counter()
     console.open(init_ray(ray_address, console))
     try:
+        config = prepare_run(config, sweep=False, say=console.say)
+        tracking.ensure_store(config.tracking.mlflow_uri)
         result = train_folds(config, run_name=run_name, storage_path=config.tracking.storage,
                              progress=console.channel)
     finally:

@@ -35,11 +35,11 @@ from typing import Any, Callable
 
 from ser_platform import tracking
 from ser_platform.catalogue import PAPER_GRID, SEARCH, Experiment, experiment as catalogue_entry, trial_overrides
-from ser_platform.cluster import (DEFAULT_STORAGE, absolute_location, is_local, join_storage, resolve_locations,
-                                  resolve_storage)
+from ser_platform.cluster import (DEFAULT_STORAGE, absolute_location, check_before_ray, is_local, join_storage,
+                                  prepare_run, resolve_storage)
 from ser_platform.config import Config, ConfigError, from_dict
 from ser_platform.console import Console
-from ser_platform.resources import TRIAL_CPU, max_concurrent_trials
+from ser_platform.resources import TRIAL_RESOURCES
 from ser_platform.tables import Table, format_table, log_tables, sweep_tables
 from ser_platform.tracking.store import is_server, sqlite_path
 
@@ -83,8 +83,9 @@ class TrialContext:
                                       kind=self.experiment.key)
 
 
-def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
-    """One Tune trial: the configuration of ``params`` on every fold, reported once as the mean/std over folds."""
+def run_trial(params: dict[str, Any], ctx: TrialContext, fold_data: Any = None) -> None:
+    """One Tune trial: the configuration of ``params`` on every fold, reported once as the mean/std over folds.
+    ``fold_data``: the splits the sweep's driver prepared (``ray_train.FoldData``), for the default train_fn."""
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
@@ -98,14 +99,17 @@ def run_trial(params: dict[str, Any], ctx: TrialContext) -> None:
         return
     if run.status() != "RUNNING":  # an earlier attempt of this trial failed or was killed: it runs again
         run.set_status("RUNNING")
+    extra = {}
     if ctx.train_fn is None:
         from ser_platform.ray_train import train_folds as train_fn
+
+        extra = {"fold_data": fold_data}
     else:
         train_fn = ctx.train_fn
     try:
         result = train_fn(config, run_name=f"trial={trial_id}", storage_path=ctx.train_storage,
                           parent_run_id=run.run_id, tags=identity.tags(), labels=identity.labels(config),
-                          progress=ctx.progress)
+                          progress=ctx.progress, **extra)
         summary = tracking.log_trial_result(run, result)
     except BaseException:
         run.set_status("FAILED")
@@ -218,15 +222,17 @@ def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
-def _build_tuner(ctx: TrialContext, config: Config, sweep_dir: str, study_storage: str, max_concurrent: int,
-                 resume: bool, verbose: bool) -> Any:
+def _build_tuner(ctx: TrialContext, config: Config, sweep_dir: str, study_storage: str, resume: bool, verbose: bool,
+                 fold_data: Any = None) -> Any:
     from ray import tune
 
-    def sweep_trial(params: dict[str, Any]) -> None:
-        run_trial(params, ctx)
+    def sweep_trial(params: dict[str, Any], fold_data: Any = None) -> None:
+        run_trial(params, ctx, fold_data)
 
     experiment = ctx.experiment
-    trainable = tune.with_resources(sweep_trial, {"cpu": TRIAL_CPU})
+    # The splits travel through Ray's object store (with_parameters), not pickled into the trainable; a trial
+    # sits on the head and holds no CPU (resources.TRIAL_RESOURCES).
+    trainable = tune.with_resources(tune.with_parameters(sweep_trial, fold_data=fold_data), TRIAL_RESOURCES)
     if resume and tune.Tuner.can_restore(sweep_dir):
         return tune.Tuner.restore(sweep_dir, trainable=trainable, resume_unfinished=True, resume_errored=True)
     if experiment.is_search:
@@ -243,7 +249,7 @@ def _build_tuner(ctx: TrialContext, config: Config, sweep_dir: str, study_storag
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric=config.sweep.metric, mode=config.sweep.mode, search_alg=search_alg,
-                                    num_samples=num_samples, max_concurrent_trials=max_concurrent,
+                                    num_samples=num_samples, max_concurrent_trials=config.sweep.max_concurrent,
                                     trial_dirname_creator=_trial_dirname),
         # Tune's own status tables only with --verbose: the callback prints a line per trial.
         run_config=tune.RunConfig(name=ctx.sweep_name, storage_path=config.tracking.storage, verbose=int(verbose),
@@ -335,26 +341,13 @@ def _start_or_resume(config: Config, experiment: Experiment | None, name: str | 
         raise FileExistsError(f"sweep {name!r} already exists in {storage}: pass --resume to continue it, "
                               f"or choose another --name")
     _check_experiment(config, experiment)
-    return resolve_locations(config), experiment, name, {}
+    return config, experiment, name, {}
 
 
-def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str | None = None,
-              resume: bool = False, ray_address: str | None = None,
-              train_fn: Callable[..., Any] | None = None, verbose: bool = True,
-              console: Console | None = None) -> SweepResult:
-    """Run (or, with ``resume``, continue) a sweep of ``experiment`` (default: :func:`default_experiment`); log
-    it to MLflow; return its trials and tables. ``train_fn`` replaces ``ray_train.train_folds`` (same
-    signature), e.g. for tests of the sweep machinery. ``verbose``: print the tables and where to look at the
-    end; ``console``: what shows while it runs (default: the project's lines, not Ray's)."""
-    import ray
-
-    started = time.perf_counter()
-    console = console or Console()
-    console.quiet_libraries()
-    config, experiment, name, meta = _start_or_resume(config, experiment, name, resume)
-    if resume and verbose:
-        print(f"resuming sweep {name!r} ({experiment.title}) with its stored configuration")
-    sweep_dir = join_storage(config.tracking.storage, name)
+def _open_parent(config: Config, experiment: Experiment, name: str, meta: dict[str, Any],
+                 sweep_dir: str) -> tuple[tracking.MlflowRun, str, str]:
+    """The sweep's parent run (created, or the stored one set RUNNING again), its MLflow experiment id and the
+    Optuna storage; the sweep's meta written to its storage."""
     uri = tracking.ensure_store(config.tracking.mlflow_uri)
     experiment_id = meta.get("mlflow_experiment_id") or tracking.experiment_id(uri, config.tracking.experiment)
     optuna_storage = meta.get("optuna_storage") or optuna_url(config)
@@ -369,23 +362,49 @@ def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str
                             "mlflow_uri": uri, "mlflow_experiment_id": experiment_id,
                             "parent_run_id": parent.run_id, "optuna_storage": optuna_storage, "study_name": name,
                             "updated": time.strftime("%Y-%m-%dT%H:%M:%S")})
-    result = SweepResult(name=name, experiment=experiment, sweep_dir=sweep_dir, mlflow_uri=uri,
-                         mlflow_experiment_id=experiment_id, parent_run_id=parent.run_id, optuna_storage=optuna_storage,
-                         expected_trials=config.sweep.trials if experiment.is_search else len(experiment.rows))
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        from ser_platform.ray_train import init_ray
+    return parent, experiment_id, optuna_storage
 
-        console.open(init_ray(ray_address, console))
-    else:
-        console.open()
-    ctx = TrialContext(base_config=config.to_dict(), experiment=experiment, sweep_name=name, mlflow_uri=uri,
-                       mlflow_experiment_id=experiment_id, parent_run_id=parent.run_id,
-                       train_storage=join_storage(sweep_dir, "train"), train_fn=train_fn, progress=console.channel)
-    status = "FAILED"
+
+def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str | None = None,
+              resume: bool = False, ray_address: str | None = None,
+              train_fn: Callable[..., Any] | None = None, verbose: bool = True,
+              console: Console | None = None) -> SweepResult:
+    """Run (or, with ``resume``, continue) a sweep of ``experiment`` (default: :func:`default_experiment`); log
+    it to MLflow; return its trials and tables. ``train_fn`` replaces ``ray_train.train_folds`` (same
+    signature), e.g. for tests of the sweep machinery. ``verbose``: print the tables and where to look at the
+    end; ``console``: what shows while it runs (default: the project's lines, not Ray's).
+
+    Order: a bad dataset or an unreachable tracking server fails first; then Ray, and with the cluster known
+    (``cluster.prepare_run``) local paths are refused on several nodes before anything is written, and the
+    trials and units at once are decided and printed; the splits are read once for every trial."""
+    import ray
+
+    from ser_platform.ray_train import FoldData, init_ray
+
+    started = time.perf_counter()
+    console = console or Console()
+    console.quiet_libraries()
+    config, experiment, name, meta = _start_or_resume(config, experiment, name, resume)
+    if resume and verbose:
+        print(f"resuming sweep {name!r} ({experiment.title}) with its stored configuration")
+    check_before_ray(config)
+    started_ray = not ray.is_initialized()
+    console.open(init_ray(ray_address, console) if started_ray else None)
+    status, result, parent = "FAILED", None, None
     try:
-        tuner = _build_tuner(ctx, config, sweep_dir, optuna_storage,
-                             max_concurrent_trials(config, ray.cluster_resources()), resume, console.verbose)
+        config = prepare_run(config, sweep=True, say=console.say)
+        sweep_dir = join_storage(config.tracking.storage, name)
+        parent, experiment_id, optuna_storage = _open_parent(config, experiment, name, meta, sweep_dir)
+        result = SweepResult(name=name, experiment=experiment, sweep_dir=sweep_dir,
+                             mlflow_uri=config.tracking.mlflow_uri, mlflow_experiment_id=experiment_id,
+                             parent_run_id=parent.run_id, optuna_storage=optuna_storage,
+                             expected_trials=config.sweep.trials if experiment.is_search else len(experiment.rows))
+        ctx = TrialContext(base_config=config.to_dict(), experiment=experiment, sweep_name=name,
+                           mlflow_uri=config.tracking.mlflow_uri, mlflow_experiment_id=experiment_id,
+                           parent_run_id=parent.run_id, train_storage=join_storage(sweep_dir, "train"),
+                           train_fn=train_fn, progress=console.channel)
+        fold_data = None if train_fn else FoldData.prepare(config, config.data.dataset)
+        tuner = _build_tuner(ctx, config, sweep_dir, optuna_storage, resume, console.verbose, fold_data)
         for trial in tuner.fit():
             metrics = dict(trial.metrics or {})
             result.trials.append({"trial_id": metrics.get("trial_id"), "config": dict(trial.config or {}),
@@ -396,8 +415,9 @@ def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str
         console.close()
         if started_ray:
             ray.shutdown()
-        result.wall_seconds = time.perf_counter() - started
-        _finish(parent, result, config, status, verbose)
+        if result is not None:
+            result.wall_seconds = time.perf_counter() - started
+            _finish(parent, result, config, status, verbose)
     return result
 
 

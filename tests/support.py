@@ -297,7 +297,7 @@ class MlflowServer:
     whole process group (uvicorn workers, MLflow's job consumers); ``stop`` then ``start`` again is a server that
     went away and came back on the same port and store."""
 
-    def __init__(self, backend: str, workdir: Path, *, artifacts: Path | None = None, port: int | None = None,
+    def __init__(self, backend: str, workdir: Path, *, artifacts: Path | str | None = None, port: int | None = None,
                  env: dict | None = None):
         import subprocess
 
@@ -336,6 +336,13 @@ class MlflowServer:
                 self.stop()
                 raise RuntimeError(f"mlflow server did not start: {(self.workdir / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
+
+    def __enter__(self) -> "MlflowServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def stop(self, timeout: float = 20) -> None:
         import signal
@@ -455,3 +462,285 @@ def sweep_driver(tmp: Path, config_file: Path, *, name: str, resume: bool, env: 
                                           calls_env=SWEEP_CALLS_ENV, block_env=SWEEP_BLOCK_ENV))
     return subprocess.Popen([sys.executable, str(script)], cwd=tmp, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+# --- servers and local multi-node clusters ----------------------------------------------------------------------
+
+def stop_group(process, timeout: float = 30) -> None:
+    """SIGTERM to a process started in its own session (``start_new_session=True``) and its whole group, then
+    SIGKILL to whatever of the group is left after ``timeout`` seconds."""
+    import signal
+    import subprocess
+
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    for pid in group_members(process.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if process.poll() is None:
+        process.wait()
+
+
+def wait_until(ready, process, log: Path, what: str, timeout: float = 90) -> None:
+    """Poll ``ready()`` (True when the server answers) every 0.5 s; raise naming ``what`` with the end of its log
+    if ``process`` exits first or ``timeout`` seconds pass."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None or time.monotonic() > deadline:
+            state = f"exited with {process.returncode}" if process.poll() is not None else f"{timeout:.0f} s passed"
+            raise RuntimeError(f"{what} did not start ({state}):\n{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.5)
+
+
+def answers(url: str, expected: bytes | None = None) -> bool:
+    """Whether ``url`` answers HTTP (any status; with ``expected``, a 200 whose body is exactly that)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return expected is None or response.read() == expected
+    except urllib.error.HTTPError:
+        return expected is None
+    except OSError:
+        return False
+
+
+class MotoS3:
+    """An S3-compatible server on 127.0.0.1 (moto's server mode) for one test module: ``with MotoS3(folder) as
+    s3:``; ``s3.env`` holds what a client needs (``AWS_ENDPOINT_URL`` for boto3 and pyarrow,
+    ``MLFLOW_S3_ENDPOINT_URL`` for MLflow's artifact client, dummy keys), ``s3.create_bucket(name)`` makes a
+    bucket. Started in its own session and stopped with its group; the start waits at most 60 s."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.port = free_ports(1)[0]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.env = {"AWS_ENDPOINT_URL": self.endpoint, "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
+                    "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                    "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        self.process = None
+
+    def __enter__(self) -> "MotoS3":
+        import subprocess
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        log = self.folder / "moto.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, **self.env})
+        try:
+            wait_until(lambda: answers(self.endpoint + "/moto-api/"), self.process, log, "moto S3 server", 60)
+        except BaseException:
+            stop_group(self.process)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        stop_group(self.process)
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id="testing", aws_secret_access_key="testing")
+
+    def create_bucket(self, name: str) -> str:
+        self.client().create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def objects(self, bucket: str, prefix: str = "") -> dict[str, int]:
+        """``{key: size}`` of every object under ``prefix``."""
+        found = {}
+        for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            found.update({item["Key"]: item["Size"] for item in page.get("Contents", [])})
+        return found
+
+
+def _node_ports() -> list[str]:
+    node_manager, object_manager, agent_http, agent_grpc, metrics, runtime_env = free_ports(6)
+    return [f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
+            f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
+            "--min-worker-port=0", "--max-worker-port=0"]
+
+
+class LocalCluster:
+    """A Ray cluster of several nodes on this machine, as `ray start` builds one on real machines: a head
+    (``ray start --head --block``, ``head_cpus`` CPUs for work: 0 keeps Train workers off it) and one
+    ``ray start --address=HEAD --block`` per worker node, each its own process group, all on 127.0.0.1 with
+    their own free ports, the cluster's own temp dir and HOME (no other Ray instance, no ~/.ray/auth_token of
+    the user). ``env``: extra settings of every node and client (token auth, S3 endpoint); ``autoscaling``: an
+    autoscaler config (``fake_autoscaler_config``), then worker nodes come from Ray's fake multi-node provider,
+    not from ``worker_cpus``. Stopped (SIGTERM to each `ray start --block`, then SIGKILL to anything that names
+    the temp dir) on exit, also after a failed start."""
+
+    def __init__(self, root: Path, *, head_cpus: int = 0, worker_cpus: tuple = (1, 1), env: dict | None = None,
+                 autoscaling: dict | None = None, object_store_mb: int = 300):
+        self.root = Path(root)
+        self.home = self.root / "home"
+        self.temp_dir = self.root / "ray"
+        self.head_cpus, self.worker_cpus, self.autoscaling = head_cpus, tuple(worker_cpus), autoscaling
+        self.object_store = str(object_store_mb * 2**20)
+        self.env = clean_env(self.home, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0", **(env or {}))
+        self.head = None
+        self.workers: list = []
+        self.address = self.dashboard = ""
+
+    def __enter__(self) -> "LocalCluster":
+        try:
+            self._start_head()
+            self.wait_for_nodes(1)
+            for cpus in ([] if self.autoscaling else self.worker_cpus):
+                self.add_worker(cpus)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start_head(self) -> None:
+        import json
+        import subprocess
+
+        self.home.mkdir(parents=True, exist_ok=True)
+        command, port = head_command(self.temp_dir, num_cpus=self.head_cpus)
+        command.append(f"--object-store-memory={self.object_store}")
+        env = dict(self.env)
+        if self.autoscaling is not None:
+            # Where `ray up` puts the launcher's config on a head, and how its head start command passes it.
+            config = self.home / "ray_bootstrap_config.yaml"
+            config.write_text(json.dumps(self.autoscaling(next(a for a in command if a.startswith("--port="))
+                                                          .split("=")[1])))
+            command.append(f"--autoscaling-config={config}")
+            env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+        self.address = "127.0.0.1:" + next(a for a in command if a.startswith("--port=")).split("=")[1]
+        self.dashboard = f"http://127.0.0.1:{port}"
+        log = self.root / "head.log"
+        self.head = subprocess.Popen(command, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        wait_until(lambda: answers(self.dashboard + "/api/version"), self.head, log, "Ray head", 120)
+
+    def add_worker(self, cpus: float = 1, resources: dict | None = None, attempts: int = 3) -> int:
+        """Start one more worker node and wait until it is alive; its index (for ``stop_worker``). On a loaded
+        machine a raylet can miss Ray's fixed 30 s registration window (`ray start` then exits): it is started
+        again, up to ``attempts`` times."""
+        import json
+        import subprocess
+
+        index, alive = len(self.workers), len(self.nodes())
+        command = RAY_CLI + ["start", "--block", f"--address={self.address}", "--node-ip-address=127.0.0.1",
+                             f"--num-cpus={cpus}", "--num-gpus=0", f"--object-store-memory={self.object_store}",
+                             "--disable-usage-stats"] + ([f"--resources={json.dumps(resources)}"] if resources else [])
+        for attempt in range(attempts):
+            log = self.root / f"worker{index}-{attempt}.log"
+            process = subprocess.Popen(command + _node_ports(), env=self.env, stdout=open(log, "w"),
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+            if attempt == 0:
+                self.workers.append(process)
+            self.workers[index] = process
+            try:
+                self.wait_for_nodes(alive + 1, process=process)
+                return index
+            except ChildProcessError:
+                stop_group(process)
+        raise RuntimeError(f"worker node {index} did not start in {attempts} attempts; logs in {self.root}")
+
+    def stop_worker(self, index: int) -> None:
+        """A worker node lost: SIGKILL to its whole process group (raylet, its workers), nothing drained."""
+        import signal
+
+        for pid in group_members(self.workers[index].pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.workers[index].wait()
+
+    def nodes(self) -> list[dict]:
+        """The alive nodes as the dashboard's state API lists them."""
+        import json
+        import urllib.request
+
+        headers = {"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"} if "RAY_AUTH_TOKEN" in self.env else {}
+        request = urllib.request.Request(self.dashboard + "/api/v0/nodes?limit=100&detail=true", headers=headers)
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return [n for n in json.loads(response.read())["data"]["result"]["result"] if n["state"] == "ALIVE"]
+
+    def wait_for_nodes(self, count: int, timeout: float = 180, process=None) -> list[dict]:
+        """Until ``count`` nodes are alive; ``ChildProcessError`` if ``process`` (a node's `ray start`) exits
+        first, ``RuntimeError`` after ``timeout`` seconds."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                alive = self.nodes()
+            except OSError:
+                alive = []
+            if len(alive) >= count:
+                return alive
+            if process is not None and process.poll() is not None:
+                raise ChildProcessError(f"`ray start` exited with {process.returncode} before its node was alive")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{len(alive)} of {count} Ray nodes alive after {timeout:.0f} s; logs in "
+                                   f"{self.root}")
+            time.sleep(1)
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for process in [*self.workers, self.head]:
+            if process is not None:
+                stop_group(process, timeout=20)
+        for pid in processes_mentioning(str(self.temp_dir)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def fake_autoscaler_config(node_type: str, resources: dict, max_workers: int, idle_minutes: float = 0.5):
+    """A function of the head's GCS port giving an autoscaler config for Ray's fake multi-node provider (worker
+    nodes started as local processes on demand) with one worker type: ``max_workers`` nodes of ``resources``.
+    The provider is named as an external module: the wheel lacks the example.yaml its own type reads."""
+    def config(gcs_port: str) -> dict:
+        return {
+            "cluster_name": "ser-test", "max_workers": max_workers, "upscaling_speed": 1.0,
+            "idle_timeout_minutes": idle_minutes, "head_node_type": "ray.head.default",
+            "provider": {"type": "external", "module": "ray.autoscaler._private.fake_multi_node.node_provider."
+                         "FakeMultiNodeProvider", "gcs_address": f"127.0.0.1:{gcs_port}",
+                         "use_node_id_as_ip": True, "disable_node_updaters": True,
+                         "disable_launch_config_check": True},
+            "available_node_types": {
+                "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+                node_type: {"resources": dict(resources), "node_config": {}, "min_workers": 0,
+                            "max_workers": max_workers}},
+            "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "initialization_commands": [],
+            "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [],
+            "head_start_ray_commands": [], "worker_start_ray_commands": [], "file_mounts_sync_continuously": False,
+            "rsync_exclude": [], "rsync_filter": []}
+    return config
+
+
+def node_holding(cluster: "LocalCluster", pid: int) -> int:
+    """The index of the worker node of ``cluster`` whose `ray start` started process ``pid`` (parents followed
+    through /proc)."""
+    starts = {process.pid: index for index, process in enumerate(cluster.workers)}
+    current = pid
+    while current > 1:
+        group = os.getpgid(current) if os.path.exists(f"/proc/{current}") else 0
+        if current in starts or group in starts:
+            return starts.get(current, starts.get(group))
+        with open(f"/proc/{current}/stat") as f:
+            stat = f.read()
+        current = int(stat[stat.rindex(")") + 2:].split()[1])
+    raise LookupError(f"process {pid} was not started by a worker node of the cluster in {cluster.root}")

@@ -29,6 +29,15 @@ The rules:
   ``.OUT.old-*`` and no ``out``: the next open puts it back.
 * **Errors name the folder.** A folder that cannot be written (permission denied, read-only file system) and a
   write that runs out of room (no space left, quota, file size limit) raise ``DataError`` naming the folder.
+
+On object storage (``s3://``, ``gs://``: ``ObjectStoreFolder``, the same interface) there is no rename and no
+lock. The parts go straight to their final keys under ``out`` and the writer's own marker (a manifest such as a
+dataset's ``_common_metadata``, which readers require) is written last, so a folder becomes readable only when
+complete. An object ``IN_PROGRESS`` (who writes, since when) is put first and removed after the commit: a second
+writer, or the next run after a killed one, finds it and stops naming it, unless ``overwrite=True`` (which then
+clears it). An interrupted writer removes what it wrote. Replacing a complete folder (``overwrite=True``, only
+one the tool wrote) removes its manifest first (it is no longer readable from that moment), then its objects:
+without a rename the old folder cannot be kept until the new one is complete, so write to a new prefix to keep it.
 """
 
 from __future__ import annotations
@@ -47,7 +56,9 @@ from typing import Callable
 
 from ser_platform.data.errors import DataError
 
-__all__ = ["AtomicFolder", "lock_file", "resolved", "unlock_file"]
+__all__ = ["AtomicFolder", "IN_PROGRESS", "ObjectStoreFolder", "lock_file", "resolved", "unlock_file"]
+
+IN_PROGRESS = "_ser_write_in_progress"  # object-store marker of an unfinished write (readers skip "_" names)
 
 # Errors of the writing side: the output's file system is full or refuses writes. Converted to DataError.
 _NO_ROOM = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
@@ -288,6 +299,125 @@ class AtomicFolder:
         if self._lock_fd is not None:
             unlock_file(self.lock_path, self._lock_fd)
             self._lock_fd = None
+        if self._signals_held:
+            _release_signals()
+            self._signals_held = False
+
+
+class ObjectStoreFolder:
+    """A folder written as a whole on object storage (module docstring): ``with ObjectStoreFolder(uri, ...) as
+    folder:`` write under ``folder.partial`` (the final prefix, in ``folder.filesystem``), the marker file last,
+    then ``folder.commit()``. ``is_ours(uri)`` recognises a complete folder the tool wrote; ``marker`` names its
+    manifest (the file ``overwrite`` removes first)."""
+
+    def __init__(self, uri: str, *, writer: str, what: str, marker: str, manifest: str,
+                 is_ours: Callable[[str], bool], overwrite: bool):
+        import pyarrow.fs as pafs
+
+        self.uri = str(uri).rstrip("/")
+        self.writer, self.what, self.marker, self.manifest = writer, what, marker, manifest
+        self.is_ours, self.overwrite = is_ours, overwrite
+        try:
+            self.filesystem, self.partial = pafs.FileSystem.from_uri(self.uri)
+        except (OSError, ValueError) as err:
+            raise DataError(self.uri, f"cannot open this location ({err})") from None
+        self.partial = self.partial.rstrip("/")
+        self.committed = False
+        self._owned = False  # the in-progress object is ours: abort may remove what is under the prefix
+        self._signals_held = False
+
+    def __enter__(self) -> "ObjectStoreFolder":
+        return self.open()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if not self.committed:
+            self.abort()
+
+    def _names(self) -> list[str]:
+        import pyarrow.fs as pafs
+
+        selector = pafs.FileSelector(self.partial, recursive=False, allow_not_found=True)
+        return sorted(info.base_name for info in self.filesystem.get_file_info(selector))
+
+    def _holder(self) -> str:
+        try:
+            with self.filesystem.open_input_stream(f"{self.partial}/{IN_PROGRESS}") as handle:
+                return handle.read().decode(errors="replace").strip() or "unknown writer"
+        except OSError:
+            return "unknown writer"
+
+    def open(self) -> "ObjectStoreFolder":
+        """Check the target, clear it if ``overwrite`` allows, and put the in-progress object."""
+        import time
+
+        _hold_signals_for_cleanup()
+        self._signals_held = True
+        try:
+            names = self._names()
+            if names:
+                self._check_target(names)
+                self._clear()
+            holder = f"`{self.writer}`, pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%c')}"
+            with self.filesystem.open_output_stream(f"{self.partial}/{IN_PROGRESS}") as handle:
+                handle.write(holder.encode())
+            self._owned = True
+        except FileExistsError:  # the target's own refusal, already worded
+            self.abort()
+            raise
+        except OSError as err:
+            self.abort()
+            raise DataError(self.uri, f"cannot write the {self.what} here ({err})") from None
+        except BaseException:
+            self.abort()
+            raise
+        return self
+
+    def _check_target(self, names: list[str]) -> None:
+        if IN_PROGRESS in names and not self.overwrite:
+            raise DataError(self.uri, f"an unfinished {self.what} is here ({self._holder()}): another writer is "
+                                      "at work, or one was killed; pass --overwrite to replace it")
+        if IN_PROGRESS in names:
+            return
+        if not self.is_ours(self.uri):
+            raise DataError(self.uri, f"holds objects that are not a {self.what} written by `{self.writer}` (no "
+                                      f"{self.marker}); refusing to replace them: remove them yourself or choose "
+                                      "another prefix")
+        if not self.overwrite:
+            raise FileExistsError(f"{self.uri}: already exists; pass --overwrite (overwrite=True) to replace it (on "
+                                  "object storage the old one is gone once the new one starts: no rename)")
+
+    def _clear(self) -> None:
+        """The manifest first (no reader takes a half-replaced folder for a complete one), then the rest."""
+        manifest = f"{self.partial}/{self.manifest}"
+        try:
+            self.filesystem.delete_file(manifest)
+        except FileNotFoundError:
+            pass
+        self.filesystem.delete_dir_contents(self.partial, missing_dir_ok=True)
+
+    def commit(self) -> str:
+        """The folder is complete (its manifest written last): remove the in-progress object."""
+        if not self._owned or self.committed:
+            raise RuntimeError(f"{self.uri}: commit() without open(), or twice")
+        self.filesystem.delete_file(f"{self.partial}/{IN_PROGRESS}")
+        self.committed = True
+        self._release()
+        return self.uri
+
+    def abort(self) -> None:
+        """Remove what this writer put under the prefix (it held the in-progress object), then let go."""
+        if self._owned and not self.committed:
+            try:
+                self.filesystem.delete_dir(self.partial)  # the objects, and the empty marker pyarrow keeps
+            except FileNotFoundError:
+                pass
+            except OSError as err:
+                warnings.warn(f"{self.uri}: could not remove the unfinished {self.what} ({err}); remove it "
+                              "yourself", stacklevel=2)
+            self._owned = False
+        self._release()
+
+    def _release(self) -> None:
         if self._signals_held:
             _release_signals()
             self._signals_held = False

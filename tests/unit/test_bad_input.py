@@ -260,8 +260,8 @@ CASES = [
          "--overwrite"), 0, "Parquet dataset {tmp}/ds", setup=_read_only_dataset, no_dac=True, writes=("ds",)),
     Case("prepare onto a full disk (file size limit)", PREPARE, 2,
          "{tmp}/out: cannot write the dataset: file size limit exceeded", setup=lambda f: _limit_file_size(60_000)),
-    Case("prepare --out on object storage", ("prepare", "--source", "corpus", "--out", "s3://bucket/ds"), 2,
-         "s3://bucket/ds: prepare writes a local folder"),
+    Case("prepare --out on a store it cannot write", ("prepare", "--source", "corpus", "--out", "hdfs://host/ds"),
+         2, "hdfs://host/ds: prepare writes a local folder, s3://BUCKET/prefix or gs://BUCKET/prefix, not hdfs://"),
     Case("prepare --source that is a file", ("prepare", "--source", "victim.json", "--out", "out"), 2,
          "{tmp}/victim.json: is not a folder"),
 
