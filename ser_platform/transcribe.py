@@ -47,7 +47,7 @@ from ser_platform.data.transcripts import (ASR, GOLD_COLUMNS, TrackInfo, TrackWr
 TINY_ASR = "tiny"
 SAMPLE_RATE = 16_000  # Whisper's rate, and the dataset's (data.parquet.SAMPLE_RATE)
 # The tiny Whisper: one encoder and one decoder layer of 32 dimensions over Whisper's own input (80 mel bins,
-# 30 s windows); a short decoding budget, since random weights never emit end-of-text. Weights drawn 25x wider than
+# 30 s windows); a short decoding budget, since random weights seldom emit end-of-text. Weights drawn 25x wider than
 # Whisper's init_std (0.02), so the noise it writes depends on the audio (at 0.02 every utterance got the same
 # text), and only lower-case letters and spaces are allowed, so its noise reads as words.
 TINY_WHISPER = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
@@ -108,7 +108,7 @@ def whisper_tokenizer():
 def tiny_revision(seed: int = TINY_SEED) -> str:
     """The tiny Whisper's revision: a hash of its sizes, its tokenizer's symbols and the seed of its weights."""
     text = json.dumps({"sizes": TINY_WHISPER, "special": WHISPER_SPECIAL_TOKENS, "symbols": TINY_SYMBOLS,
-                       "budget": TINY_MAX_NEW_TOKENS, "seed": seed}, sort_keys=True)
+                       "max_length": TINY_MAX_NEW_TOKENS + 4, "seed": seed}, sort_keys=True)
     return "tiny-" + hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -129,7 +129,7 @@ def tiny_whisper(seed: int = TINY_SEED):
         decoder_start_token_id=start, eos_token_id=end, pad_token_id=end, bos_token_id=end,
         no_timestamps_token_id=ids["<|notimestamps|>"], is_multilingual=True, lang_to_id={"<|en|>": ids["<|en|>"]},
         task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
-        max_new_tokens=TINY_MAX_NEW_TOKENS, suppress_tokens=_suppressed(tokenizer))
+        max_length=TINY_MAX_NEW_TOKENS + 4, suppress_tokens=_suppressed(tokenizer))  # 4 prompt tokens
     return model, tokenizer, WhisperFeatureExtractor(feature_size=TINY_WHISPER["num_mel_bins"])
 
 

@@ -65,7 +65,8 @@ def is_text_source(value: str) -> bool:
     """``gold``, ``asr``, or ``asr:NAME`` / ``asr:NAME@REVISION`` with a non-empty NAME (module docstring)."""
     if value in (GOLD, ASR):
         return True
-    return value.startswith(ASR + ":") and bool(split_model_ref(value[len(ASR) + 1:])[0])
+    ref = value[len(ASR) + 1:].strip()
+    return value.startswith(ASR + ":") and bool(ref) and not ref.startswith("@") and not ref.endswith("@")
 
 
 def track_ref(source: str, asr_model: str) -> str | None:
