@@ -237,7 +237,7 @@ def _on_ray(dataset: str, spec: RecognizerSpec, revision: str, workers: int,
     import ray.data
 
     pinned = RecognizerSpec(**{**asdict(spec), "revision": None if revision == "local" else revision})
-    recognised = ray.data.read_parquet(dataset, columns=["id", "audio"]).map_batches(
+    recognised = ray.data.read_parquet(dataset).select_columns(["id", "audio"]).map_batches(
         RecognitionActor, fn_constructor_kwargs={"spec": pinned}, batch_size=4 * spec.batch_size,
         batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=workers), num_gpus=gpus_per_worker or None)
     rows = recognised.take_all()

@@ -117,3 +117,16 @@ def test_tracks_are_pinned_before_a_run_and_missing_ones_named(tracked):
     # An explicit dataset without the tiny track: named too (only the embedded default writes it on first use).
     with pytest.raises(DataError, match="no ASR track 'tiny'"):
         ensure_text_tracks(config_for(dataset, "asr", "asr", **{"data.asr_model": "tiny"}), say=said.append)
+
+
+def test_the_swap_rebuilds_only_the_transcript_of_a_pyarrow_batch(tracked):
+    """The Ray loader's path (``fold_datasets``: ``map_batches(swap, batch_format="pyarrow")``)."""
+    dataset, _, heard = tracked
+    batch = pq.read_table(dataset).slice(3, 5)
+    swapped = load_split_texts(dataset, "gold", "asr:fake", "fake").test(batch)
+    assert swapped.column_names == batch.column_names
+    assert swapped.schema.field("transcript").type == batch.schema.field("transcript").type
+    assert swapped.column("transcript").to_pylist() == [heard[i] for i in batch.column("id").to_pylist()]
+    for name in batch.column_names:
+        if name != "transcript":
+            assert swapped.column(name) is batch.column(name) or swapped.column(name).equals(batch.column(name))
