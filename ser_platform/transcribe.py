@@ -364,7 +364,7 @@ def ensure_text_tracks(config: Any, sources: Iterable[str] = (), *, say=None) ->
             if data.dataset or split_model_ref(ref)[0] != TINY_ASR:
                 raise
             say(f"writing the embedded default's ASR track ({TINY_ASR}: a random Whisper, its text is noise)")
-            pinned[ref] = transcribe_dataset(dataset, RecognizerSpec(TINY_ASR, device="cpu")).ref
+            pinned[ref] = transcribe_dataset(dataset, RecognizerSpec(TINY_ASR, device="cpu"), progress=True).ref
     overrides = {"data.dataset": dataset}
     if data.asr_model in pinned:
         overrides["data.asr_model"] = pinned[data.asr_model]
