@@ -66,7 +66,8 @@ class RecognizerSpec:
     """What recognises: ``model`` (a Hub name, a local folder or "tiny"), ``revision`` (None = the Hub's default
     branch), ``device`` ("" = cuda when there is one), utterances per forward pass, the chunk length in seconds,
     the language forced on multilingual checkpoints ("" = Whisper detects it), and CPU threads (0 = torch's
-    default; on a shared, loaded machine 1 thread was ~10x faster than torch's default, BENCHMARKS.md)."""
+    default; on a shared, loaded machine 1 thread was 12x faster than torch's default of 2, BENCHMARKS.md,
+    "Transcription cost")."""
 
     model: str
     revision: str | None = None
@@ -364,7 +365,10 @@ def ensure_text_tracks(config: Any, sources: Iterable[str] = (), *, say=None) ->
             if data.dataset or split_model_ref(ref)[0] != TINY_ASR:
                 raise
             say(f"writing the embedded default's ASR track ({TINY_ASR}: a random Whisper, its text is noise)")
-            pinned[ref] = transcribe_dataset(dataset, RecognizerSpec(TINY_ASR, device="cpu"), progress=True).ref
+            # One thread: the tiny model gains nothing from more, and on a loaded machine two were 12x slower
+            # (BENCHMARKS.md, "Transcription cost").
+            tiny = RecognizerSpec(TINY_ASR, device="cpu", threads=1)
+            pinned[ref] = transcribe_dataset(dataset, tiny, progress=True).ref
     overrides = {"data.dataset": dataset}
     if data.asr_model in pinned:
         overrides["data.asr_model"] = pinned[data.asr_model]
