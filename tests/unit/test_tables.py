@@ -23,7 +23,7 @@ from ser_platform.tables import (TablesError, build_table, format_table, log_tab
                                  tables_command)
 from ser_platform.tracking import collect_sweeps, ensure_store, experiment_id
 
-from support import log_trial, open_sweep
+from support import copy_with_track, log_trial, open_sweep
 
 FOLDS = (1, 2, 3, 4, 5)
 
@@ -277,20 +277,13 @@ def test_parent_and_trials_carry_the_same_ui_keys_and_the_parent_no_varied_value
 
 @pytest.fixture(scope="module")
 def asr_dataset(training_dataset, tmp_path_factory):
-    """(dataset copy, gold columns) with a hand-made track ``fake@r1``: every gold text without its last word."""
-    import shutil
+    """(dataset copy, gold columns, texts) with a hand-made track ``fake@r1``: every gold text without its last
+    word, its metadata the WER report ``ser transcribe`` stores."""
+    from ser_platform.data.transcripts import wer_report, word_errors
 
-    import pyarrow.parquet as pq
-
-    from ser_platform.data.transcripts import TrackWriter, wer_report, word_errors
-
-    dataset = tmp_path_factory.mktemp("asr_tables") / "parquet"
-    shutil.copytree(training_dataset, dataset)
-    gold = pq.read_table(dataset, columns=["id", "session", "speaker", "mode", "transcript"]).to_pydict()
-    heard = [" ".join(t.split()[:-1]) for t in gold["transcript"]]
-    with TrackWriter(dataset, "fake", "r1") as writer:
-        writer.commit(gold["id"], heard, {"wer": wer_report(gold, word_errors(gold["transcript"], heard))})
-    return dataset, gold, heard
+    return copy_with_track(training_dataset, tmp_path_factory.mktemp("asr_tables") / "parquet",
+                           lambda text, row_id: " ".join(text.split()[:-1]),
+                           lambda gold, texts: {"wer": wer_report(gold, word_errors(gold["transcript"], texts))})
 
 
 def test_table5_shows_text_sources_wer_and_refuses_to_pair_other_test_text(store, asr_dataset):

@@ -8,8 +8,6 @@ pyarrow; ``overlap.transcript_overlap`` on gold columns; ``folds.fold_spec``'s s
 
 from __future__ import annotations
 
-import shutil
-
 import pyarrow.parquet as pq
 import pytest
 
@@ -18,22 +16,19 @@ from ser_platform.data.errors import DataError
 from ser_platform.data.folds import fold_spec
 from ser_platform.data.loader import LocalFolds
 from ser_platform.data.overlap import transcript_overlap
-from ser_platform.data.transcripts import (TrackWriter, TranscriptSwap, gold_rows, load_split_texts,
-                                           run_text_overlap)
+from ser_platform.data.transcripts import TranscriptSwap, gold_rows, load_split_texts, run_text_overlap
 from ser_platform.tracking.runs import config_params
 from ser_platform.transcribe import ensure_text_tracks
+
+from support import copy_with_track
 
 
 @pytest.fixture(scope="module")
 def tracked(training_dataset: str, tmp_path_factory: pytest.TempPathFactory):
     """(dataset copy, gold columns, {id: text} of its track ``fake@r1``): every text "heard <id>", unique."""
-    dataset = tmp_path_factory.mktemp("text_source") / "parquet"
-    shutil.copytree(training_dataset, dataset)
-    gold = pq.read_table(dataset, columns=["id", "session", "speaker", "mode", "transcript"]).to_pydict()
-    heard = {i: f"heard {i}" for i in gold["id"]}
-    with TrackWriter(dataset, "fake", "r1") as writer:
-        writer.commit(list(heard), list(heard.values()), {"wer": {}})
-    return dataset, gold, heard
+    dataset, gold, texts = copy_with_track(training_dataset, tmp_path_factory.mktemp("text_source") / "parquet",
+                                           lambda text, row_id: f"heard {row_id}")
+    return dataset, gold, dict(zip(gold["id"], texts))
 
 
 def config_for(dataset, train: str, test: str, **more):
