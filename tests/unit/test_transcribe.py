@@ -161,3 +161,15 @@ def test_bad_options_are_one_line_errors(transcribed, capsys):
     assert "--chunk-length=45.0" in capsys.readouterr().err
     assert main(["transcribe", "--dataset", "/nonexistent/ds", "--model", "tiny"]) == 2
     assert "/nonexistent/ds" in capsys.readouterr().err
+
+
+def test_a_long_utterance_is_recognised_in_chunks():
+    """One window decodes at most TINY_MAX_NEW_TOKENS byte tokens (one character each): a longer text for a 40 s
+    utterance means the pipeline cut it into chunks and joined their texts."""
+    from ser_platform.transcribe import TINY_MAX_NEW_TOKENS
+
+    long = 0.1 * np.random.default_rng(1).standard_normal(40 * 16_000).astype(np.float32)
+    [one_window] = Recognizer(RecognizerSpec("tiny", device="cpu", threads=1, chunk_length_s=30)).transcribe(
+        [long[:30 * 16_000]])
+    [chunked] = Recognizer(RecognizerSpec("tiny", device="cpu", threads=1, chunk_length_s=10)).transcribe([long])
+    assert len(one_window) <= TINY_MAX_NEW_TOKENS < len(chunked)
