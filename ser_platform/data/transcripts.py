@@ -2,9 +2,10 @@
 error rate against the gold transcripts, and which text a run reads (``data.train_text_source``,
 ``data.test_text_source``).
 
-Layout. A track is a folder inside the dataset, one per (model, revision), written whole (an
-``AtomicFolder``: a hidden partial folder renamed into place, so the dataset never holds half a track; a second
-model adds a folder of its own and leaves the others alone; ``TrackWriter``)::
+Layout. A track is a folder inside the dataset, one per (model, revision), written whole (``TrackWriter``: in a
+local folder an ``AtomicFolder``, a hidden partial folder renamed into place; on object storage an
+``ObjectStoreFolder``, the metadata file written last and a track without it not listed; either way the dataset
+never shows half a track, and a second model adds a folder of its own and leaves the others alone)::
 
     DATASET/_transcripts/<safe model name>@<revision>/part-00000.parquet   id string, text string
     DATASET/_transcripts/<safe model name>@<revision>/_common_metadata     schema + TRACK_KEY: the metadata (JSON)
@@ -43,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ser_platform.data.atomic_folder import AtomicFolder
+from ser_platform.data.atomic_folder import AtomicFolder, ObjectStoreFolder
 from ser_platform.data.errors import DataError
 from ser_platform.data.folds import all_folds, split_rows
 from ser_platform.data.overlap import normalise_transcript, transcript_overlap
@@ -147,7 +148,8 @@ def read_track_metadata(path: str | Path) -> dict[str, Any]:
 
 
 def list_tracks(dataset: str | Path) -> list[TrackInfo]:
-    """The dataset's complete tracks, by folder name (hidden partial folders and lock files are not listed)."""
+    """The dataset's complete tracks, by folder name: hidden partial folders and lock files are not listed, nor
+    (object storage) a track still being written, which has no metadata file yet."""
     from pyarrow import fs
 
     filesystem, root = _filesystem(dataset)
@@ -156,6 +158,9 @@ def list_tracks(dataset: str | Path) -> list[TrackInfo]:
     found = []
     for info in sorted(filesystem.get_file_info(selector), key=lambda i: i.base_name):
         if info.type == fs.FileType.Directory and not info.base_name.startswith("."):
+            metadata = filesystem.get_file_info(_join(root, TRACKS_DIR, info.base_name, METADATA_FILE))
+            if metadata.type == fs.FileType.NotFound:
+                continue
             where = _join(dataset, TRACKS_DIR, info.base_name)
             found.append(TrackInfo(where, read_track_metadata(where)))
     return found
@@ -177,26 +182,33 @@ def find_track(dataset: str | Path, ref: str) -> TrackInfo:
 
 
 class TrackWriter:
-    """Writes one track into the local dataset folder ``dataset`` as a whole (module docstring)::
+    """Writes one track into the dataset ``dataset`` as a whole (module docstring)::
 
-        with TrackWriter(dataset, model, revision, overwrite=False) as writer:   # locked, target checked
+        with TrackWriter(dataset, model, revision, overwrite=False) as writer:   # target checked (and locked)
             ...recognise...
             track = writer.commit(ids, texts, metadata)
 
-    An existing track of the same model and revision is replaced only with ``overwrite``; leaving the block
-    without ``commit`` leaves the dataset as it was."""
+    A local folder: an ``AtomicFolder`` (partial folder renamed into place). A URI (``s3://``, ``gs://``): an
+    ``ObjectStoreFolder`` (no rename there: the texts first, the metadata file last, so ``list_tracks`` sees
+    the track only once complete). An existing track of the same model and revision is replaced only with
+    ``overwrite``; leaving the block without ``commit`` leaves no track behind."""
 
     def __init__(self, dataset: str | Path, model: str, revision: str, *, overwrite: bool = False):
-        if "://" in str(dataset):
-            raise DataError(dataset, "a track is written into a local dataset folder (atomic rename needs one); "
-                                     "transcribe a local copy, then copy the dataset to object storage")
         self.model, self.revision = model, revision
-        self.out = Path(dataset) / TRACKS_DIR / track_folder_name(model, revision)
-        self.folder = AtomicFolder(self.out, writer="ser transcribe", what="ASR track",
-                                   marker=f"{METADATA_FILE} with its track metadata", is_ours=is_track,
-                                   overwrite=overwrite)
+        name, marker = track_folder_name(model, revision), f"{METADATA_FILE} with its track metadata"
+        if "://" in str(dataset):
+            self.out: str | Path = _join(dataset, TRACKS_DIR, name)
+            self.folder: Any = ObjectStoreFolder(self.out, writer="ser transcribe", what="ASR track", marker=marker,
+                                                 manifest=METADATA_FILE, is_ours=is_track, overwrite=overwrite)
+        else:
+            self.out = Path(dataset) / TRACKS_DIR / name
+            self.folder = AtomicFolder(self.out, writer="ser transcribe", what="ASR track", marker=marker,
+                                       is_ours=is_track, overwrite=overwrite)
 
     def __enter__(self) -> "TrackWriter":
+        filesystem = getattr(self.folder, "filesystem", None)
+        if filesystem is not None and filesystem.type_name == "local":  # file:// URIs: folders must exist there
+            filesystem.create_dir(self.folder.partial, recursive=True)
         self.folder.open()
         return self
 
@@ -210,9 +222,10 @@ class TrackWriter:
         full = {**metadata, "model": self.model, "revision": self.revision, "utterances": len(ids)}
         table = pa.Table.from_arrays([pa.array(list(ids), pa.string()), pa.array(list(texts), pa.string())],
                                      schema=TRACK_SCHEMA)
-        pq.write_table(table, self.folder.partial / TRACK_FILE, compression="zstd")
+        filesystem = getattr(self.folder, "filesystem", None)  # an ObjectStoreFolder's; None: a local folder
+        pq.write_table(table, f"{self.folder.partial}/{TRACK_FILE}", compression="zstd", filesystem=filesystem)
         schema = TRACK_SCHEMA.with_metadata({TRACK_KEY: json.dumps(full, sort_keys=True).encode()})
-        pq.write_metadata(schema, self.folder.partial / METADATA_FILE)
+        pq.write_metadata(schema, f"{self.folder.partial}/{METADATA_FILE}", filesystem=filesystem)  # last
         self.folder.commit()
         return TrackInfo(str(self.out), json.loads(json.dumps(full)))
 

@@ -173,3 +173,27 @@ def test_a_long_utterance_is_recognised_in_chunks():
         [long[:30 * 16_000]])
     [chunked] = Recognizer(RecognizerSpec("tiny", device="cpu", threads=1, chunk_length_s=10)).transcribe([long])
     assert len(one_window) <= TINY_MAX_NEW_TOKENS < len(chunked)
+
+
+def test_a_track_on_object_storage_is_listed_only_once_complete(transcribed, tmp_path):
+    """The object-storage path (``ObjectStoreFolder``: no rename, the metadata file last), through a ``file://``
+    URI, which pyarrow opens as a filesystem as it opens ``s3://``."""
+    dataset = tmp_path / "parquet"
+    shutil.copytree(transcribed[0], dataset)
+    uri = f"file://{dataset}"
+    ids = list(read_track_texts(find_track(uri, "tiny")))
+    with TrackWriter(uri, "org/whisper-x", "abc123") as writer:
+        # Under way: its folder and in-progress object exist, but it is not a track yet.
+        assert (dataset / TRACKS_DIR / "org--whisper-x@abc123").is_dir()
+        assert [t.model for t in list_tracks(uri)] == ["tiny"]
+        writer.commit(ids, ["hello"] * len(ids), {"wer": {}})
+    assert [t.ref for t in list_tracks(uri)] == ["org/whisper-x@abc123", f"tiny@{tiny_revision()}"]
+    assert read_track_texts(find_track(uri, "org/whisper-x")) == dict.fromkeys(ids, "hello")
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        with TrackWriter(uri, "org/whisper-x", "abc123"):
+            pass
+    with pytest.raises(RuntimeError, match="killed"):  # an interrupted writer removes what it wrote
+        with TrackWriter(uri, "org/other", "r1") as writer:
+            raise RuntimeError("killed")
+    assert [t.model for t in list_tracks(uri)] == ["org/whisper-x", "tiny"]
+    assert not (dataset / TRACKS_DIR / "org--other@r1").exists()
