@@ -246,7 +246,8 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     spec = RecognizerSpec(args.model, revision=args.revision, device=args.device or "", batch_size=args.batch_size,
                           chunk_length_s=args.chunk_length, language=args.language, threads=args.threads)
     return transcribe_command(args.dataset, spec, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-                              overwrite=args.overwrite, ray_address=args.ray_address, as_json=args.json)
+                              overwrite=args.overwrite, ray_address=args.ray_address, as_json=args.json,
+                              shared_filesystem=args.shared_filesystem)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -293,7 +294,7 @@ def _add_data_commands(sub: Any) -> None:
     p = sub.add_parser("transcribe", help="speech recognition (Whisper) of every utterance into an ASR text track "
                                           "of the dataset (data.train_text_source / test_text_source = asr:MODEL), "
                                           "with its word error rate")
-    p.add_argument("--dataset", required=True, help="Parquet dataset from `ser prepare` (a local folder)")
+    p.add_argument("--dataset", required=True, help="Parquet dataset from `ser prepare` (a folder, s3:// or gs://)")
     p.add_argument("--model", required=True, help="Whisper checkpoint name (e.g. openai/whisper-large-v3) or local "
                                                   "folder; 'tiny' = a small random Whisper, offline (tests, demo)")
     p.add_argument("--revision", help="Hub branch, tag or commit (default: the default branch)")
@@ -309,6 +310,8 @@ def _add_data_commands(sub: Any) -> None:
     p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (default: 1 when the cluster "
                                                                       "has GPUs and --workers is not given)")
     p.add_argument("--ray-address", help="Ray cluster to run the actors on (default: $RAY_ADDRESS)")
+    p.add_argument("--shared-filesystem", action="store_true", help="every node of the cluster mounts the local "
+                                                                    "--dataset folder (else it must be s3:// or gs://)")
     p.add_argument("--overwrite", action="store_true", help="replace this model's track if the dataset has one")
     p.add_argument("--json", action="store_true", help="print the track's metadata (WER, cost) as JSON")
     p.set_defaults(func=_cmd_transcribe)

@@ -311,17 +311,19 @@ def format_track(track: TrackInfo) -> str:
 
 def transcribe_command(dataset: str, spec: RecognizerSpec, *, workers: int | None = None,
                        gpus_per_worker: float = 0.0, overwrite: bool = False, ray_address: str | None = None,
-                       as_json: bool = False) -> int:
+                       as_json: bool = False, shared_filesystem: bool = False) -> int:
     """``ser transcribe``: in process, or on Ray Data with ``workers`` actors (default: one per GPU of the cluster,
     each holding one, when ``ray_address`` or $RAY_ADDRESS names a cluster; else in process)."""
     import os
 
     address = ray_address or os.environ.get("RAY_ADDRESS")
     if workers is None and address:
-        gpus = _join_ray(address)
+        gpus, nodes = _join_ray(address)
         workers, gpus_per_worker = max(1, int(gpus)), gpus_per_worker or (1.0 if gpus else 0.0)
     elif workers:
-        _join_ray(address)
+        gpus, nodes = _join_ray(address)
+    if workers:
+        check_reachable(dataset, nodes, shared_filesystem)
     track = transcribe_dataset(dataset, spec, workers=workers or 0, gpus_per_worker=gpus_per_worker,
                                overwrite=overwrite, progress=not as_json)
     print(json.dumps({"path": track.path, **track.metadata}, indent=1, sort_keys=True) if as_json
@@ -329,14 +331,26 @@ def transcribe_command(dataset: str, spec: RecognizerSpec, *, workers: int | Non
     return 0
 
 
-def _join_ray(address: str | None) -> float:
-    """Join the cluster at ``address`` (else start a local instance); its GPUs."""
+def _join_ray(address: str | None) -> tuple[float, int]:
+    """Join the cluster at ``address`` (else start a local instance); its GPUs and live nodes."""
     import ray
 
     from ser_platform.ray_train import init_ray
 
     init_ray(address)
-    return float(ray.cluster_resources().get("GPU", 0))
+    return float(ray.cluster_resources().get("GPU", 0)), sum(1 for node in ray.nodes() if node.get("Alive"))
+
+
+def check_reachable(dataset: str, nodes: int, shared_filesystem: bool = False) -> None:
+    """The Ray Data actors read the dataset on whichever node holds them: with several nodes a local folder is
+    refused (``ConfigError``) unless ``shared_filesystem`` vouches that every node mounts it (as for training,
+    README "On a cluster")."""
+    from ser_platform.cluster import is_local
+
+    if nodes > 1 and is_local(dataset) and not shared_filesystem:
+        raise ConfigError(f"--dataset {dataset}: local to this machine, but the recognition actors run on {nodes} "
+                          "nodes, which cannot read it; write it to object storage (`ser prepare --out "
+                          "s3://BUCKET/...`) or pass --shared-filesystem if every node mounts it")
 
 
 # --- the tracks a run reads --------------------------------------------------------------------------------------

@@ -197,3 +197,14 @@ def test_a_track_on_object_storage_is_listed_only_once_complete(transcribed, tmp
             raise RuntimeError("killed")
     assert [t.model for t in list_tracks(uri)] == ["org/whisper-x", "tiny"]
     assert not (dataset / TRACKS_DIR / "org--other@r1").exists()
+
+
+def test_a_local_dataset_is_refused_when_actors_run_on_other_nodes():
+    from ser_platform.config import ConfigError
+    from ser_platform.transcribe import check_reachable
+
+    check_reachable("/data/ds", nodes=1)  # one machine: its own disk
+    check_reachable("s3://bucket/ds", nodes=4)
+    check_reachable("/data/ds", nodes=4, shared_filesystem=True)
+    with pytest.raises(ConfigError, match="--dataset /data/ds: local to this machine.*4 nodes.*s3://"):
+        check_reachable("/data/ds", nodes=4)
