@@ -7,6 +7,7 @@ calls one library function.
     ser cache --dataset DS ...         frozen encoders' hidden states, computed once, stored beside DS
     ser train --dataset DS ...         train one configuration on leave-one-session-out folds (Ray Train)
     ser sweep --experiment KEY ...     Ray Tune over a catalogue experiment (Tables 1-4, the grid, the search)
+    ser transcribe --dataset DS ...    speech recognition (Whisper) into an ASR text track of DS, with its WER
     ser tables                         the paper's tables from logged MLflow runs
     ser predict --run RUN_ID ...       class probabilities of new utterances from a fold run's selected model
 
@@ -139,8 +140,21 @@ def build_config(args: argparse.Namespace, defaults: dict[str, Any] | None = Non
 
 def experiment_config(args: argparse.Namespace, experiment: Any) -> Config:
     """The config a sweep of ``experiment`` (a catalogue entry) runs: the experiment's own defaults (with the demo
-    preset, its demo defaults too) under the user's ``--set`` and flags."""
-    return build_config(args, experiment.base_overrides(args.preset))
+    preset, its demo defaults too) under the user's ``--set`` and flags, its ASR tracks checked (``_with_tracks``)."""
+    return _with_tracks(build_config(args, experiment.base_overrides(args.preset)), experiment)
+
+
+def _with_tracks(config: Config, experiment: Any = None) -> Config:
+    """Before Ray starts: the ASR tracks the config's text sources (and the experiment's rows') read exist, named
+    exactly in the config (``transcribe.ensure_text_tracks``); a config of gold text only is returned as it is."""
+    from ser_platform.data.transcripts import GOLD
+
+    sources = experiment.text_sources if experiment is not None else []
+    if {config.data.train_text_source, config.data.test_text_source, *sources} == {GOLD}:
+        return config
+    from ser_platform.transcribe import ensure_text_tracks
+
+    return ensure_text_tracks(config, sources)
 
 
 # --- commands ----------------------------------------------------------------------------------------------
@@ -195,7 +209,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    config = build_config(args)
+    config = _with_tracks(build_config(args))
     from ser_platform.ray_train import train_command
 
     return train_command(config, ray_address=args.ray_address, verbose=args.verbose)
@@ -214,6 +228,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         experiment = catalogue_entry(args.experiment)
     else:  # the search, or Table 2's grid with --grid paper (sweep.grid); --resume reads it from the sweep
         experiment = None if args.resume else default_experiment(build_config(args))
+    # --resume continues with the configuration the sweep stored (its tracks were checked when it started).
     config = build_config(args) if experiment is None else experiment_config(args, experiment)
     return sweep_command(config, experiment, name=args.name, resume=args.resume, ray_address=args.ray_address,
                          verbose=args.verbose)
@@ -225,11 +240,21 @@ def _cmd_tables(args: argparse.Namespace) -> int:
     return tables_command(experiment=args.mlflow_experiment, mlflow_uri=args.mlflow_uri, compare=args.compare)
 
 
+def _cmd_transcribe(args: argparse.Namespace) -> int:
+    from ser_platform.transcribe import RecognizerSpec, transcribe_command
+
+    spec = RecognizerSpec(args.model, revision=args.revision, device=args.device or "", batch_size=args.batch_size,
+                          chunk_length_s=args.chunk_length, language=args.language, threads=args.threads)
+    return transcribe_command(args.dataset, spec, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                              overwrite=args.overwrite, ray_address=args.ray_address, as_json=args.json,
+                              shared_filesystem=args.shared_filesystem)
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from ser_platform.predict import predict_command
 
     return predict_command(args.run, wav=args.wav, text=args.text, csv_path=args.csv, fold=args.fold,
-                           mlflow_uri=args.mlflow_uri, as_json=args.json)
+                           mlflow_uri=args.mlflow_uri, as_json=args.json, asr=args.asr)
 
 
 # --- parsers ---------------------------------------------------------------------------------------------------
@@ -266,6 +291,31 @@ def _add_data_commands(sub: Any) -> None:
     p.add_argument("--force", action="store_true", help="recompute entries that are already up to date")
     p.set_defaults(func=_cmd_cache)
 
+    p = sub.add_parser("transcribe", help="speech recognition (Whisper) of every utterance into an ASR text track "
+                                          "of the dataset (data.train_text_source / test_text_source = asr:MODEL), "
+                                          "with its word error rate")
+    p.add_argument("--dataset", required=True, help="Parquet dataset from `ser prepare` (a folder, s3:// or gs://)")
+    p.add_argument("--model", required=True, help="Whisper checkpoint name (e.g. openai/whisper-large-v3) or local "
+                                                  "folder; 'tiny' = a small random Whisper, offline (tests, demo)")
+    p.add_argument("--revision", help="Hub branch, tag or commit (default: the default branch)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when there is a GPU, else cpu")
+    p.add_argument("--batch-size", type=int, default=8, help="utterances per forward pass (default 8)")
+    p.add_argument("--chunk-length", type=float, default=30.0,
+                   help="seconds per chunk of a long utterance (the pipeline's chunking; default 30, Whisper's window)")
+    p.add_argument("--language", default="en", help="language forced on multilingual checkpoints (default en; "
+                                                    "'' = detect it)")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default 0: torch's default)")
+    p.add_argument("--workers", type=int, help="Ray Data actors, each holding the model (default: in this process; "
+                                               "with --ray-address or $RAY_ADDRESS, one per GPU of the cluster)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per actor (default: 1 when the cluster "
+                                                                      "has GPUs and --workers is not given)")
+    p.add_argument("--ray-address", help="Ray cluster to run the actors on (default: $RAY_ADDRESS)")
+    p.add_argument("--shared-filesystem", action="store_true", help="every node of the cluster mounts the local "
+                                                                    "--dataset folder (else it must be s3:// or gs://)")
+    p.add_argument("--overwrite", action="store_true", help="replace this model's track if the dataset has one")
+    p.add_argument("--json", action="store_true", help="print the track's metadata (WER, cost) as JSON")
+    p.set_defaults(func=_cmd_transcribe)
+
 
 def _add_result_commands(sub: Any) -> None:
     p = sub.add_parser("tables", help="print the paper's tables from logged MLflow runs")
@@ -284,8 +334,12 @@ def _add_result_commands(sub: Any) -> None:
                         "or a sweep (its best trial)")
     p.add_argument("--fold", type=int, help="which fold's model when --run is a train, trial or sweep run")
     p.add_argument("--wav", help="a wav file (any rate, mono or multi-channel: mixed to mono, resampled to 16 kHz)")
-    p.add_argument("--text", help="its transcript (with --wav)")
-    p.add_argument("--csv", help="CSV with columns wav,text (relative wav paths: relative to the CSV's folder)")
+    p.add_argument("--text", help="its transcript (with --wav); without it the wav is transcribed (--asr)")
+    p.add_argument("--csv", help="CSV with columns wav,text, or wav alone to transcribe every row (relative wav "
+                                 "paths: relative to the CSV's folder)")
+    p.add_argument("--asr", metavar="MODEL", help="recognition model for utterances without text: a Whisper name "
+                                                  "or folder, NAME@REVISION, or 'tiny' (default: the one whose "
+                                                  "track the run was tested on, data.test_text_source)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
                                         "sqlite:///mlflow.db in the working directory)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

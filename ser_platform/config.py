@@ -32,6 +32,7 @@ import yaml
 
 from ser_platform.data.errors import file_problem
 from ser_platform.data.folds import num_folds
+from ser_platform.data.transcripts import GOLD, is_text_source
 
 PROTOCOLS = ("loso5", "loso10", "session5")
 EMBEDDING_SPACES = ("fused", "speech", "text")
@@ -113,6 +114,12 @@ class DataConfig:
     # Frozen encoders' states computed once by `ser cache` (needs model.encoders="frozen"): "" = none, run the
     # encoders; "auto" = DATASET.cache beside the dataset; else that cache folder.
     encoder_cache: str = ""
+    # Which text the text network reads (data/transcripts.py): "gold" = the corpus's transcripts; "asr" = the track
+    # `ser transcribe` wrote for data.asr_model; "asr:NAME" or "asr:NAME@REVISION" = that model's track. Training and
+    # validation read train_text_source, the test split test_text_source (e.g. train gold, test recognised).
+    train_text_source: str = GOLD
+    test_text_source: str = GOLD
+    asr_model: str = "tiny"  # the recognition model "asr" stands for (NAME or NAME@REVISION); "tiny" = offline
 
     def __post_init__(self) -> None:
         _check_fields(self, "data.")
@@ -130,6 +137,10 @@ class DataConfig:
         _check(self.max_text_tokens > 2, "data.max_text_tokens", self.max_text_tokens, "> 2")
         _check(self.eval_subset in ("all", "improvised", "scripted"), "data.eval_subset", self.eval_subset,
                "'all', 'improvised' or 'scripted'")
+        source = "'gold', 'asr' (the track of data.asr_model) or 'asr:NAME' (a track of `ser transcribe --model NAME`)"
+        _check(is_text_source(self.train_text_source), "data.train_text_source", self.train_text_source, source)
+        _check(is_text_source(self.test_text_source), "data.test_text_source", self.test_text_source, source)
+        _check(bool(self.asr_model.strip()), "data.asr_model", self.asr_model, "a model name or path, or 'tiny'")
 
 
 def _check_tiny_sizes(config: Any, prefix: str) -> None:
@@ -388,6 +399,12 @@ class Config:
             raise ConfigError(f"data.encoder_cache={self.data.encoder_cache!r} with model.encoders="
                               f"{self.model.encoders!r}: cached states replace frozen encoders only; set "
                               "model.encoders=frozen or data.encoder_cache=''")
+        recognised = any(s != GOLD for s in (self.data.train_text_source, self.data.test_text_source))
+        if self.data.encoder_cache and recognised and self.model.fusion != "speech_only":
+            raise ConfigError(f"data.encoder_cache={self.data.encoder_cache!r} with recognised text "
+                              f"(data.train_text_source={self.data.train_text_source!r}, data.test_text_source="
+                              f"{self.data.test_text_source!r}): the cache holds the text encoder's states of the "
+                              "gold transcripts; run the text encoder (data.encoder_cache='') or use gold text")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -425,7 +442,9 @@ def _paper() -> Config:
     # README's choices table gives each one with its reason.
     return Config(
         preset="paper",
-        data=DataConfig(bucket_by_length=True),  # less padding per training batch (BENCHMARKS.md)
+        # Length buckets: less padding per training batch (BENCHMARKS.md). The ASR text track: Whisper large-v3
+        # (`ser transcribe --model openai/whisper-large-v3`), the largest Whisper and the usual choice for English.
+        data=DataConfig(bucket_by_length=True, asr_model="openai/whisper-large-v3"),
         model=ModelConfig(
             text=TextEncoderConfig(name="roberta-large"),
             speech=SpeechEncoderConfig(name="facebook/wav2vec2-base", n_mels=128, cnn_channels=64, lstm_hidden=128,

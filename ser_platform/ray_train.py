@@ -109,9 +109,10 @@ def _rows(ds: Any) -> dict[str, list]:
     return {c: table[c].tolist() for c in ("id", "speaker", "session")}
 
 
-def prepare_fold_data(dataset: str, specs: Mapping[int, Any], *, materialize: bool,
-                      progress: bool = True) -> dict[int, dict[str, Any]]:
-    """Each fold's ``{"train", "val", "test"}`` Ray Datasets, checked for leakage on their actual rows.
+def prepare_fold_data(dataset: str, specs: Mapping[int, Any], *, materialize: bool, progress: bool = True,
+                      texts: Any = None) -> dict[int, dict[str, Any]]:
+    """Each fold's ``{"train", "val", "test"}`` Ray Datasets, checked for leakage on their actual rows; ``texts``
+    (``data.transcripts.SplitTexts``): the ASR text the splits read instead of the gold transcripts.
 
     Raises ``FoldLeakageError`` before any training if a test utterance, speaker or held-out session reaches
     training (``folds.assert_no_leakage``), or a validation speaker is also a training speaker; ``ValueError``
@@ -125,7 +126,7 @@ def prepare_fold_data(dataset: str, specs: Mapping[int, Any], *, materialize: bo
     base = read_dataset(dataset, materialize=materialize)
     out: dict[int, dict[str, Any]] = {}
     for fold, spec in tqdm(sorted(specs.items()), desc="fold data", unit="fold", disable=not progress):
-        splits = fold_datasets(base, spec, materialize=materialize)
+        splits = fold_datasets(base, spec, materialize=materialize, texts=texts)
         rows = {name: _rows(ds) for name, ds in splits.items()}
         for name, split_rows in rows.items():
             if not split_rows["id"]:
@@ -371,8 +372,9 @@ class FoldData:
 
     @staticmethod
     def key_of(config: Config) -> tuple:
-        data = config.data
-        return data.dataset, data.protocol, tuple(data.folds), data.materialize
+        data = config.data  # the text sources too: a trial reading other text (Table 5's rows) reads other splits
+        return (data.dataset, data.protocol, tuple(data.folds), data.materialize, data.train_text_source,
+                data.test_text_source, data.asr_model)
 
     @classmethod
     def prepare(cls, config: Config, dataset: str, *, progress: bool = True) -> "FoldData":
@@ -380,7 +382,11 @@ class FoldData:
 
         started = time.perf_counter()
         specs = {k: fold_spec(k, config.data.protocol) for k in config.data.folds}
-        splits = prepare_fold_data(dataset, specs, materialize=config.data.materialize, progress=progress)
+        from ser_platform.data.transcripts import load_split_texts
+
+        data = config.data
+        texts = load_split_texts(dataset, data.train_text_source, data.test_text_source, data.asr_model)
+        splits = prepare_fold_data(dataset, specs, materialize=data.materialize, progress=progress, texts=texts)
         return cls(cls.key_of(config.replace({"data.dataset": dataset})), splits, time.perf_counter() - started)
 
     def for_config(self, config: Config) -> dict[int, dict[str, Any]] | None:

@@ -8,6 +8,12 @@ experiment's table from the sweep's trial runs (``tracking.records``):
   configured fold scored) whose ``variant`` is the row's label; the others are listed under the table;
 * the Optuna search: every complete trial, best objective first.
 
+Every table says which text its runs' text network read (``data.train_text_source`` for training and validation,
+``data.test_text_source`` for the test split: gold transcripts or an ASR track, ``data/transcripts.py``): a
+column ("train → test") and its caption; runs logged before those keys existed read gold. A table whose
+experiment asks for it (``Experiment.text_scores``, Table 5) also shows each row's WER and scripted overlap,
+computed from the dataset's tracks (``transcripts.run_text_scores``) where the dataset can be read.
+
 A table never mixes protocols: the protocol is a column, a sweep run under several gives one table per protocol,
 and a table built from runs of two protocols raises ``TablesError``. Paired comparisons (under Tables 1 and 4, and
 ``ser tables --compare``) read the trials' per-fold series and hand them to ``comparison.paired_comparison``,
@@ -24,15 +30,17 @@ from typing import Any, Sequence
 
 from ser_platform.catalogue import EXPERIMENTS, PAPER_GRID, PAPER_GRID_SPACE, Experiment
 from ser_platform.comparison import PairedComparison, format_comparison, paired_comparison
+from ser_platform.data.transcripts import ASR, GOLD, run_text_scores, track_ref
 from ser_platform.tracking import (SweepRecord, TrialRecord, collect_sweeps, existing_experiment_id,
                                    find_trial, fold_scores, latest_complete, log_table_artifacts, open_store,
                                    resolve_tracking_uri)
 from ser_platform.tracking.runs import MlflowRun
-from ser_platform.tracking.schema import SEARCH_VARIANT
+from ser_platform.tracking.schema import FOLDS, SEARCH_VARIANT
 
 PAPER_NOTE = "paper: IEMOCAP, 5,531 utterances, 4 classes; its WA/UA beside ours for reference only"
-RESULT_HEADER = ["WA", "UA", "val UA", "protocol", "paper WA", "paper UA"]
-SEARCH_RESULT_HEADER = ["val UA (objective)", "WA", "UA", "protocol", "paper WA", "paper UA"]
+RESULT_HEADER = ["WA", "UA", "val UA", "protocol", "text (train → test)", "paper WA", "paper UA"]
+SEARCH_RESULT_HEADER = ["val UA (objective)", "WA", "UA", "protocol", "text (train → test)", "paper WA", "paper UA"]
+TEXT_SCORE_HEADER = ["test WER", "train WER", "scripted overlap"]
 
 
 class TablesError(ValueError):
@@ -68,6 +76,55 @@ def _mean_std(record: TrialRecord | None, key: str) -> str:
     return f"{record.metrics[f'{key}_mean']:.3f} ± {record.metrics.get(f'{key}_std', float('nan')):.3f}"
 
 
+def text_source(record: TrialRecord, split: str) -> str:
+    """The text a run's ``split`` ("train": training and validation, "test") read: ``gold`` or ``asr:NAME@REV``
+    (``asr`` spelled out with ``data.asr_model``); runs logged before text sources existed read gold."""
+    value = record.params.get(f"data.{split}_text_source", GOLD)
+    ref = track_ref(value, record.params.get("data.asr_model", ""))
+    return GOLD if ref is None else f"{ASR}:{ref}"
+
+
+def _text(record: TrialRecord | None) -> str:
+    return "—" if record is None else f"{text_source(record, 'train')} → {text_source(record, 'test')}"
+
+
+_scores_cache: dict[tuple, dict[str, Any]] = {}  # (dataset, sources, protocol, folds) -> scores: read once
+
+
+def _text_key(record: TrialRecord) -> tuple:
+    p = record.params
+    return (p.get("data.dataset", ""), p.get("data.train_text_source", GOLD), p.get("data.test_text_source", GOLD),
+            p.get("data.asr_model", ""), record.protocol, p.get(FOLDS, ""))
+
+
+def _text_scores(record: TrialRecord | None) -> list[str]:
+    """Table 5's cells of a run: test and training-text WER, scripted overlap (``transcripts.run_text_scores`` on
+    the run's dataset); "n/a" where the dataset or its track cannot be read here (``_text_score_notes`` says
+    why)."""
+    if record is None:
+        return ["—"] * len(TEXT_SCORE_HEADER)
+    key = _text_key(record)
+    if key not in _scores_cache:
+        try:
+            _scores_cache[key] = run_text_scores(*key[:5], [int(f) for f in key[5].split(",") if f.strip()])
+        except (ValueError, OSError) as err:  # DataError included: a dataset that is elsewhere, a track gone
+            _scores_cache[key] = {"error": str(err).splitlines()[0]}
+    scores = _scores_cache[key]
+    if "error" in scores:
+        return ["n/a"] * len(TEXT_SCORE_HEADER)
+    percent = lambda v, gold="gold": gold if v is None else f"{100 * v:.1f} %"  # noqa: E731
+    return [percent(scores["test_wer"]), percent(scores["train_wer"]), percent(scores["scripted_overlap"], "n/a")]
+
+
+def _text_score_notes(picked: Sequence[tuple[TrialRecord | None, Any]]) -> list[str]:
+    notes = []
+    for record, _ in picked:
+        scores = _scores_cache.get(_text_key(record)) if record is not None else None
+        if scores and "error" in scores:
+            notes.append(f"WER and overlap of {record.label} not computed here: {scores['error']}")
+    return notes
+
+
 def _paper(value: float | None) -> str:
     return "—" if value is None else f"{value:.3f}"
 
@@ -93,13 +150,15 @@ def _caption(sweep: SweepRecord, records: Sequence[TrialRecord]) -> str:
         return ", ".join(seen) if seen else "?"
 
     dataset = ", ".join(Path(d).name or d for d in values("data.dataset").split(", "))
+    texts = ", ".join(sorted({_text(r) for r in records})) or "?"
     seeds = sorted({int(r.params.get("train.seeds", "1")) for r in records}) or [1]  # absent: logged before seeds
     over = "the folds" if seeds == [1] else "the folds × seeds"
     count = "/".join(map(str, seeds)) + (" seed" if seeds == [1] else " seeds")
     return (f"Mean ± std over {over} of each configuration (one fold = one test session; {count}). "
             f"Protocol {values('protocol')}; folds {values('folds')}; training seed(s) {values('seed')}; "
             f"dataset {dataset}; preset {values('preset')}; epochs {values('train.epochs')}; metric loss on the "
-            f"{values('loss.space')} embedding (loss.space); "
+            f"{values('loss.space')} embedding (loss.space); text read (training and validation → test; "
+            f"data.train_text_source, data.test_text_source): {texts}; "
             f"model selection on {values('sweep.metric')} (validation speakers, never the test session). "
             f"Sweep '{sweep.name}' (MLflow run {sweep.run_id}). WA = accuracy, UA = mean per-class recall; "
             f"{PAPER_NOTE}.")
@@ -118,6 +177,8 @@ def _columns(picked: Sequence[tuple[TrialRecord | None, tuple[float, float] | No
         "ua_mean": [metric(r, "test_ua_mean") for r, _ in picked],
         "ua_std": [metric(r, "test_ua_std") for r, _ in picked],
         "val_ua_mean": [metric(r, "val_ua_mean") for r, _ in picked],
+        "text_train": [None if r is None else text_source(r, "train") for r, _ in picked],
+        "text_test": [None if r is None else text_source(r, "test") for r, _ in picked],
         "paper_wa": [None if p is None else p[0] for _, p in picked],
         "paper_ua": [None if p is None else p[1] for _, p in picked],
     }
@@ -139,7 +200,8 @@ def _grid_rows(experiment: Experiment, records: Sequence[TrialRecord]) -> tuple[
         wa, ua = row.paper or (None, None)
         rows.append([*row.cells, _mean_std(best, "test_wa"), _mean_std(best, "test_ua"),
                      _mean_std(best, "val_ua") if best else _pending_state(matching),
-                     "—" if best is None else best.protocol, _paper(wa), _paper(ua)])
+                     "—" if best is None else best.protocol, _text(best), _paper(wa), _paper(ua)]
+                    + (_text_scores(best) if experiment.text_scores else []))
         picked.append((best, row.paper))
     return rows, picked, used
 
@@ -162,7 +224,7 @@ def _search_rows(records: Sequence[TrialRecord], metric: str) -> tuple[list[list
         wa, ua = paper or (None, None)
         rows.append(["CE Loss" if alpha == 0 else "Joint Loss", f"{alpha:.3f}", f"{beta:.3f}",
                      f"{r.param_float('loss.margin'):.3f}", space, _mean_std(r, "val_ua"), _mean_std(r, "test_wa"),
-                     _mean_std(r, "test_ua"), r.protocol, _paper(wa), _paper(ua)])
+                     _mean_std(r, "test_ua"), r.protocol, _text(r), _paper(wa), _paper(ua)])
         picked.append((r, paper))
     return rows, picked, complete
 
@@ -189,8 +251,10 @@ def build_table(experiment: Experiment, sweep: SweepRecord, *, metric: str = "va
     for key in dict.fromkeys(k for row in experiment.rows for k in row.overrides):
         data[key] = [row.overrides.get(key) for row in experiment.rows]
     caption = _caption(sweep, records) + (f" {experiment.caption_note}" if experiment.caption_note else "")
-    return Table(experiment.table, experiment.table_title, [*experiment.columns, *RESULT_HEADER], rows, caption,
-                 {**data, **_columns(picked)}, _excluded(records, used), protocol)
+    header = [*experiment.columns, *RESULT_HEADER] + (TEXT_SCORE_HEADER if experiment.text_scores else [])
+    notes = _excluded(records, used) + (_text_score_notes(picked) if experiment.text_scores else [])
+    return Table(experiment.table, experiment.table_title, header, rows, caption, {**data, **_columns(picked)},
+                 notes, protocol)
 
 
 def sweep_tables(sweep: SweepRecord, uri: str | None = None) -> list[Table]:
@@ -288,8 +352,10 @@ def log_tables(run: MlflowRun, tables: Sequence[Table]) -> list[str]:
 # --- paired comparison of two trial runs (the statistics are ser_platform.comparison's) ------------------------
 
 # Params that must agree for two runs' folds to be the same test sets: the folds of loso5 and loso10 are other
-# speakers, and a score on improvised utterances only is not paired with one on all of them.
-MUST_MATCH = ("protocol", "data.eval_subset")
+# speakers, a score on improvised utterances only is not paired with one on all of them, and a score on recognised
+# test text is not paired with one on gold (or another recogniser's) text: the same utterances, other inputs. The
+# training text may differ: that is a difference between two models, scored on the same inputs.
+MUST_MATCH = ("protocol", "data.eval_subset", "data.test_text_source")
 
 
 @dataclass(frozen=True)
@@ -309,12 +375,17 @@ class RunComparison:
         return f"{format_comparison(self.result, name, label_a=self.label_a, label_b=self.label_b)} [{how}]"
 
 
+def _matched(record: TrialRecord, key: str) -> str:
+    return text_source(record, "test") if key == "data.test_text_source" else record.params.get(key, "?")
+
+
 def _refuse_other_test_sets(a: TrialRecord, b: TrialRecord, label_a: str, label_b: str) -> None:
     for key in MUST_MATCH:
-        va, vb = a.params.get(key, "?"), b.params.get(key, "?")
+        va, vb = _matched(a, key), _matched(b, key)
         if va != vb:
+            what = "test inputs" if key == "data.test_text_source" else "test sets"
             raise TablesError(f"{label_a} ({a.label}) has {key}={va}, {label_b} ({b.label}) has {key}={vb}: their "
-                              f"folds are not the same test sets, so they are not compared")
+                              f"folds are not the same {what}, so they are not compared")
 
 
 def compare_records(uri: str, a: TrialRecord, b: TrialRecord, *, label_a: str, label_b: str,
@@ -322,7 +393,7 @@ def compare_records(uri: str, a: TrialRecord, b: TrialRecord, *, label_a: str, l
                     n_boot: int = 10_000, seed: int = 0) -> list[RunComparison]:
     """Paired comparisons (``comparison.paired_comparison``) of two complete trial runs, A − B.
 
-    Refuses (``TablesError``) runs whose test sets differ (``MUST_MATCH``: protocol, evaluation subset) or whose
+    Refuses (``TablesError``) runs whose test sets differ (``MUST_MATCH``: protocol, evaluation subset, test text) or whose
     folds differ. ``pairings``: "folds" (one score per fold, the mean over its seeds: the stricter test) and, when
     both runs have the same several seeds, also "folds x seeds"; by default both where they apply."""
     _refuse_other_test_sets(a, b, label_a, label_b)

@@ -186,6 +186,26 @@ def check_metric_loss_routing(model, space: str, reached, untouched) -> None:
         assert grad_norm(getattr(model, part)) == 0, part
 
 
+# --- ASR tracks ------------------------------------------------------------------------------------------------
+
+def copy_with_track(dataset: str, out: Path, hear, metadata=None) -> tuple[Path, dict, list[str]]:
+    """A copy of ``dataset`` at ``out`` with a hand-made ASR track ``fake@r1``: ``hear(gold transcript, id)`` is
+    each utterance's text; ``metadata(gold columns, texts)`` the track's (default: no WER). Returns (the copy,
+    its gold columns id/session/speaker/mode/transcript, the texts in row order)."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from ser_platform.data.transcripts import GOLD_COLUMNS, TrackWriter
+
+    shutil.copytree(dataset, out)
+    gold = pq.read_table(out, columns=list(GOLD_COLUMNS)).to_pydict()
+    texts = [hear(t, i) for t, i in zip(gold["transcript"], gold["id"])]
+    with TrackWriter(out, "fake", "r1") as writer:
+        writer.commit(gold["id"], texts, metadata(gold, texts) if metadata else {"wer": {}})
+    return out, gold, texts
+
+
 # --- sweeps logged without Ray -------------------------------------------------------------------------------
 
 def open_sweep(uri: str, experiment_id: str, experiment, name: str, config):

@@ -1,6 +1,7 @@
 """From the Parquet dataset to padded torch batches: fold splits in Ray Data, batch plans, and the collate.
 
-    fold_datasets(dataset, spec)  -> {"train", "val", "test"} Ray Datasets filtered by speaker (expressions)
+    fold_datasets(dataset, spec)  -> {"train", "val", "test"} Ray Datasets filtered by speaker (expressions),
+                                     each reading the text its source names (gold, or an ASR track)
     train_batches(shard, collate) -> one epoch of training batches, reshuffled per epoch from a seed;
                                      optionally class-balanced (so every batch holds triplets) and/or
                                      bucketed by length (less padding)
@@ -8,6 +9,11 @@
     make_collate(tokenizer, ...)  -> numpy batch (Ray Data's form) -> dict of padded tensors + lengths/masks
     LocalFolds(dataset, ...)      -> the same splits and batches in one process, no Ray (tests, benchmarks,
                                      the encoder cache): ``batches_for`` of ``train.fit_folds``
+
+Text: every split's ``transcript`` column is what its text network reads. With ``texts``
+(``data.transcripts.load_split_texts``: ``data.train_text_source`` for train and val, ``data.test_text_source``
+for test) a split's ``transcript`` is replaced row by row by its ASR track's text (``TranscriptSwap``), in the
+Ray path and in ``LocalFolds`` alike, before the split is materialised.
 
 Ray Data hands the collate a dict of numpy arrays: scalar columns as 1-d arrays, ``list<float32>`` columns as
 an object array of 1-d float32 arrays (or a 2-d array when every row happens to have the same length). Masks
@@ -27,6 +33,7 @@ from torch.nn.utils.rnn import pad_sequence
 from ser_platform.data.errors import DataError
 from ser_platform.data.features import FeatureParams, num_frames
 from ser_platform.data.iemocap import CLASSES
+from ser_platform.data.transcripts import GOLD, SplitTexts, load_split_texts
 
 if TYPE_CHECKING:
     import ray.data
@@ -299,10 +306,11 @@ def read_dataset(dataset: str, *, materialize: bool, columns: Sequence[str] | No
     return base.materialize() if materialize else base
 
 
-def fold_datasets(dataset: "str | ray.data.Dataset", spec: "FoldSpec", *,
-                  materialize: bool) -> dict[str, "ray.data.Dataset"]:
+def fold_datasets(dataset: "str | ray.data.Dataset", spec: "FoldSpec", *, materialize: bool,
+                  texts: SplitTexts | None = None) -> dict[str, "ray.data.Dataset"]:
     """``{"train", "val", "test"}`` Ray Datasets of one fold: rows whose speaker is in the spec's
-    ``train_speakers`` / ``val_speakers`` / ``test_speakers`` (filters are Ray Data expressions).
+    ``train_speakers`` / ``val_speakers`` / ``test_speakers`` (filters are Ray Data expressions), each with the
+    text of its source (``texts``; None = gold everywhere; module docstring).
 
     ``dataset`` is a Parquet path/URI or a Ray Dataset from :func:`read_dataset`. ``materialize=True`` holds
     each split in Ray's object store (measured on this machine: far faster per epoch than re-reading Parquet,
@@ -317,6 +325,9 @@ def fold_datasets(dataset: "str | ray.data.Dataset", spec: "FoldSpec", *,
     for split, speakers in (("train", spec.train_speakers), ("val", spec.val_speakers),
                             ("test", spec.test_speakers)):
         ds = base.filter(expr=col("speaker").is_in(sorted(speakers)))
+        swap = texts.for_split(split) if texts is not None else None
+        if swap is not None:  # pyarrow batches: only the transcript column is rebuilt, the audio passes through
+            ds = ds.map_batches(swap, batch_format="pyarrow", zero_copy_batch=True)
         splits[split] = ds.materialize() if materialize else ds
     return splits
 
@@ -372,11 +383,20 @@ class LocalFolds:
     epoch from the seed and planned by ``plan_pool_batches`` (class-balanced / length-bucketed as configured),
     evaluation batches in a fixed order, each rank taking its share. ``batches_for`` is ``train.fit_folds``'s.
 
-    ``rows`` is a dataset path (read once with :func:`read_rows`) or numpy columns already in memory.
+    ``rows`` is a dataset path (read once with :func:`read_rows`) or numpy columns already in memory. ``texts``:
+    the text of each split (module docstring); by default read from the dataset's tracks as the config's
+    ``data.train_text_source`` / ``data.test_text_source`` name them (rows in memory need ``texts`` for those).
     """
 
     def __init__(self, rows: str | Mapping[str, np.ndarray], config: Any, collate: Any, *, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, texts: SplitTexts | None = None):
+        data = config.data
+        if texts is None and isinstance(rows, str):
+            texts = load_split_texts(rows, data.train_text_source, data.test_text_source, data.asr_model)
+        elif texts is None and (data.train_text_source, data.test_text_source) != (GOLD, GOLD):
+            raise ValueError(f"LocalFolds: rows in memory with data.train_text_source={data.train_text_source!r}, "
+                             f"data.test_text_source={data.test_text_source!r}: pass texts= (load_split_texts)")
+        self.texts = texts
         self.rows = read_rows(rows) if isinstance(rows, str) else {k: np.asarray(v) for k, v in rows.items()}
         self.config = config
         self.collate = collate
@@ -384,13 +404,15 @@ class LocalFolds:
         self._splits: dict[tuple[int, str], dict[str, np.ndarray]] = {}
 
     def split(self, fold: int, split: str) -> dict[str, np.ndarray]:
-        """The rows of ``split`` ("train", "val", "test") of ``fold``, in file order."""
+        """The rows of ``split`` ("train", "val", "test") of ``fold``, in file order, with their source's text."""
         if (fold, split) not in self._splits:
             from ser_platform.data.folds import fold_spec
 
             spec = fold_spec(fold, self.config.data.protocol)
             keep = np.asarray([spec.split_for(str(s)) == split for s in self.rows["speaker"]], dtype=bool)
-            self._splits[(fold, split)] = {k: v[keep] for k, v in self.rows.items()}
+            rows = {k: v[keep] for k, v in self.rows.items()}
+            swap = self.texts.for_split(split) if self.texts is not None else None
+            self._splits[(fold, split)] = swap(rows) if swap is not None else rows
         return self._splits[(fold, split)]
 
     def batches_for(self, fold: int, split: str, epoch: int, *, rank: int | None = None,

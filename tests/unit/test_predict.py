@@ -220,3 +220,44 @@ def test_a_long_wav_is_cropped_as_in_training_and_predict_says_so(trained, capsy
     soundfile.write(short, soundfile.read(long_wav, dtype="float32")[0][:8000], 16000, subtype="FLOAT")
     np.testing.assert_allclose(got, direct_probabilities(trained["config"], trained["weights"][1], short, TEXT),
                                atol=1e-5)
+
+
+def test_without_text_the_wav_is_transcribed_and_the_transcript_printed(trained, capsys):
+    from ser_platform.transcribe import Recognizer, RecognizerSpec, tiny_revision
+
+    audio, rate = soundfile.read(trained["wav16"], dtype="float32")
+    assert rate == 16000
+    [heard] = Recognizer(RecognizerSpec("tiny", device="cpu")).transcribe([audio])
+    code, result, _ = run_predict(capsys, "--run", trained["runs"][1], "--wav", trained["wav16"], "--asr", "tiny",
+                                  "--mlflow-uri", trained["uri"], "--json")
+    assert code == 0 and result["text_source"] == f"asr:tiny@{tiny_revision()}"
+    [prediction] = result["predictions"]
+    assert prediction["text"] == heard
+    np.testing.assert_allclose(probabilities(result)[0],
+                               direct_probabilities(trained["config"], trained["weights"][1], trained["wav16"], heard),
+                               atol=1e-5)
+    # A CSV with a wav column only: every row transcribed the same way; the table prints the transcript.
+    csv_path = trained["tmp"] / "wav-only.csv"
+    csv_path.write_text("wav\nvoice16k.wav\nstereo.wav\n")
+    code, rows, _ = run_predict(capsys, "--run", trained["runs"][1], "--csv", csv_path, "--asr", "tiny",
+                                "--mlflow-uri", trained["uri"], "--json")
+    assert code == 0 and rows["predictions"][0]["text"] == heard and len(rows["predictions"]) == 2
+    code = main(["predict", "--run", trained["runs"][1], "--wav", str(trained["wav16"]), "--asr", "tiny",
+                 "--mlflow-uri", trained["uri"]])
+    out = capsys.readouterr().out
+    assert code == 0 and f"text: recognised by asr:tiny@{tiny_revision()}" in out and heard[:37] in out
+
+
+def test_a_run_tested_on_recognised_text_brings_its_recogniser(trained):
+    from types import SimpleNamespace
+
+    from ser_platform.predict import PredictError, recognizer_for
+    from ser_platform.transcribe import tiny_revision
+
+    ref = f"tiny@{tiny_revision()}"
+    on_asr = trained["config"].replace({"data.test_text_source": "asr", "data.asr_model": ref})
+    assert recognizer_for(SimpleNamespace(config=on_asr, run_id="r")).ref == ref
+    named = trained["config"].replace({"data.test_text_source": f"asr:{ref}"})
+    assert recognizer_for(SimpleNamespace(config=named, run_id="r")).ref == ref
+    with pytest.raises(PredictError, match="tested on gold transcripts.*--asr MODEL"):
+        recognizer_for(SimpleNamespace(config=trained["config"], run_id="r"))

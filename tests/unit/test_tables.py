@@ -23,7 +23,7 @@ from ser_platform.tables import (TablesError, build_table, format_table, log_tab
                                  tables_command)
 from ser_platform.tracking import collect_sweeps, ensure_store, experiment_id
 
-from support import log_trial, open_sweep
+from support import copy_with_track, log_trial, open_sweep
 
 FOLDS = (1, 2, 3, 4, 5)
 
@@ -273,3 +273,56 @@ def test_parent_and_trials_carry_the_same_ui_keys_and_the_parent_no_varied_value
     # What the trials vary is not logged on the parent as if the sweep had run with the base config's value.
     assert experiment.varied_keys and not set(experiment.varied_keys) & set(parent)
     assert all(trial[key] == parent[key] for key in ("loss.miner", "train.lr", "data.protocol"))
+
+
+@pytest.fixture(scope="module")
+def asr_dataset(training_dataset, tmp_path_factory):
+    """(dataset copy, gold columns, texts) with a hand-made track ``fake@r1``: every gold text without its last
+    word, its metadata the WER report ``ser transcribe`` stores."""
+    from ser_platform.data.transcripts import wer_report, word_errors
+
+    return copy_with_track(training_dataset, tmp_path_factory.mktemp("asr_tables") / "parquet",
+                           lambda text, row_id: " ".join(text.split()[:-1]),
+                           lambda gold, texts: {"wer": wer_report(gold, word_errors(gold["transcript"], texts))})
+
+
+def test_table5_shows_text_sources_wer_and_refuses_to_pair_other_test_text(store, asr_dataset):
+    import jiwer
+
+    from ser_platform.catalogue import ASR_TEXT
+    from ser_platform.data.folds import all_folds
+    from ser_platform.data.overlap import normalise_transcript, transcript_overlap
+
+    dataset, gold, heard = asr_dataset
+    store.config = store.config.replace({**ASR_TEXT.defaults, "data.dataset": str(dataset),
+                                         "data.asr_model": "fake@r1"})
+    ctx = store.sweep(ASR_TEXT, "asr")
+    offsets = {"gold text": 0.1, "train gold, test ASR": 0.0, "train ASR, test ASR": 0.03}
+    for i, (variant, offset) in enumerate(offsets.items()):
+        store.trial(ctx, f"t{i}", {"variant": variant}, scores_for(offset))
+    [table] = sweep_tables(collect_sweeps(store.uri, store.experiment_id)[0], store.uri)
+    column = {name: [row[table.header.index(name)] for row in table.rows]
+              for name in ("text (train → test)", "test WER", "train WER", "scripted overlap")}
+    assert column["text (train → test)"] == ["gold → gold", "gold → asr:fake@r1", "asr:fake@r1 → asr:fake@r1"]
+    refs, hyps = [normalise_transcript(t) for t in gold["transcript"]], [normalise_transcript(t) for t in heard]
+
+    def mean_wer(side: str) -> str:  # jiwer over each fold's utterances, then the mean over the folds
+        values = []
+        for spec in all_folds("loso5"):
+            speakers = spec.test_speakers if side == "test" else spec.train_speakers | spec.val_speakers
+            keep = [i for i, s in enumerate(gold["speaker"]) if s in speakers]
+            values.append(jiwer.wer([refs[i] for i in keep], [hyps[i] for i in keep]))
+        return f"{100 * np.mean(values):.1f} %"
+
+    assert column["test WER"] == ["gold", mean_wer("test"), mean_wer("test")]
+    assert column["train WER"] == ["gold", "gold", mean_wer("train")]
+    gold_share = transcript_overlap(gold, "loso5")["mean"]["scripted_overlap_share"]
+    assert column["scripted overlap"][0] == f"{100 * gold_share:.1f} %"
+    assert "data.train_text_source, data.test_text_source" in table.caption and "asr:fake@r1" in table.caption
+    # The one paired comparison: the two rows that read the same (recognised) test text.
+    assert [n.split(" = ")[0] for n in table.notes if n.startswith("test UA: ")] == \
+        ["test UA: train ASR, test ASR − train gold, test ASR"]
+    with pytest.raises(TablesError, match="data.test_text_source=gold.*data.test_text_source=asr:fake@r1.*not "
+                                          "the same test inputs"):
+        tables_command(experiment=store.experiment, mlflow_uri=store.uri,
+                       compare=["gold text", "train gold, test ASR"])
