@@ -28,17 +28,15 @@ class EnvironmentMismatch(ValueError):
 
 
 def versions() -> dict[str, str]:
-    """This process's versions of ``PACKAGES`` ("absent" for one that is not installed); the project's own carries
-    its git commit (``tracking.git_commit``), since its version number does not change with every commit."""
-    from ser_platform.tracking import git_commit
-
+    """This process's versions of ``PACKAGES`` ("absent" for one that is not installed) and Python's. The project's
+    git commit is not compared: a job's code reaches every node in its ``--working-dir`` package, identical by
+    construction, and a commit made while a local run goes on would fail its next worker for nothing."""
     found = {}
     for name in PACKAGES:
         try:
             found[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             found[name] = "absent"
-    found["ser_platform"] += f" ({git_commit()})"
     found["python"] = platform.python_version()
     return found
 
