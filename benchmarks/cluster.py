@@ -115,8 +115,8 @@ def part_parallel(root: Path, epochs: int) -> None:
         size, read_s = dataset_read(s3, dataset)
         print(f"dataset in the bucket: {size / 2**20:.2f} MB; read whole from the S3 server in {read_s:.2f} s "
               f"(each run reads it once, before training)")
-        with MlflowServer(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}", root / "mlflow", artifacts=f"s3://{BUCKET}/mlflow",
-                              env={**os.environ, **s3.env}) as mlflow, \
+        with MlflowServer(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}", root / "mlflow",
+                          artifacts=f"s3://{BUCKET}/mlflow", env={**os.environ, **s3.env}) as mlflow, \
                 LocalCluster(root / "cluster", head_cpus=0, worker_cpus=(1, 1), env=s3.env) as cluster:
             print(f"cluster: {len(cluster.nodes())} nodes (head 0 CPU, 2 x 1 CPU), S3 {s3.endpoint}, MLflow "
                   f"{mlflow.uri}")

@@ -486,6 +486,24 @@ def sweep_driver(tmp: Path, config_file: Path, *, name: str, resume: bool, env: 
 
 # --- servers and local multi-node clusters ----------------------------------------------------------------------
 
+def short_tempdir(prefix: str):
+    """A context: a new folder directly under /tmp (Ray's socket paths under it must fit in 107 bytes, which
+    pytest's folders do not), removed with everything in it afterwards."""
+    import contextlib
+    import shutil
+    import tempfile
+
+    @contextlib.contextmanager
+    def folder():
+        root = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+        try:
+            yield root
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+
+    return folder()
+
+
 def stop_group(process, timeout: float = 30) -> None:
     """SIGTERM to a process started in its own session (``start_new_session=True``) and its whole group, then
     SIGKILL to whatever of the group is left after ``timeout`` seconds."""

@@ -16,7 +16,6 @@ import os
 import secrets
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from mlflow import MlflowClient
 
 from ser_platform.data.parquet import prepare_dataset
 from ser_platform.tracking import schema
-from support import RAY_CLI, REPO, TINY_SIZES, LocalCluster, MlflowServer, MotoS3
+from support import RAY_CLI, REPO, TINY_SIZES, LocalCluster, MlflowServer, MotoS3, short_tempdir
 
 pytestmark = pytest.mark.ray  # heads of its own (tests/conftest.py sets e2e and slow)
 
@@ -37,33 +36,34 @@ SETS = {**TINY_SIZES, "train.batch_size": 8, "train.samples_per_class": 2, "data
 
 @pytest.fixture(scope="module")
 def job(training_dataset):
-    root = Path(tempfile.mkdtemp(prefix="ser-job-", dir="/tmp"))  # short: Ray's socket paths must fit
-    token = secrets.token_hex(32)
-    with MotoS3(root / "s3") as s3:
-        s3.create_bucket(BUCKET)
-        saved = {k: os.environ.get(k) for k in s3.env}
-        os.environ.update(s3.env)
-        try:
-            corpus = Path(training_dataset).parent / "IEMOCAP_full_release"
-            prepare_dataset(corpus, f"s3://{BUCKET}/iemocap.parquet")
-        finally:
-            for key, value in saved.items():
-                os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-        auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
-        with MlflowServer(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}", root / "mlflow", artifacts=f"s3://{BUCKET}/mlflow",
-                              env={**os.environ, **s3.env}) as mlflow, \
-                LocalCluster(root / "cluster", worker_cpus=(1, 1), env={**s3.env, **auth}) as cluster:
-            sets = [arg for key, value in SETS.items() for arg in ("--set", f"{key}={value}")]
-            entrypoint = ["python", "experiments/sweep_loss_weights.py", "--trials", str(TRIALS), "--folds",
-                          ",".join(map(str, FOLDS)), "--epochs", "1", "--dataset", f"s3://{BUCKET}/iemocap.parquet",
-                          "--storage", f"s3://{BUCKET}/runs", "--mlflow-uri", mlflow.uri, "--name", "job", "--debug", *sets]
-            started = time.monotonic()
-            submit = subprocess.run(RAY_CLI + ["job", "submit", f"--address={cluster.dashboard}",
-                                               f"--submission-id={SUBMISSION_ID}", f"--working-dir={REPO}", "--",
-                                               *entrypoint],
-                                    env=cluster.env, cwd=root, capture_output=True, text=True, timeout=900)
-            yield {"submit": submit, "seconds": time.monotonic() - started, "s3": s3, "mlflow": mlflow,
-                   "cluster": cluster, "root": root, "corpus": corpus}
+    with short_tempdir("ser-job-") as root:  # short: Ray's socket paths must fit, removed after
+        token = secrets.token_hex(32)
+        with MotoS3(root / "s3") as s3:
+            s3.create_bucket(BUCKET)
+            saved = {k: os.environ.get(k) for k in s3.env}
+            os.environ.update(s3.env)
+            try:
+                corpus = Path(training_dataset).parent / "IEMOCAP_full_release"
+                prepare_dataset(corpus, f"s3://{BUCKET}/iemocap.parquet")
+            finally:
+                for key, value in saved.items():
+                    os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+            auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+            with MlflowServer(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}", root / "mlflow",
+                              artifacts=f"s3://{BUCKET}/mlflow", env={**os.environ, **s3.env}) as mlflow, \
+                    LocalCluster(root / "cluster", worker_cpus=(1, 1), env={**s3.env, **auth}) as cluster:
+                sets = [arg for key, value in SETS.items() for arg in ("--set", f"{key}={value}")]
+                entrypoint = ["python", "experiments/sweep_loss_weights.py", "--trials", str(TRIALS), "--folds",
+                              ",".join(map(str, FOLDS)), "--epochs", "1", "--dataset", f"s3://{BUCKET}/iemocap.parquet",
+                              "--storage", f"s3://{BUCKET}/runs", "--mlflow-uri", mlflow.uri, "--name", "job",
+                              "--debug", *sets]
+                started = time.monotonic()
+                submit = subprocess.run(RAY_CLI + ["job", "submit", f"--address={cluster.dashboard}",
+                                                   f"--submission-id={SUBMISSION_ID}", f"--working-dir={REPO}", "--",
+                                                   *entrypoint],
+                                        env=cluster.env, cwd=root, capture_output=True, text=True, timeout=900)
+                yield {"submit": submit, "seconds": time.monotonic() - started, "s3": s3, "mlflow": mlflow,
+                       "cluster": cluster, "root": root, "corpus": corpus}
 
 
 def test_the_job_succeeds_with_token_auth_on(job):
@@ -108,7 +108,8 @@ def test_checkpoints_are_in_the_bucket_and_nothing_on_the_nodes_disks(job):
 def test_nothing_was_written_to_the_jobs_working_directory_but_logs(job):
     shipped = set(subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
                                  capture_output=True, text=True, check=True).stdout.split())
-    packages = list((job["cluster"].root / "ray").glob("session_2*/runtime_resources/working_dir_files/*/"))  # not session_latest, a link
+    # session_2*: not session_latest, a link to the same folder
+    packages = list((job["cluster"].root / "ray").glob("session_2*/runtime_resources/working_dir_files/*/"))
     assert len(packages) == 1, packages
     found = {str(p.relative_to(packages[0])) for p in packages[0].rglob("*") if p.is_file()}
     new = sorted(p for p in found - shipped if "__pycache__" not in p.split("/"))

@@ -30,7 +30,7 @@ from mlflow import MlflowClient
 
 from ser_platform.data.parquet import prepare_dataset
 from ser_platform.tracking import schema
-from support import REPO, TINY_SIZES, LocalCluster, MlflowServer, MotoS3, node_holding
+from support import REPO, TINY_SIZES, LocalCluster, MlflowServer, MotoS3, node_holding, short_tempdir
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -41,25 +41,23 @@ SETS = {**TINY_SIZES, "train.batch_size": 8, "train.samples_per_class": 2, "data
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, training_dataset):
     """The S3 server (dataset uploaded with `ser prepare --out s3://`), the MLflow server and the cluster."""
-    import tempfile
-
     # Short, outside pytest's folder: Ray's socket paths under it must fit in 107 bytes.
-    root = Path(tempfile.mkdtemp(prefix="ser-mn-", dir="/tmp"))
-    with MotoS3(root / "s3") as s3:
-        saved = {k: os.environ.get(k) for k in s3.env}
-        os.environ.update(s3.env)
-        try:
-            s3.create_bucket(BUCKET)
-            corpus = Path(training_dataset).parent / "IEMOCAP_full_release"
-            prepare_dataset(corpus, f"s3://{BUCKET}/iemocap.parquet")
-            with MlflowServer(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}", root / "mlflow", artifacts=f"s3://{BUCKET}/mlflow",
-                              env={**os.environ, **s3.env}) as mlflow, \
-                    LocalCluster(root / "cluster", head_cpus=0, worker_cpus=(1, 1), env=s3.env) as cluster:
-                yield {"s3": s3, "mlflow": mlflow, "cluster": cluster, "root": root,
-                       "dataset": f"s3://{BUCKET}/iemocap.parquet"}
-        finally:
-            for key, value in saved.items():
-                os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    with short_tempdir("ser-mn-") as root:  # short: Ray's socket paths must fit, removed after
+        with MotoS3(root / "s3") as s3:
+            saved = {k: os.environ.get(k) for k in s3.env}
+            os.environ.update(s3.env)
+            try:
+                s3.create_bucket(BUCKET)
+                corpus = Path(training_dataset).parent / "IEMOCAP_full_release"
+                prepare_dataset(corpus, f"s3://{BUCKET}/iemocap.parquet")
+                with MlflowServer(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}", root / "mlflow",
+                                  artifacts=f"s3://{BUCKET}/mlflow", env={**os.environ, **s3.env}) as mlflow, \
+                        LocalCluster(root / "cluster", head_cpus=0, worker_cpus=(1, 1), env=s3.env) as cluster:
+                    yield {"s3": s3, "mlflow": mlflow, "cluster": cluster, "root": root,
+                           "dataset": f"s3://{BUCKET}/iemocap.parquet"}
+            finally:
+                for key, value in saved.items():
+                    os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
 
 
 def ser(world: dict, workdir: Path, *args: str, script: str | None = None, timeout: float = 600,
