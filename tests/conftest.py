@@ -56,9 +56,19 @@ def training_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(root / "parquet")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--cluster", action="store_true",
+                     help="also run the cluster tier: tests that start a multi-node Ray cluster of their own (a head "
+                          "and worker nodes, an S3 server; ~20 min on 2 cores)")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tier markers from the directory; a test in the wrong tier stops the run naming it and where it belongs."""
+    """Tier markers from the directory; a test in the wrong tier stops the run naming it and where it belongs.
+    The cluster tier is skipped, saying how to run it, unless ``--cluster`` is given."""
+    skip_cluster = pytest.mark.skip(reason="the cluster tier (several Ray nodes of its own): run with --cluster")
     for item in items:
+        if item.get_closest_marker("cluster") is not None and not config.getoption("--cluster"):
+            item.add_marker(skip_cluster)
         path = item.path.resolve()
         tier = path.relative_to(TESTS).parts[0] if path.is_relative_to(TESTS) else None
         uses_ray = bool(RAY_FIXTURES & set(item.fixturenames)) or item.get_closest_marker("ray") is not None

@@ -26,7 +26,8 @@ from ser_platform.data.parquet import prepare_dataset
 from ser_platform.tracking import schema
 from support import RAY_CLI, REPO, TINY_SIZES, LocalCluster, MlflowServer, MotoS3, short_tempdir
 
-pytestmark = pytest.mark.ray  # heads of its own (tests/conftest.py sets e2e and slow)
+# Heads and worker nodes of its own (tests/conftest.py sets e2e and slow); the cluster tier: pytest --cluster.
+pytestmark = [pytest.mark.ray, pytest.mark.cluster]
 
 BUCKET = "ser-job"
 SUBMISSION_ID = "ser-cluster-job"

@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from ser_platform.tracking import schema
 from support import REPO, TINY_SIZES, LocalCluster, fake_autoscaler_config, short_tempdir
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.cluster]  # the cluster tier: pytest --cluster
 
 SETS = {**TINY_SIZES, "train.batch_size": 8, "train.samples_per_class": 2, "data.max_audio_seconds": 1.0}
 

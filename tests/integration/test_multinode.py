@@ -32,7 +32,7 @@ from ser_platform.data.parquet import prepare_dataset
 from ser_platform.tracking import schema
 from support import REPO, TINY_SIZES, LocalCluster, MlflowServer, MotoS3, node_holding, short_tempdir
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray]
+pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.cluster]  # the cluster tier: pytest --cluster
 
 BUCKET = "ser-cluster"
 SETS = {**TINY_SIZES, "train.batch_size": 8, "train.samples_per_class": 2, "data.max_audio_seconds": 1.0}
