@@ -47,18 +47,13 @@ def main() -> None:
     from ser_platform.config import load_config
     from ser_platform.data.folds import fold_spec
     from ser_platform.data.loader import POOL_BATCHES, plan_pool_batches
-    from ser_platform.demo import DEMO_SEED, DEMO_UTTERANCES_PER_SESSION, ensure_demo_dataset
+    from ser_platform.demo import demo_or_given
     from ser_platform.models.text import build_tokenizer
     from ser_platform.train import derive_seed
 
     config = load_config("demo")
     with tempfile.TemporaryDirectory(prefix="ser-padding-") as tmp:
-        if args.dataset:
-            dataset, corpus = args.dataset, args.dataset
-        else:
-            dataset = ensure_demo_dataset(Path(tmp) / "demo", progress=False)
-            corpus = (f"synthetic demo corpus ({DEMO_UTTERANCES_PER_SESSION} kept utterances per session, "
-                      f"seed {DEMO_SEED})")
+        dataset, corpus = demo_or_given(args.dataset, tmp)
         table = pq.read_table(dataset, columns=["id", "speaker", "label", "transcript", "audio", "duration"])
     rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
     max_samples = int(round(config.data.max_audio_seconds * config.data.sample_rate))

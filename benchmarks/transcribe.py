@@ -39,16 +39,11 @@ def main() -> None:
     import pyarrow.parquet as pq
     import torch
 
-    from ser_platform.demo import DEMO_SEED, DEMO_UTTERANCES_PER_SESSION, ensure_demo_dataset
+    from ser_platform.demo import demo_or_given
     from ser_platform.transcribe import Recognizer, RecognizerSpec
 
     with tempfile.TemporaryDirectory(prefix="ser-transcribe-") as tmp:
-        if args.dataset:
-            dataset, corpus = args.dataset, args.dataset
-        else:
-            dataset = ensure_demo_dataset(Path(tmp) / "demo", progress=False)
-            corpus = (f"synthetic demo corpus ({DEMO_UTTERANCES_PER_SESSION} kept utterances per session, "
-                      f"seed {DEMO_SEED})")
+        dataset, corpus = demo_or_given(args.dataset, tmp)
         table = pq.read_table(dataset, columns=["audio", "duration"]).slice(0, args.utterances)
     audio = table.column("audio").to_pylist()
     seconds = sum(table.column("duration").to_pylist())

@@ -64,3 +64,13 @@ def ensure_demo_dataset(root: str | Path = "data/demo", *, utterances_per_sessio
         if progress:
             print(f"demo dataset written to {dataset} (synthetic corpus in {corpus})")
     return str(dataset)
+
+
+def demo_or_given(dataset: str | None, folder: str | Path) -> tuple[str, str]:
+    """(dataset, what it is) for the benchmarks: ``dataset`` as given, else the demo dataset written in ``folder``
+    (the embedded default's corpus), described by its size and seed."""
+    if dataset:
+        return dataset, dataset
+    built = ensure_demo_dataset(Path(folder) / "demo", progress=False)
+    return str(built), (f"synthetic demo corpus ({DEMO_UTTERANCES_PER_SESSION} kept utterances per session, "
+                        f"seed {DEMO_SEED})")

@@ -45,18 +45,11 @@ parquet.prepare_dataset(sys.argv[1], sys.argv[2])
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """The server, its bucket, and this process's environment pointing at it (restored after)."""
-    with MotoS3(tmp_path_factory.mktemp("moto")) as server:
-        saved = {k: os.environ.get(k) for k in server.env}
-        os.environ.update(server.env)
-        try:
-            server.create_bucket(BUCKET)
-            yield server
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+    with MotoS3(tmp_path_factory.mktemp("moto")) as server, pytest.MonkeyPatch.context() as patch:
+        for key, value in server.env.items():
+            patch.setenv(key, value)
+        server.create_bucket(BUCKET)
+        yield server
 
 
 def ser(*args: str, env: dict) -> subprocess.CompletedProcess:
