@@ -17,7 +17,6 @@ import sys
 import threading
 from typing import Any, Callable
 
-QUIET_LOGGERS = ("mlflow", "alembic", "optuna")  # informational lines a user need not see
 
 
 class Console:
@@ -42,11 +41,11 @@ class Console:
         trial instead). Not when verbose."""
         if self.verbose:
             return
-        import mlflow  # noqa: F401  (it sets its loggers' levels when imported: import first, then set)
         import optuna
 
-        for name in QUIET_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
+        from ser_platform import tracking
+
+        tracking.quiet_logging()
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's legacy reporter, which verbose=0 silences
 

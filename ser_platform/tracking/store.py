@@ -182,3 +182,14 @@ def existing_experiment_id(uri: str, name: str) -> str:
         names = sorted(e.name for e in client.search_experiments())
         raise TrackingError(f"no MLflow experiment named {name!r} at {uri}; experiments there: {names}")
     return found.experiment_id
+
+
+def quiet_logging() -> None:
+    """MLflow's and Alembic's informational lines off (a user need not see them). MLflow sets its loggers'
+    levels when it is imported, so it is imported first."""
+    import logging
+
+    import mlflow  # noqa: F401
+
+    for name in ("mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
