@@ -437,6 +437,17 @@ def _test(config: Config, fold: int, batches_for: BatchesFor, module: nn.Module,
                       num_test=test["n"], history=state.history, resumed_from=state.resumed_from)
 
 
+def _resume(model: nn.Module, in_progress: Mapping[str, Any]) -> tuple[int, "_FoldState"]:
+    """A fold's checkpoint taken up: its weights loaded into ``model``; the first epoch to run and the state."""
+    _load_kept_state(model, in_progress["model"])
+    best = dict(in_progress["best"])
+    if best.pop("is_current", False):  # the checkpoint's own epoch was the best: one copy was stored
+        best["model"] = _cpu_state(model)
+    state = _FoldState(history=[dict(h) for h in in_progress["history"]], best=best,
+                       resumed_from=list(in_progress.get("resumed_from", [])) + [int(in_progress["epoch"])])
+    return int(in_progress["epoch"]) + 1, state
+
+
 def _fit_fold(config: Config, fold: int, batches_for: BatchesFor, *, device: torch.device, rank: int,
               world_size: int, wrap_model: Callable[[nn.Module], nn.Module], hooks: Hooks,
               in_progress: Mapping[str, Any] | None, build_model: Callable[[Config], nn.Module],
@@ -448,13 +459,7 @@ def _fit_fold(config: Config, fold: int, batches_for: BatchesFor, *, device: tor
     loss_fn = build_loss(config).to(device)
     start_epoch, state = 1, _FoldState()
     if in_progress is not None:
-        _load_kept_state(model, in_progress["model"])
-        start_epoch = int(in_progress["epoch"]) + 1
-        best = dict(in_progress["best"])
-        if best.pop("is_current", False):  # the checkpoint's own epoch was the best: one copy was stored
-            best["model"] = _cpu_state(model)
-        state = _FoldState(history=[dict(h) for h in in_progress["history"]], best=best,
-                           resumed_from=list(in_progress.get("resumed_from", [])) + [int(in_progress["epoch"])])
+        start_epoch, state = _resume(model, in_progress)
         say(f"fold {fold}: resuming after epoch {in_progress['epoch']} from its checkpoint")
     wrapped = wrap_model(model)
     module = getattr(wrapped, "module", wrapped)  # the plain model inside DDP: state dicts and evaluation
