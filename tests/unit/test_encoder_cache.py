@@ -46,7 +46,6 @@ from ser_platform.models.text import build_tokenizer
 from ser_platform.train import fit_folds, model_inputs
 
 from support import CACHE_TINY as TINY
-from support import comparable
 
 LOGIT_ATOL = 1e-5
 

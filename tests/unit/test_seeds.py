@@ -93,7 +93,7 @@ def test_tables_say_how_many_seeds_and_show_the_spread_per_fold(tmp_path):
     assert not any("spread over" in n for n in one.notes)
     spread = [n for n in three.notes if n.startswith("spread over 3 seeds, Full model")]
     expected = [np.std([score(f, s, 0.08) for s in SEEDS], ddof=1) for f in FOLDS]
-    assert spread == [f"spread over 3 seeds, Full model: std of test UA within a fold: "
+    assert spread == ["spread over 3 seeds, Full model: std of test UA within a fold: "
                       + ", ".join(f"fold {f} {v:.3f}" for f, v in zip(FOLDS, expected))
                       + f" (mean {np.mean(expected):.3f})"]
     full = three.rows[-1]

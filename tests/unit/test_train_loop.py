@@ -7,7 +7,6 @@ step over the concatenated batch (for DDP, on two gloo processes).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,6 @@ import torch.multiprocessing as mp
 
 from ser_platform.config import load_config
 from ser_platform.data.features import AcousticFeatures, FeatureParams
-from ser_platform.data.iemocap import CLASSES
 from ser_platform.data.loader import LocalFolds, make_collate
 from ser_platform.models.ser_model import SERModel, SEROutput
 from ser_platform.models.text import build_tokenizer
