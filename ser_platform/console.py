@@ -36,16 +36,21 @@ class Console:
         return {} if self.verbose else {"log_to_driver": False, "logging_level": logging.ERROR}
 
     def quiet_libraries(self) -> None:
-        """In the driver, before they speak: MLflow's, Alembic's and Optuna's informational lines off, and Tune's
-        own reporter silent (its status tables, result boxes and TensorBoard hint; the sweep prints a line per
-        trial instead). Not when verbose."""
+        """In the driver, before they speak: MLflow's, Alembic's and Optuna's informational lines off, Ray Data's
+        on the console too (the driver reads the splits; its log file keeps them), and Tune's own reporter silent
+        (its status tables, result boxes and TensorBoard hint; the sweep prints a line per trial instead). Not
+        when verbose."""
         if self.verbose:
             return
         import optuna
+        import ray.data  # noqa: F401  (it configures its logger when imported: import first, then set)
 
         from ser_platform import tracking
 
         tracking.quiet_logging()
+        for handler in logging.getLogger("ray.data").handlers:
+            if isinstance(handler, logging.StreamHandler):  # the console's, not the session's log file
+                handler.setLevel(logging.WARNING)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's legacy reporter, which verbose=0 silences
 
