@@ -9,22 +9,24 @@ back from what the sweep logged to MLflow:
   batches included) and ``train_step_time_s`` (device copy, forward, loss, backward, clipping, optimizer step:
   ``train.train_epoch``).
 
-The wall time (Ray start + sweep + Ray shutdown) then splits, with nothing left over, into nested layers:
-Ray start-up and shutdown / the sweep driver outside its trials (MLflow parent run, Tune set-up and
-scheduling, tables and Optuna plots) / a trial outside its folds (fold data read, leakage check and
-materialisation, the TorchTrainer's controller, worker and placement group, MLflow trial run) / a fold
-outside its epochs (per-epoch MLflow logging and checkpoints, the test evaluation, the confusion figure) /
-validation / waiting for training batches / the train steps. Trials run one at a time (sweep.max_concurrent 1,
-as the embedded default on 2 CPUs), so the sums add up to the wall time. Afterwards, with the sweep done, two
-parts of the "trial outside folds" layer are timed alone in the same Ray instance: one trial's fold-data
-preparation (``ray_train.prepare_fold_data``) and a TorchTrainer whose workers do nothing (Ray Train's fixed
-cost); neither counts in the wall time.
+The wall time (Ray start + sweep + Ray shutdown) splits into Ray start-up and shutdown, the sweep driver outside
+its trials (before the first trial starts and after the last one ends: MLflow parent run, the fold splits, Tune
+set-up, tables and Optuna plots) and the span of the trials. The trials' own time then splits, with nothing
+left over, into nested layers summed over trials ("trial-seconds": with several trials at once they overlap, so
+their sum exceeds the span by the concurrency): a trial outside its folds (the TorchTrainer's controller,
+worker and placement group, MLflow trial run) / a fold outside its epochs (per-epoch MLflow logging and
+checkpoints, the test evaluation, the confusion figure) / validation / waiting for training batches / the train
+steps. Afterwards, with the sweep done, two parts of the "trial outside folds" layer are timed alone in the same
+Ray instance: the fold-data preparation (``ray_train.prepare_fold_data``) and a TorchTrainer whose workers do
+nothing (Ray Train's fixed cost); neither counts in the wall time.
 
-    python benchmarks/sweep.py                          # the embedded default itself (demo preset: 3 x 5 x 5, ~8 min)
-    python benchmarks/sweep.py --trials 2 --epochs 2    # smaller (~3 min on 2 cores)
+``--before`` first runs the same sweep with the demo preset as it was before the embedded default was made
+faster (``DEMO_BEFORE``: one trial at a time on both CPUs, 15 s audio crop, wider acoustic encoders and wav2vec2
+convolutions, dropout) and prints both breakdowns and their wall-time ratio, measured in one run.
 
-The last lines extrapolate the measured layers to the embedded default (the demo preset's trials, 5 folds, its
-epochs): fixed costs per sweep, per trial, per fold and per epoch, each taken from this run.
+    python benchmarks/sweep.py                          # the embedded default itself (demo preset: 3 x 5 x 5)
+    python benchmarks/sweep.py --before                 # the same, after the demo preset as it was (~15 min more)
+    python benchmarks/sweep.py --trials 2 --epochs 2    # smaller
 """
 
 from __future__ import annotations
@@ -48,6 +50,12 @@ from prepare import cpu_name  # noqa: E402  (benchmarks/ is on sys.path: scripts
 
 _DEMO = load_config("demo")
 EMBEDDED_DEFAULT = {"trials": _DEMO.sweep.trials, "folds": len(_DEMO.data.folds), "epochs": _DEMO.train.epochs}
+# The demo preset before it was made faster (issue 18; commit c61ed43's config._demo): one trial at a time on
+# both CPUs, audio up to 15 s, the default 32-wide acoustic encoders and wav2vec2 convolutions, dropout.
+DEMO_BEFORE = {"sweep.max_concurrent": 1, "data.max_audio_seconds": 15.0, "model.speech.tiny_conv_dim": 32,
+               "model.speech.cnn_channels": 32, "model.speech.lstm_hidden": 32, "model.attn_dropout": 0.1,
+               "model.relu_dropout": 0.1, "model.res_dropout": 0.1, "model.embed_dropout": 0.25,
+               "model.dropout": 0.25}
 
 
 def device_line() -> str:
@@ -84,52 +92,38 @@ def empty_trainer_seconds(config, workdir: Path) -> float:
     return time.perf_counter() - started
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--trials", type=int, default=EMBEDDED_DEFAULT["trials"],
-                        help=f"Optuna trials (default: the embedded default's {EMBEDDED_DEFAULT['trials']})")
-    parser.add_argument("--epochs", type=int, default=EMBEDDED_DEFAULT["epochs"],
-                        help=f"epochs per fold (default: the embedded default's {EMBEDDED_DEFAULT['epochs']})")
-    parser.add_argument("--folds", default="1,2,3,4,5", help="folds (embedded default: all five)")
-    parser.add_argument("--gpu", action="store_true", help="train on one GPU per worker")
-    parser.add_argument("--workdir", help="where the corpus, MLflow store and Tune storage go (default: a temp dir)")
-    args = parser.parse_args()
-
+def measure(overrides: dict, workdir: Path, dataset: str, args: argparse.Namespace, *, alone: bool) -> dict:
+    """Run the sweep in a fresh local Ray; its wall time and layers read back from MLflow (module docstring).
+    ``alone``: afterwards also time the fold data and an empty TorchTrainer in the same Ray instance."""
     import ray
     from mlflow import MlflowClient
 
-    from ser_platform.demo import ensure_demo_dataset
+    from ser_platform.data.folds import fold_spec
     from ser_platform.ray_train import init_ray, prepare_fold_data
+    from ser_platform.resources import worker_cpus
     from ser_platform.sweep import run_sweep
 
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ser-bench-sweep-")).resolve()
-    started = time.perf_counter()
-    dataset = ensure_demo_dataset(workdir / "demo", progress=False)  # what the embedded default builds once
-    dataset_s = time.perf_counter() - started
     folds = tuple(int(f) for f in args.folds.split(","))
-    overrides = {"data.dataset": dataset, "data.folds": folds, "train.epochs": args.epochs,
+    workdir.mkdir(parents=True, exist_ok=True)
+    overrides = {**overrides, "data.dataset": dataset, "data.folds": folds, "train.epochs": args.epochs,
                  "sweep.trials": args.trials, "tracking.mlflow_uri": f"sqlite:///{workdir / 'mlflow.db'}",
                  "tracking.storage": str(workdir / "runs"), "tracking.experiment": "bench-sweep"}
     if args.gpu:
         overrides["train.use_gpu"] = True
     config = load_config("demo", overrides=overrides)
-
     t0 = time.perf_counter()
     init_ray()  # as the script does: a fresh local instance with every CPU of the machine
     t1 = time.perf_counter()
     result = run_sweep(config, name="bench", verbose=False)
     t2 = time.perf_counter()
-    # With the sweep done: one trial's fold data alone (read, split, leakage check, materialise), same Ray.
-    from ser_platform.data.folds import fold_spec
-
-    specs = {k: fold_spec(k, config.data.protocol) for k in folds}
-    t3 = time.perf_counter()
-    prepare_fold_data(dataset, specs, materialize=config.data.materialize, progress=False)
-    fold_data_s = time.perf_counter() - t3
-    noop_s = empty_trainer_seconds(config, workdir)
-    from ser_platform.resources import worker_cpus
-
-    cpus_per_worker = worker_cpus(config, float(ray.cluster_resources().get("CPU", 1)))
+    figures = {"trials_at_once": min(config.sweep.max_concurrent, args.trials),
+               "cpus": worker_cpus(config, float(ray.cluster_resources().get("CPU", 1)))}
+    if alone:
+        started = time.perf_counter()
+        prepare_fold_data(dataset, {k: fold_spec(k, config.data.protocol) for k in folds},
+                          materialize=config.data.materialize, progress=False)
+        figures["fold_data_s"] = time.perf_counter() - started
+        figures["noop_s"] = empty_trainer_seconds(config, workdir)
     t4 = time.perf_counter()
     ray.shutdown()
     t5 = time.perf_counter()
@@ -139,6 +133,7 @@ def main() -> None:
     client = MlflowClient(result.mlflow_uri)
     exp = result.mlflow_experiment_id
     trials = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{result.parent_run_id}'")
+    span = (max(t.info.end_time for t in trials) - min(t.info.start_time for t in trials)) / 1000.0
     trial_s = sum(seconds(t) for t in trials)
     fold_s = epoch_s = train_s = step_s = 0.0
     num_folds = num_epochs = 0
@@ -150,59 +145,88 @@ def main() -> None:
             epoch_s += metric_sum(client, fold.info.run_id, "epoch_time_s")
             train_s += metric_sum(client, fold.info.run_id, "train_time_s")
             step_s += metric_sum(client, fold.info.run_id, "train_step_time_s")
-    ray_s = (t1 - t0) + (t5 - t4)
-    sweep_s = t2 - t1
-    wall = ray_s + sweep_s
-    layers = [
-        ("Ray start-up + shutdown", ray_s),
-        ("sweep driver outside trials (MLflow parent, Tune, tables, plots)", sweep_s - trial_s),
-        ("trial outside folds (fold data, TorchTrainer start-up, trial run)", trial_s - fold_s),
-        ("fold outside epochs (epoch logging, checkpoints, test eval, figure)", fold_s - epoch_s),
-        ("validation passes", epoch_s - train_s),
-        ("waiting for training batches (Ray Data iterator, collate)", train_s - step_s),
-        ("train steps (forward, backward, optimizer)", step_s),
-    ]
+    best = max(trials, key=lambda t: t.data.metrics.get(config.sweep.metric, -1.0))
+    figures.update(
+        wall=(t1 - t0) + (t2 - t1) + (t5 - t4), ray_start=t1 - t0, sweep_s=t2 - t1, ray_stop=t5 - t4, span=span,
+        trials=len(trials), num_folds=num_folds, num_epochs=num_epochs, trial_s=trial_s,
+        best_test_ua=(best.data.metrics.get("test_ua_mean"), best.data.metrics.get("test_ua_std")),
+        outer=[("Ray start-up + shutdown", (t1 - t0) + (t5 - t4)),
+               ("sweep driver outside trials (MLflow parent, fold splits, Tune, tables, plots)", t2 - t1 - span),
+               ("trials, first start to last end", span)],
+        layers=[("trial outside folds (TorchTrainer start-up, trial run)", trial_s - fold_s),
+                ("fold outside epochs (epoch logging, checkpoints, test eval, figure)", fold_s - epoch_s),
+                ("validation passes", epoch_s - train_s),
+                ("waiting for training batches (Ray Data iterator, collate)", train_s - step_s),
+                ("train steps (forward, backward, optimizer)", step_s)])
+    return figures
+
+
+def report(label: str, f: dict, config_line: str) -> None:
+    print(f"{label}: {config_line}")
+    print(f"sweep: {f['trials']} trials x {f['num_folds'] // max(f['trials'], 1)} folds ({f['num_folds']} fold runs, "
+          f"{f['num_epochs']} epochs logged), {f['trials_at_once']} trial(s) at once, 1 Train worker x "
+          f"{f['cpus']:g} CPU each")
+    print(f"wall: {f['wall']:.1f} s (Ray start {f['ray_start']:.1f} s, run_sweep {f['sweep_s']:.1f} s, Ray shutdown "
+          f"{f['ray_stop']:.1f} s); best trial's test UA {f['best_test_ua'][0]:.3f} ± {f['best_test_ua'][1]:.3f}")
+    print()
+    print(f"{'wall-clock layer':<80} {'seconds':>8} {'share':>7}")
+    for name, value in f["outer"]:
+        print(f"{name:<80} {value:>8.1f} {value / f['wall']:>7.1%}")
+    print()
+    print(f"{'inside the trials, summed over trials (trial-seconds)':<80} {'seconds':>8} {'share':>7}")
+    for name, value in f["layers"]:
+        print(f"{name:<80} {value:>8.1f} {value / f['trial_s']:>7.1%}")
+    print(f"{'sum':<80} {f['trial_s']:>8.1f}")
+    print(f"concurrency: {f['trial_s'] / max(f['span'], 1e-9):.2f} trials on average over the trials' span")
+    per_epoch = f["layers"][-1][1] / max(f["num_epochs"], 1)
+    print(f"per epoch: {per_epoch:.2f} s in steps + "
+          f"{sum(v for _, v in f['layers'][2:4]) / max(f['num_epochs'], 1):.2f} s around them (trial-seconds)")
+    name, value = max(f["layers"], key=lambda item: item[1])
+    print(f"largest layer inside the trials: {name} ({value / f['trial_s']:.1%} of trial-seconds)")
+    print()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=EMBEDDED_DEFAULT["trials"],
+                        help=f"Optuna trials (default: the embedded default's {EMBEDDED_DEFAULT['trials']})")
+    parser.add_argument("--epochs", type=int, default=EMBEDDED_DEFAULT["epochs"],
+                        help=f"epochs per fold (default: the embedded default's {EMBEDDED_DEFAULT['epochs']})")
+    parser.add_argument("--folds", default="1,2,3,4,5", help="folds (embedded default: all five)")
+    parser.add_argument("--gpu", action="store_true", help="train on one GPU per worker")
+    parser.add_argument("--before", action="store_true",
+                        help="first run the demo preset as it was before it was made faster (DEMO_BEFORE)")
+    parser.add_argument("--workdir", help="where the corpus, MLflow store and Tune storage go (default: a temp dir)")
+    args = parser.parse_args()
+
+    import ray
+
+    from ser_platform.demo import ensure_demo_dataset
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ser-bench-sweep-")).resolve()
+    started = time.perf_counter()
+    dataset = ensure_demo_dataset(workdir / "demo", progress=False)  # what the embedded default builds once
+    dataset_s = time.perf_counter() - started
+    before = measure(DEMO_BEFORE, workdir / "before", dataset, args, alone=False) if args.before else None
+    after = measure({}, workdir / "after", dataset, args, alone=True)
 
     print(device_line())
     print(f"torch {torch.__version__}, ray {ray.__version__}, python {platform.python_version()}, git {git_commit()}")
-    print(f"sweep: demo preset, embedded synthetic corpus (60 utterances/session, 300 in all), Optuna search, "
-          f"{len(trials)} trials x {len(folds)} folds x {args.epochs} epochs ({num_folds} fold runs, "
-          f"{num_epochs} epochs logged), 1 trial at a time, {config.train.num_workers} Train worker(s) x "
-          f"{cpus_per_worker:g} CPU")
-    print(f"one-off, before the sweep (cached afterwards): synthetic corpus + Parquet {dataset_s:.1f} s")
-    print(f"wall: {wall:.1f} s (Ray start {t1 - t0:.1f} s, run_sweep {sweep_s:.1f} s, Ray shutdown {t5 - t4:.1f} s)")
+    print(f"embedded synthetic corpus (60 utterances/session, 300 in all), Optuna search; one-off before the "
+          f"sweeps (cached afterwards): synthetic corpus + Parquet {dataset_s:.1f} s")
     print()
-    print(f"{'layer':<72} {'seconds':>8} {'share':>7}")
-    for name, value in layers:
-        print(f"{name:<72} {value:>8.1f} {value / wall:>7.1%}")
-    print(f"{'sum':<72} {sum(v for _, v in layers):>8.1f} {sum(v for _, v in layers) / wall:>7.1%}")
-    print()
-    outside = wall - step_s
-    print(f"inside train steps: {step_s / wall:.1%} of wall; outside: {outside / wall:.1%} "
-          f"(outside / inside = {outside / max(step_s, 1e-9):.1f}x)")
-    print(f"one trial's fold data alone (read + split + leakage check + materialise, {len(folds)} folds): "
-          f"{fold_data_s:.1f} s = {fold_data_s / max((trial_s - fold_s) / len(trials), 1e-9):.0%} of a trial's "
-          f"'outside folds' layer ({(trial_s - fold_s) / len(trials):.1f} s per trial)")
-    print(f"an empty TorchTrainer (same workers and resources, workers do nothing): {noop_s:.1f} s = "
-          f"{noop_s / max((trial_s - fold_s) / len(trials), 1e-9):.0%} of that layer")
-    name, value = max(layers, key=lambda item: item[1])
-    print(f"dominant layer: {name} ({value / wall:.1%} of wall)")
-
-    # Extrapolation to the embedded default from this run's per-unit costs (not measured at that size).
-    per_sweep = ray_s + (sweep_s - trial_s)
-    per_trial = (trial_s - fold_s) / len(trials)
-    per_fold = (fold_s - epoch_s) / num_folds
-    per_epoch_step = step_s / num_epochs
-    per_epoch_other = (epoch_s - step_s) / num_epochs
-    d = EMBEDDED_DEFAULT
-    n_trials, n_folds, n_epochs = d["trials"], d["trials"] * d["folds"], d["trials"] * d["folds"] * d["epochs"]
-    est_steps = n_epochs * per_epoch_step
-    est_wall = per_sweep + n_trials * per_trial + n_folds * per_fold + n_epochs * (per_epoch_step + per_epoch_other)
-    print(f"per unit: sweep {per_sweep:.1f} s, trial {per_trial:.1f} s, fold {per_fold:.2f} s, epoch "
-          f"{per_epoch_step:.2f} s in steps + {per_epoch_other:.2f} s around them")
-    print(f"extrapolated to the embedded default ({d['trials']} trials x {d['folds']} folds x {d['epochs']} epochs): "
-          f"wall ~{est_wall:.0f} s, train steps {est_steps / est_wall:.0%} of it")
-    print(f"(corpus, MLflow store and Tune storage in {workdir})")
+    if before:
+        report("before", before, "demo preset with " + ", ".join(f"{k}={v}" for k, v in DEMO_BEFORE.items()))
+    report("now" if before else "demo preset", after, "the demo preset as it is")
+    per_trial = after["layers"][0][1] / after["trials"]
+    print(f"one trial's fold data alone (read + split + leakage check + materialise; a sweep's driver does it once "
+          f"for all its trials): {after['fold_data_s']:.1f} s")
+    print(f"an empty TorchTrainer (same workers and resources, workers do nothing): {after['noop_s']:.1f} s = "
+          f"{after['noop_s'] / max(per_trial, 1e-9):.0%} of a trial's 'outside folds' layer ({per_trial:.1f} s)")
+    if before:
+        print(f"wall time now / before: {after['wall'] / before['wall']:.3f}x "
+              f"({after['wall']:.0f} s vs {before['wall']:.0f} s, measured in this run)")
+    print(f"(corpus, MLflow stores and Tune storage in {workdir})")
 
 
 if __name__ == "__main__":

@@ -421,16 +421,22 @@ class Config:
 # --- presets ---------------------------------------------------------------------------------------------
 
 def _demo() -> Config:
-    # Tiny encoders, synthetic corpus, a few epochs: the embedded default sweep (3 trials x 5 folds) within 10
-    # minutes on 2 CPU cores. The one worker takes every CPU (cpus_per_worker=0: auto) and batches are
-    # length-bucketed (measured, one fold's epoch: 5.4 s at 1 thread unbucketed, 4.4 s bucketed, 3.5 s at 2
-    # threads unbucketed; a 5-fold trial of 6 epochs took ~3 min).
+    # Tiny encoders, synthetic corpus, a few epochs: the embedded default sweep (3 trials x 5 folds x 5 epochs)
+    # in a few minutes on 2 CPU cores (benchmarks/sweep.py, BENCHMARKS.md "Sweep overhead"). Measured there:
+    # * the three trials at once, one torch thread each (cpus_per_worker=0: auto, a third of the node), train
+    #   1.5x the utterances per second of one trial on both threads (the tiny model's ops use a second thread
+    #   poorly), and each trial's Ray Train start-up overlaps the others' work;
+    # * audio cropped at 1.5 s (the synthetic utterances are 1-3 s), 16 conv channels in the tiny wav2vec2 and
+    #   16-wide acoustic CNN/BiLSTMs, no dropout (its random draws were ~15 % of a step on CPU, and 5 epochs of
+    #   ~210 utterances do not over-fit): a step in a third of the time, the best trial's test UA kept.
     return Config(
         preset="demo",
-        data=DataConfig(bucket_by_length=True),
-        model=ModelConfig(embed_dim=32, num_heads=4, num_layers=2, embedding_dim=32),
+        data=DataConfig(bucket_by_length=True, max_audio_seconds=1.5),
+        model=ModelConfig(embed_dim=32, num_heads=4, num_layers=2, embedding_dim=32,
+                          speech=SpeechEncoderConfig(tiny_conv_dim=16, cnn_channels=16, lstm_hidden=16),
+                          attn_dropout=0.0, relu_dropout=0.0, res_dropout=0.0, embed_dropout=0.0, dropout=0.0),
         train=TrainConfig(epochs=5, batch_size=32, lr=3e-3, num_workers=1, cpus_per_worker=0.0),
-        sweep=SweepConfig(trials=3),
+        sweep=SweepConfig(trials=3, max_concurrent=3),
     )
 
 

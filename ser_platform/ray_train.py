@@ -77,8 +77,13 @@ def init_ray(address: str | None = None, console: Console | None = None, **kwarg
     if ray.is_initialized():
         return None
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")  # one copy of lines that every worker prints
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    if target == "local":
+        # One machine has no node a spot reclaim could take: Ray Train's preemption watcher would be one more
+        # process per trainer (the local Ray's workers inherit this environment) watching for nothing.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     options = {**(console.ray_init_kwargs() if console is not None else {}), **kwargs}
-    context = ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local", **options)
+    context = ray.init(address=target, **options)
     session = (getattr(context, "address_info", None) or {}).get("session_dir")
     return f"{session}/logs" if session else None
 
@@ -327,9 +332,11 @@ def _fit(config: Config, *, name: str, storage_path: str, folds: list[int], data
         ),
         datasets=datasets,
         # Training splits are sharded over workers; evaluation splits go whole to every worker (each scores
-        # its share of batches), in a fixed order so a seed gives the same batches every run.
-        dataset_config=ray.train.DataConfig(datasets_to_split=[k for k in datasets if k.startswith("train_")],
-                                            execution_options=ExecutionOptions(preserve_order=True)),
+        # its share of batches), in a fixed order so a seed gives the same batches every run. One worker reads
+        # every split whole: a streaming split would start a coordinator actor (a process) per fold for nothing.
+        dataset_config=ray.train.DataConfig(
+            datasets_to_split=[k for k in datasets if k.startswith("train_")] if config.train.num_workers > 1 else [],
+            execution_options=ExecutionOptions(preserve_order=True)),
     )
     result = trainer.fit()
     returned = result.return_value or {}

@@ -75,7 +75,8 @@ def test_a_sweep_resumes_after_its_driver_tracking_server_and_database_were_lost
         config = load_config("demo", overrides={
             "data.dataset": training_dataset, "data.folds": (1, 2), "tracking.mlflow_uri": server.uri,
             "tracking.storage": str(root / "runs"), "tracking.experiment": "head-lost",
-            "tracking.optuna_storage": optuna_uri, "sweep.trials": 3, "sweep.seed": 3})
+            "tracking.optuna_storage": optuna_uri, "sweep.trials": 3, "sweep.seed": 3,
+            "sweep.max_concurrent": 1})  # one at a time: the kill finds one trial finished and one running
         config_file = root / "config.json"
         config_file.write_text(json.dumps(config.to_dict()))
         calls = root / "calls.txt"

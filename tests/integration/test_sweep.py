@@ -86,7 +86,8 @@ def test_paper_grid_runs_exactly_table2_points(ray_address, tmp_path, training_d
 def test_killed_sweep_resumes_without_redoing_finished_trials(ray_address, tmp_path, training_dataset):
     import optuna
 
-    config = _config(tmp_path, training_dataset, **{"sweep.trials": 3, "sweep.seed": 3})
+    # One trial at a time (the demo runs its three at once), so the kill finds one finished and one running.
+    config = _config(tmp_path, training_dataset, **{"sweep.trials": 3, "sweep.seed": 3, "sweep.max_concurrent": 1})
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(config.to_dict()))
     calls = tmp_path / "calls.txt"

@@ -25,13 +25,14 @@ def quiet(_line: str) -> None:
 
 def test_auto_cpus_on_one_node_share_it_among_trials_and_workers():
     assert DEMO.train.cpus_per_worker == 0
-    assert worker_cpus(DEMO, 2.0) == 2.0  # one trial, one worker: the whole node (a trial holds no CPU)
+    assert worker_cpus(DEMO, 2.0, 1) == 2.0  # one trial, one worker: the whole node (a trial holds no CPU)
+    assert DEMO.sweep.max_concurrent == 3 and worker_cpus(DEMO, 2.0) == 0.66  # the demo's three trials at once
     two = DEMO.replace({"train.num_workers": 2, "sweep.max_concurrent": 2})
     assert worker_cpus(two, 8.0) == 2.0  # 4 workers on one 8-CPU node
     fixed = DEMO.replace({"train.cpus_per_worker": 1.0})
     assert worker_cpus(fixed, 2.0) == 1.0
     streaming = fixed.replace({"data.materialize": False, "train.num_workers": 2})
-    assert worker_cpus(streaming, 2.0) == 0.5  # one CPU stays free for Ray Data's read tasks
+    assert worker_cpus(streaming, 2.0, 1) == 0.5  # one CPU stays free for Ray Data's read tasks
 
 
 def test_auto_cpus_come_from_a_node_not_the_cluster_sum():
