@@ -422,13 +422,14 @@ class Config:
 
 def _demo() -> Config:
     # Tiny encoders, synthetic corpus, a few epochs: the embedded default sweep (3 trials x 5 folds x 5 epochs)
-    # in a few minutes on 2 CPU cores (benchmarks/sweep.py, BENCHMARKS.md "Sweep overhead"). Measured there:
-    # * the three trials at once, one torch thread each (cpus_per_worker=0: auto, a third of the node), train
-    #   1.5x the utterances per second of one trial on both threads (the tiny model's ops use a second thread
-    #   poorly), and each trial's Ray Train start-up overlaps the others' work;
-    # * audio cropped at 1.5 s (the synthetic utterances are 1-3 s), 16 conv channels in the tiny wav2vec2 and
-    #   16-wide acoustic CNN/BiLSTMs, no dropout (its random draws were ~15 % of a step on CPU, and 5 epochs of
-    #   ~210 utterances do not over-fit): a step in a third of the time, the best trial's test UA kept.
+    # in a few minutes on 2 CPU cores; `benchmarks/sweep.py --before` measures it against this preset as it was
+    # (its DEMO_BEFORE; BENCHMARKS.md "Sweep overhead"). What makes it fast:
+    # * the three trials at once, each worker a third of the node (cpus_per_worker=0: auto), i.e. one torch
+    #   thread: the tiny model's small ops use a second thread poorly, and each trial's Ray Train start-up
+    #   overlaps the other trials' work;
+    # * audio cropped at 1.5 s (the synthetic utterances are 1-3 s), 16 channels in the tiny wav2vec2's
+    #   convolutions and 16-wide acoustic CNN/BiLSTMs, no dropout (5 epochs of ~210 utterances do not over-fit,
+    #   and dropout's random draws are not free on a CPU); the best trial's test UA is not lower for it.
     return Config(
         preset="demo",
         data=DataConfig(bucket_by_length=True, max_audio_seconds=1.5),
