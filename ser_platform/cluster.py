@@ -200,20 +200,20 @@ def check_before_ray(config: Any) -> None:
     check_tracking_server(resolve_tracking_uri(config))
 
 
-def prepare_run(config: Any, *, sweep: bool, say: Any = print) -> Any:
+def prepare_run(config: Any, *, sweep: bool, trials: int | None = None, say: Any = print) -> Any:
     """The entry point's one step once Ray is connected and before anything is written: every node's versions
     against the driver's (``environment.check_cluster``), the cluster's shape
     (``resources.cluster_shape``), local paths refused on a cluster of several nodes (``check_no_shared_disk``),
     the locations resolved (``resolve_locations``: the embedded dataset is built here, on one node only), and the
     resources decided (``resources.resolve``: trials and (fold, seed) units at once, CPUs per worker; what it
-    decides is said through ``say``)."""
+    decides is said through ``say``; ``trials``: a sweep's number of trials, when known)."""
     from ser_platform.environment import check_cluster
     from ser_platform.resources import cluster_shape, resolve
 
     check_cluster()  # a node with other versions fails here, before any work (environment.py)
     shape = cluster_shape()
     check_no_shared_disk(config, shape)
-    resolved = resolve(resolve_locations(config), shape, sweep=sweep, say=say)
+    resolved = resolve(resolve_locations(config), shape, sweep=sweep, trials=trials, say=say)
     _leave_job_package()
     return resolved
 

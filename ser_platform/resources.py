@@ -300,21 +300,26 @@ def check_feasible(config: Any, shape: ClusterShape, cpus: float) -> int:
     return capacity
 
 
-def resolve(config: Any, shape: ClusterShape, *, sweep: bool, say: Callable[[str], None] = print) -> Any:
+def resolve(config: Any, shape: ClusterShape, *, sweep: bool, trials: int | None = None,
+            say: Callable[[str], None] = print) -> Any:
     """``config`` with its resources decided for ``shape`` (module docstring), and what was decided said in a few
     lines: ``sweep.max_concurrent`` (a sweep's trials at once; 1 for ``ser train``), ``train.cpus_per_worker`` and
-    ``train.parallel_units`` as numbers. Raises ``ResourceError`` for a request no node can hold."""
+    ``train.parallel_units`` as numbers. ``trials``: how many the sweep runs in all, when known (never more at
+    once, so one trial of the demo's three-at-once preset gets the whole node). Raises ``ResourceError`` for a
+    request no node can hold."""
     train = config.train
     asked = config.sweep.max_concurrent if sweep else 1
-    cpus = worker_cpus(config, shape, asked)
+    wanted = min(asked, trials) if trials else asked
+    cpus = worker_cpus(config, shape, wanted)
     capacity = check_feasible(config, shape, cpus)
     bundle = _format(worker_bundle(config, cpus))
-    trials = min(asked, capacity)
+    at_once = min(wanted, capacity)
     if sweep:
-        say(f"resources: {trials} trial(s) at once (asked {asked}; {shape.describe()} holds {capacity} "
+        of = f" for {trials} trial(s) in all" if trials and trials < asked else ""
+        say(f"resources: {at_once} trial(s) at once (asked {asked}{of}; {shape.describe()} holds {capacity} "
             f"configuration(s) of {train.num_workers} worker(s) x {bundle})")
     units = len(config.data.folds) * train.seeds
-    parallel = min(units, train.parallel_units or max(1, capacity // trials))
+    parallel = min(units, train.parallel_units or max(1, capacity // at_once))
     origin = "auto: a node's share" if train.cpus_per_worker == 0 else "train.cpus_per_worker"
     say(f"resources: {cpus:g} CPU per worker ({origin}); {parallel} of each configuration's {units} (fold, seed) "
         f"unit(s) at once" + ("" if train.parallel_units else " (train.parallel_units=0: auto)"))
@@ -322,5 +327,5 @@ def resolve(config: Any, shape: ClusterShape, *, sweep: bool, say: Callable[[str
         most = f"up to {shape.node_count}" if shape.node_count < UNBOUNDED else "no fixed maximum of"
         say(f"resources: {shape.nodes_up} node(s) up now, {most} node(s) in all; the autoscaler starts nodes for "
             "the work that waits")
-    return config.replace({"sweep.max_concurrent": trials, "train.cpus_per_worker": cpus,
+    return config.replace({"sweep.max_concurrent": at_once, "train.cpus_per_worker": cpus,
                            "train.parallel_units": parallel})

@@ -394,13 +394,14 @@ def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str
     console.open(init_ray(ray_address, console) if started_ray else None)
     status, result, parent = "FAILED", None, None
     try:
-        config = prepare_run(config, sweep=True, say=console.say)
+        expected = config.sweep.trials if experiment.is_search else len(experiment.rows)
+        config = prepare_run(config, sweep=True, trials=expected, say=console.say)
         sweep_dir = join_storage(config.tracking.storage, name)
         parent, experiment_id, optuna_storage = _open_parent(config, experiment, name, meta, sweep_dir)
         result = SweepResult(name=name, experiment=experiment, sweep_dir=sweep_dir,
                              mlflow_uri=config.tracking.mlflow_uri, mlflow_experiment_id=experiment_id,
                              parent_run_id=parent.run_id, optuna_storage=optuna_storage,
-                             expected_trials=config.sweep.trials if experiment.is_search else len(experiment.rows))
+                             expected_trials=expected)
         ctx = TrialContext(base_config=config.to_dict(), experiment=experiment, sweep_name=name,
                            mlflow_uri=config.tracking.mlflow_uri, mlflow_experiment_id=experiment_id,
                            parent_run_id=parent.run_id, train_storage=join_storage(sweep_dir, "train"),

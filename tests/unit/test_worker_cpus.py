@@ -113,3 +113,14 @@ def test_nodes_up_are_grouped_by_their_resources():
     assert not shape.autoscaling and shape.nodes_up == 3 and shape.multi_node
     assert sorted((dict(n.resources).get("CPU", 0.0), n.count) for n in shape.node_types) == [(0.0, 1), (1.0, 2)]
     assert not ClusterShape.single_node(2).multi_node
+
+
+def test_a_sweep_never_plans_more_trials_at_once_than_it_has():
+    # The demo asks three at once; a sweep of one trial gets the whole node, and its units share what is left.
+    said = []
+    one = resolve(DEMO, ClusterShape.single_node(2.0), sweep=True, trials=1, say=said.append)
+    assert (one.sweep.max_concurrent, one.train.cpus_per_worker) == (1, 2.0)
+    assert said[0].startswith("resources: 1 trial(s) at once (asked 3 for 1 trial(s) in all;")
+    two = resolve(DEMO, ISSUE, sweep=True, trials=1, say=quiet)  # one trial on two 1-CPU nodes: both units at once
+    assert (two.sweep.max_concurrent, two.train.cpus_per_worker, two.train.parallel_units) == (1, 1.0, 2)
+    assert resolve(DEMO, ClusterShape.single_node(2.0), sweep=True, trials=5, say=quiet).sweep.max_concurrent == 3
