@@ -1,0 +1,151 @@
+"""Bytes of a fold's per-epoch checkpoint at the paper's sizes: what it holds now against what it held before.
+
+Before (issue 17): every epoch's checkpoint held the whole model, Adam's state and a second copy of the best
+weights, all in fp32. Now (``train.py``'s ``state_fn``): the weights without frozen parameters, Adam's state (a
+resume needs it), and the best epoch's weights only when that epoch is not the checkpoint's own (else a flag:
+one copy serves both); ``train.checkpoint_every`` thins the epochs that write one, and Ray Train keeps only the
+latest (``CheckpointConfig(num_to_keep=1)``).
+
+How: ``train.fit_folds`` (the plain-torch loop every Ray Train worker runs) on the paper preset's model with
+random weights (``SERModel(..., pretrained=False)``: roberta-large and wav2vec2-base from their published
+configs, no download), one fold, a few epochs of two 1-s utterances per split on the CPU; a hook saves each
+epoch's checkpoint as the Ray Train worker does (``torch.save`` of ``state_fn()``) and, beside it, the payload
+the old code saved (the module's whole state dict twice and the optimizer's), and prints both sizes and the
+seconds each took to write. ``--s3 s3://bucket/prefix`` also uploads both files (pyarrow's S3 filesystem, which
+honours ``AWS_ENDPOINT_URL``: e.g. moto's server on 127.0.0.1) and prints the upload seconds.
+
+    python benchmarks/checkpoint.py                       # paper sizes: ~16 GB of memory, a few minutes
+    python benchmarks/checkpoint.py --small --s3 s3://b/p # tiny encoders, with uploads (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ser_platform.config import load_config  # noqa: E402
+from ser_platform.tracking import git_commit  # noqa: E402
+from ser_platform.train import Hooks, fit_folds  # noqa: E402
+
+SMALL = {"model.text.name": "tiny", "model.speech.name": "tiny", "model.speech.cnn_channels": 8,
+         "model.speech.lstm_hidden": 8, "model.embedding_dim": 16, "model.num_layers": 1}
+MIB = 2**20
+
+
+def batches(config, *, utterances: int = 2, seconds: float = 1.0, tokens: int = 16):
+    """``batches_for`` of random inputs in the collate's layout (no tokenizer, no corpus: nothing to download)."""
+    from ser_platform.data.iemocap import CLASSES
+
+    vocab = 250  # inside every text encoder's vocabulary (the tiny one is byte-level)
+    samples = int(seconds * config.data.sample_rate)
+
+    def batch(fold: int, split: str, epoch: int) -> dict:
+        generator = torch.Generator().manual_seed(100 * fold + 3 * epoch + ("train", "val", "test").index(split))
+        return {"input_values": 0.1 * torch.randn(utterances, samples, generator=generator),
+                "audio_lengths": torch.full((utterances,), samples, dtype=torch.long),
+                "input_ids": torch.randint(5, vocab, (utterances, tokens), generator=generator),
+                "attention_mask": torch.ones(utterances, tokens, dtype=torch.bool),
+                "labels": torch.arange(utterances) % len(CLASSES),
+                "ids": [f"{split}{i}" for i in range(utterances)], "mode": ["impro"] * utterances,
+                "mfcc": None, "spectrogram": None, "feature_lengths": None}
+
+    return lambda fold, split, epoch: [batch(fold, split, epoch)]
+
+
+class Measure(Hooks):
+    """At each epoch's end: the checkpoint as the Ray Train worker writes it, and the old payload, timed."""
+
+    def __init__(self, folder: Path, models: list, s3: str | None):
+        self.folder, self.models, self.s3 = folder, models, s3
+        self.rows: list[dict] = []
+
+    def on_epoch_end(self, fold, epoch, metrics, state_fn) -> None:
+        if state_fn is None:
+            return
+        row = {"epoch": epoch}
+        started = time.perf_counter()
+        state = state_fn()
+        row["best is this epoch"] = state["best"].get("is_current", False)
+        row["now"] = self._write(state, f"now-{epoch}.pt", started)
+        model = self.models[-1]  # the fold's model (fit_folds builds it through ``build_model``)
+        started = time.perf_counter()
+        old = {"model": model.state_dict(), "optimizer": state["optimizer"],  # the same Adam state as now
+               "best": {k: v.clone() for k, v in model.state_dict().items()}}
+        row["before"] = self._write(old, f"before-{epoch}.pt", started)
+        del old, state
+        self.rows.append(row)
+
+    def _write(self, payload: dict, name: str, started: float) -> dict:
+        path = self.folder / name
+        torch.save(payload, path)
+        out = {"bytes": path.stat().st_size, "write_s": time.perf_counter() - started}
+        if self.s3:
+            from pyarrow import fs
+
+            filesystem, prefix = fs.FileSystem.from_uri(self.s3)
+            started = time.perf_counter()
+            fs.copy_files(str(path), f"{prefix}/{name}", destination_filesystem=filesystem)
+            out["upload_s"] = time.perf_counter() - started
+        path.unlink()
+        return out
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="tiny encoders (seconds; the unit test runs it)")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--s3", help="also upload each checkpoint under this s3:// URI and time it")
+    args = parser.parse_args(argv)
+
+    from ser_platform.models.ser_model import SERModel
+
+    overrides = {"train.epochs": args.epochs, "train.batch_size": 2, "train.checkpoint_every": 1, "train.seed": 0,
+                 **(SMALL if args.small else {})}
+    config = load_config("paper", overrides=overrides)
+    models: list = []
+
+    def build(cfg):
+        models.append(SERModel(cfg.model, pretrained=False))
+        return models[-1]
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ser-bench-ckpt-") as tmp:
+        hooks = Measure(Path(tmp), models, args.s3)
+        fit_folds(config, [1], batches(config), hooks=hooks, build_model=build, log=None)
+    model = models[-1]
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"device: CPU ({os.cpu_count()} logical CPUs); torch {torch.__version__}, python "
+          f"{platform.python_version()}, git {git_commit()}; {time.perf_counter() - started:.0f} s")
+    print(f"model: paper preset{' with --small encoders' if args.small else ''} (text {config.model.text.name}, "
+          f"speech {config.model.speech.name}, encoders {config.model.encoders}, feature encoder "
+          f"{'frozen' if config.model.speech.freeze_feature_encoder else 'trained'}): {total / 1e6:.1f}M parameters, "
+          f"{trainable / 1e6:.1f}M trainable; fp32 weights (bf16 is autocast, not storage), Adam; 1 fold, {args.epochs} epochs, a checkpoint "
+          "every epoch")
+    print()
+    upload = " | before upload s | now upload s" if args.s3 else ""
+    print(f"| epoch | best epoch is this one | before MiB | now MiB | now / before | before write s | now write s{upload} |")
+    print("|---:|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if args.s3 else ""))
+    for r in hooks.rows:
+        before, now = r["before"], r["now"]
+        cells = [str(r["epoch"]), "yes" if r["best is this epoch"] else "no", f"{before['bytes'] / MIB:.1f}",
+                 f"{now['bytes'] / MIB:.1f}", f"{now['bytes'] / before['bytes']:.2f}", f"{before['write_s']:.1f}",
+                 f"{now['write_s']:.1f}"]
+        if args.s3:
+            cells += [f"{before['upload_s']:.1f}", f"{now['upload_s']:.1f}"]
+        print("| " + " | ".join(cells) + " |")
+    return hooks.rows
+
+
+if __name__ == "__main__":
+    main()
