@@ -52,7 +52,7 @@ if $dry; then
   step ray-train 120 "$py" benchmarks/gpu_check.py ray-train --cpu
   step throughput 120 "$py" benchmarks/throughput.py --small --device cpu
   step peak-memory 120 "$py" benchmarks/throughput.py --small --device cpu --batch-size 4 --steps 1
-  step predicted 120 "$py" benchmarks/memory.py --small --variant "bf16 (paper preset)" --json "$out/predicted.json"
+  step predicted 120 "$py" benchmarks/memory.py --small --variant paper --json "$out/predicted.json"
   step attention-sdpa 60 "$py" benchmarks/focus_attention.py --device cpu --batch 2 --speech-frames 40 \
     --text-tokens 8 --repeats 2 --warmup 1
   skip attention-flex "flex_attention has no backward on the CPU"
@@ -61,7 +61,7 @@ else
   step ray-train 120 "$py" benchmarks/gpu_check.py ray-train
   step throughput 150 "$py" benchmarks/throughput.py
   step peak-memory 150 "$py" benchmarks/throughput.py --batch-size 32 --audio-seconds 15 --steps 3 --warmup 1
-  step predicted 150 "$py" benchmarks/memory.py --variant "bf16 (paper preset)" --seconds 15.5 --tokens 64 \
+  step predicted 150 "$py" benchmarks/memory.py --variant paper --seconds 15.5 --tokens 64 \
     --json "$out/predicted.json"
   step attention-sdpa 90 "$py" benchmarks/focus_attention.py --device cuda --attn-implementation sdpa
   step attention-flex 120 "$py" benchmarks/focus_attention.py --device cuda --attn-implementation flex_attention
