@@ -105,7 +105,9 @@ def test_local_paths_are_refused_before_anything_is_written(world):
 def test_a_trials_fold_units_run_at_once_on_two_nodes(world):
     workdir = world["root"] / "parallel"
     started = time.monotonic()
-    run = ser(world, workdir, "--trials", "1", "--epochs", "1", "--name", "units",
+    # Five epochs (~13 s a fold here): with one, a fold ran ~3 s, less than the two units' start-up skew (~4 s),
+    # so the two ran at once but their fold runs did not overlap.
+    run = ser(world, workdir, "--trials", "1", "--epochs", "5", "--name", "units",
               *remote_args(world, "parallel", "parallel"), script="experiments/sweep_loss_weights.py")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "2 of each configuration's 2 (fold, seed) unit(s) at once" in run.stdout
