@@ -59,7 +59,7 @@ def training_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--cluster", action="store_true",
                      help="also run the cluster tier: tests that start a multi-node Ray cluster of their own (a head "
-                          "and worker nodes, an S3 server; ~20 min on 2 cores)")
+                          "and worker nodes, an S3 server; ~10 min on 2 cores)")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
