@@ -12,10 +12,13 @@ configs, no download), one fold, a few epochs of two 1-s utterances per split on
 epoch's checkpoint as the Ray Train worker does (``torch.save`` of ``state_fn()``) and, beside it, the payload
 the old code saved (the module's whole state dict twice and the optimizer's), and prints both sizes and the
 seconds each took to write. ``--s3 s3://bucket/prefix`` also uploads both files (pyarrow's S3 filesystem, which
-honours ``AWS_ENDPOINT_URL``: e.g. moto's server on 127.0.0.1) and prints the upload seconds.
+honours ``AWS_ENDPOINT_URL``), prints the upload seconds and deletes them; ``--local-s3`` does so on an
+S3-compatible server it starts on 127.0.0.1 (moto's, as the tests use). ``--encoders frozen``: RoBERTa and
+wav2vec2 frozen (``model.encoders``), whose weights the checkpoint no longer holds.
 
-    python benchmarks/checkpoint.py                       # paper sizes: ~16 GB of memory, a few minutes
-    python benchmarks/checkpoint.py --small --s3 s3://b/p # tiny encoders, with uploads (seconds)
+    python benchmarks/checkpoint.py                                  # paper sizes: ~16 GB of memory, ~3 min
+    python benchmarks/checkpoint.py --encoders frozen --local-s3     # frozen encoders, uploads to moto timed
+    python benchmarks/checkpoint.py --small --s3 s3://bucket/prefix  # tiny encoders, your bucket
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class Measure(Hooks):
             started = time.perf_counter()
             fs.copy_files(str(path), f"{prefix}/{name}", destination_filesystem=filesystem)
             out["upload_s"] = time.perf_counter() - started
+            filesystem.delete_file(f"{prefix}/{name}")  # timed, then gone: gigabytes each, nothing left behind
         path.unlink()
         return out
 
@@ -103,13 +107,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny encoders (seconds; the unit test runs it)")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--s3", help="also upload each checkpoint under this s3:// URI and time it")
+    parser.add_argument("--encoders", choices=("finetune", "frozen"), default="finetune",
+                        help="model.encoders: the paper's fine-tuning (default), or RoBERTa/wav2vec2 frozen")
+    parser.add_argument("--s3", help="also upload each checkpoint under this s3:// URI, time it, delete it")
+    parser.add_argument("--local-s3", action="store_true",
+                        help="--s3 on an S3-compatible server started here on 127.0.0.1 (moto, as the tests use)")
     args = parser.parse_args(argv)
+    if args.local_s3:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from support import MotoS3
+
+        with tempfile.TemporaryDirectory(prefix="ser-bench-s3-") as folder, MotoS3(Path(folder)) as s3:
+            os.environ.update(s3.env)  # pyarrow's S3 filesystem reads AWS_ENDPOINT_URL and the keys
+            bucket = s3.create_bucket("ser-bench")
+            return main([a for a in (argv if argv is not None else sys.argv[1:]) if a != "--local-s3"]
+                        + ["--s3", f"{bucket}/checkpoints"])
 
     from ser_platform.models.ser_model import SERModel
 
     overrides = {"train.epochs": args.epochs, "train.batch_size": 2, "train.checkpoint_every": 1, "train.seed": 0,
-                 **(SMALL if args.small else {})}
+                 "model.encoders": args.encoders, **(SMALL if args.small else {})}
     config = load_config("paper", overrides=overrides)
     models: list = []
 
@@ -139,10 +156,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in hooks.rows:
         before, now = r["before"], r["now"]
         cells = [str(r["epoch"]), "yes" if r["best is this epoch"] else "no", f"{before['bytes'] / MIB:.1f}",
-                 f"{now['bytes'] / MIB:.1f}", f"{now['bytes'] / before['bytes']:.2f}", f"{before['write_s']:.1f}",
-                 f"{now['write_s']:.1f}"]
+                 f"{now['bytes'] / MIB:.1f}", f"{now['bytes'] / before['bytes']:.2f}", f"{before['write_s']:.2f}",
+                 f"{now['write_s']:.2f}"]
         if args.s3:
-            cells += [f"{before['upload_s']:.1f}", f"{now['upload_s']:.1f}"]
+            cells += [f"{before['upload_s']:.2f}", f"{now['upload_s']:.2f}"]
         print("| " + " | ".join(cells) + " |")
     return hooks.rows
 
