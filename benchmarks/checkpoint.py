@@ -39,8 +39,8 @@ from ser_platform.config import load_config  # noqa: E402
 from ser_platform.tracking import git_commit  # noqa: E402
 from ser_platform.train import Hooks, fit_folds  # noqa: E402
 
-SMALL = {"model.text.name": "tiny", "model.speech.name": "tiny", "model.speech.cnn_channels": 8,
-         "model.speech.lstm_hidden": 8, "model.embedding_dim": 16, "model.num_layers": 1}
+from memory import SMALL  # noqa: E402  (benchmarks/ is on sys.path: scripts run as python benchmarks/x.py)
+
 MIB = 2**20
 
 
