@@ -41,7 +41,9 @@ from dataclasses import dataclass
 from typing import Hashable, Mapping
 
 import numpy as np
-import scipy.stats
+
+# No module-level scipy.stats (~0.9 s to import here): the three functions that use it import it, since every Tune
+# trial actor imports this module (sweep -> tables) and never compares.
 
 WILCOXON_MIN_PAIRS = 6
 # Differences closer than this count as equal: scores subtracted in floating point (0.3 - 0.55 vs 0.4 - 0.65)
@@ -108,6 +110,8 @@ def _mean_difference(x: np.ndarray, y: np.ndarray, axis: int = -1) -> np.ndarray
 
 def _bootstrap_interval(a: np.ndarray, b: np.ndarray, n_boot: int, seed: int,
                         confidence: float) -> tuple[float, float, str]:
+    import scipy.stats
+
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings():
             # BCa is undefined for some small discrete samples (scipy warns and returns NaN): handled below.
@@ -137,6 +141,8 @@ def _paired_keys(a: Mapping[Hashable, float], b: Mapping[Hashable, float], n_boo
 
 def _t_and_interval(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int, confidence: float) -> dict:
     """The paired t-test and the bootstrap interval of the mean difference, or why they are degenerate."""
+    import scipy.stats
+
     d = x - y
     if len(d) < 2:
         return {"t_note": "one pair: no spread to test against", "ci_method": "none: one pair has no spread"}
@@ -157,6 +163,8 @@ def _t_and_interval(x: np.ndarray, y: np.ndarray, n_boot: int, seed: int, confid
 
 
 def _wilcoxon(d: np.ndarray, all_zero: bool) -> dict:
+    import scipy.stats
+
     n = len(d)
     if n < WILCOXON_MIN_PAIRS:
         return {"wilcoxon_note": f"n={n} < {WILCOXON_MIN_PAIRS}: the smallest two-sided p possible is {2 / 2 ** n:.3g}"}
