@@ -124,6 +124,7 @@ def predict_proba(fold_model: FoldModel, items: Sequence[tuple[str | Path, str]]
 
     from ser_platform.data.features import AcousticFeatures, FeatureParams
     from ser_platform.data.loader import make_collate
+    from ser_platform.models.ser_model import reads_speech
     from ser_platform.models.text import build_tokenizer
     from ser_platform.train import model_inputs
 
@@ -133,7 +134,7 @@ def predict_proba(fold_model: FoldModel, items: Sequence[tuple[str | Path, str]]
     params = FeatureParams.from_speech_config(config.model.speech, rate)
     collate = make_collate(build_tokenizer(config.model.text), max_text_tokens=config.data.max_text_tokens,
                            max_audio_samples=int(round(config.data.max_audio_seconds * rate)), feature_params=params)
-    features = AcousticFeatures(params)
+    features = AcousticFeatures(params) if reads_speech(config.model) else None
     out = []
     for start in range(0, len(items), batch_size):
         chunk = range(start, min(start + batch_size, len(items)))

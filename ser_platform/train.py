@@ -182,13 +182,13 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def model_inputs(batch: Mapping[str, Any], features: nn.Module) -> dict[str, Any]:
+def model_inputs(batch: Mapping[str, Any], features: nn.Module | None) -> dict[str, Any]:
     """The keyword arguments of ``SERModel.forward``; MFCC/spectrogram computed on the batch's device with
-    ``AcousticFeatures`` when the dataset did not store them; cached frozen-encoder states when the batch has
-    them (``data.encoder_cache``)."""
+    ``AcousticFeatures`` when the dataset did not store them (``features`` None: a model without a speech network,
+    which never reads them); cached frozen-encoder states when the batch has them (``data.encoder_cache``)."""
     inputs = {k: batch.get(k) for k in MODEL_INPUTS}
     inputs.update({k: batch[k] for k in CACHED_INPUTS if batch.get(k) is not None})
-    if inputs["mfcc"] is None:
+    if inputs["mfcc"] is None and features is not None:
         with torch.no_grad():
             inputs["mfcc"], inputs["spectrogram"], inputs["feature_lengths"] = features(
                 inputs["input_values"], inputs["audio_lengths"])
@@ -218,7 +218,7 @@ def _gather_lists(local: list, world_size: int) -> list:
 
 
 def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-                batches: Iterable[Mapping[str, Any]], *, config: Config, features: nn.Module,
+                batches: Iterable[Mapping[str, Any]], *, config: Config, features: nn.Module | None,
                 device: torch.device, world_size: int = 1, where: str = "") -> dict[str, float]:
     """One pass over this rank's training batches; returns the sample-weighted mean of each loss term
     (eq. 9 ``loss``, eq. 8 ``metric``, eq. 10 ``ce``) over all ranks, ``num_samples``, and ``step_time_s``:
@@ -257,7 +257,7 @@ def train_epoch(model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Opt
 
 @torch.no_grad()
 def predict(model: nn.Module, loss_fn: nn.Module, batches: Iterable[Mapping[str, Any]], *, config: Config,
-            features: nn.Module, device: torch.device, world_size: int = 1) -> dict[str, Any]:
+            features: nn.Module | None, device: torch.device, world_size: int = 1) -> dict[str, Any]:
     """Predictions over an evaluation split, gathered from every rank: ``ids``, ``labels``, ``preds``,
     ``modes`` (lists in id order) and the sample-weighted mean ``loss`` / ``metric_loss`` / ``ce_loss``."""
     model.eval()
@@ -310,9 +310,21 @@ def _cpu_copy(value: Any) -> Any:
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """The weights a checkpoint and the best-so-far copy keep: every entry but frozen parameters (a pretrained
-    checkpoint's or a seeded "tiny" encoder's, rebuilt exactly from the config), on the CPU."""
+    checkpoint's, or a "tiny" encoder's drawn from its seed or the fold's: rebuilt exactly when the fold's model
+    is rebuilt to resume), on the CPU."""
     frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
     return _cpu_copy({k: v for k, v in module.state_dict().items() if k not in frozen})
+
+
+def _selected_weights(module: nn.Module, config: Config) -> dict[str, torch.Tensor]:
+    """The selected model as its artifact keeps it (``Hooks.on_model_selected``), on the CPU: every weight the
+    config does not rebuild (``rebuilt_weight_keys``). Unlike ``_cpu_state`` it keeps a frozen part of a
+    fine-tuned encoder: `ser predict` builds the model without the fold's seed or the encoder's checkpoint."""
+    from ser_platform.models.ser_model import rebuilt_weight_keys
+
+    state = module.state_dict()
+    rebuilt = set(rebuilt_weight_keys(state, config.model))
+    return _cpu_copy({k: v for k, v in state.items() if k not in rebuilt})
 
 
 def _load_kept_state(module: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
@@ -351,6 +363,7 @@ def fit_folds(config: Config, folds: Sequence[int], batches_for: BatchesFor, *, 
     ``log`` prints one line per epoch on rank 0 (None = silent).
     """
     from ser_platform.data.features import AcousticFeatures, FeatureParams
+    from ser_platform.models.ser_model import reads_speech
 
     device = torch.device(device)
     hooks = hooks or Hooks()
@@ -362,8 +375,10 @@ def fit_folds(config: Config, folds: Sequence[int], batches_for: BatchesFor, *, 
     if state and state.get("version") != STATE_VERSION:
         raise ValueError(f"checkpoint state version {state.get('version')!r}: expected {STATE_VERSION}")
     finished: dict[int, dict] = {int(k): dict(v) for k, v in state.get("finished", {}).items()}
-    features = AcousticFeatures(FeatureParams.from_speech_config(config.model.speech, config.data.sample_rate))
-    features = features.to(device)
+    features = None  # a text-only model: no acoustic features to compute (they were most of its step)
+    if reads_speech(config.model):
+        features = AcousticFeatures(FeatureParams.from_speech_config(config.model.speech, config.data.sample_rate))
+        features = features.to(device)
     results: dict[int, FoldResult] = {}
 
     for fold in folds:
@@ -394,7 +409,7 @@ class _FoldState:
 
 
 def _epoch(config: Config, fold: int, epoch: int, batches_for: BatchesFor, wrapped: nn.Module, module: nn.Module,
-           loss_fn: nn.Module, optimizer: torch.optim.Optimizer, features: nn.Module, *, device: torch.device,
+           loss_fn: nn.Module, optimizer: torch.optim.Optimizer, features: nn.Module | None, *, device: torch.device,
            world_size: int, state: _FoldState) -> tuple[dict[str, float], bool]:
     """One epoch: train, score the validation split, keep the weights if validation UA improved. Returns the
     epoch's metrics and whether it improved."""
@@ -421,7 +436,7 @@ def _epoch(config: Config, fold: int, epoch: int, batches_for: BatchesFor, wrapp
 
 
 def _test(config: Config, fold: int, batches_for: BatchesFor, module: nn.Module, loss_fn: nn.Module,
-          features: nn.Module, *, device: torch.device, world_size: int, state: _FoldState) -> FoldResult:
+          features: nn.Module | None, *, device: torch.device, world_size: int, state: _FoldState) -> FoldResult:
     """Score the test split once, with the weights chosen on validation."""
     if state.best["model"] is None:
         raise ValueError(f"fold {fold}: no epoch was trained (train.epochs={config.train.epochs})")
@@ -451,7 +466,7 @@ def _resume(model: nn.Module, in_progress: Mapping[str, Any]) -> tuple[int, "_Fo
 def _fit_fold(config: Config, fold: int, batches_for: BatchesFor, *, device: torch.device, rank: int,
               world_size: int, wrap_model: Callable[[nn.Module], nn.Module], hooks: Hooks,
               in_progress: Mapping[str, Any] | None, build_model: Callable[[Config], nn.Module],
-              build_loss: Callable[[Config], nn.Module], features: nn.Module, finished: dict[int, dict],
+              build_loss: Callable[[Config], nn.Module], features: nn.Module | None, finished: dict[int, dict],
               say: Callable[[str], None]) -> FoldResult:
     train_cfg = config.train
     seed_everything(derive_seed(train_cfg.seed, fold))
@@ -467,6 +482,8 @@ def _fit_fold(config: Config, fold: int, batches_for: BatchesFor, *, device: tor
                                  weight_decay=train_cfg.weight_decay)
     if in_progress is not None:
         optimizer.load_state_dict(in_progress["optimizer"])
+    else:
+        say(f"fold {fold}: training, {train_cfg.epochs} epoch(s)")
     hooks.on_fold_start(fold)
 
     def state_fn(epoch: int, include_training: bool = True) -> Callable[[], dict]:
@@ -508,6 +525,6 @@ def _fit_fold(config: Config, fold: int, batches_for: BatchesFor, *, device: tor
     say(f"fold {fold}: best epoch {result.best_epoch} (val UA {result.val_ua:.3f}) -> test WA {result.test_wa:.3f} "
         f"UA {result.test_ua:.3f} on {result.num_test} utterances")
     finished[fold] = result.to_dict()
-    hooks.on_model_selected(fold, result, lambda: _cpu_state(module))
+    hooks.on_model_selected(fold, result, lambda: _selected_weights(module, config))
     hooks.on_fold_end(fold, result, state_fn(len(state.history), include_training=False))
     return result

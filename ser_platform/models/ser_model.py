@@ -29,7 +29,7 @@ F(x) and classifier; only what sits between the pooled embeddings and F(x) diffe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,25 @@ from ser_platform.models.text import TextEncoder
 __all__ = ["FOCAL_PARAMETER_NAMES", "SERModel", "SEROutput", "masked_mean", "model_summary", "parameter_counts"]
 
 FOCAL_PARAMETER_NAMES = frozenset({"w_p", "w_g", "u_c", "u_d"})  # eq. (1)-(2), in every FocusAttention
+
+
+# Where the encoders' own weights sit in SERModel's state dict.
+ENCODER_WEIGHT_PREFIXES = ("text_encoder.encoder.", "speech_encoder.ssl.encoder.")
+
+
+def rebuilt_weight_keys(keys: Iterable[str], model_config: ModelConfig) -> list[str]:
+    """The keys among ``keys`` (a state dict's) whose weights the config rebuilds exactly, so a stored model need
+    not hold them: frozen encoders' (``model.encoders="frozen"``: a pretrained checkpoint, or a "tiny" encoder
+    drawn from its ``tiny_seed``). Not a frozen part of a fine-tuned encoder (wav2vec2's feature encoder under
+    ``freeze_feature_encoder``): a fine-tuned model is rebuilt from its architecture alone."""
+    if model_config.encoders != "frozen":
+        return []
+    return [k for k in keys if k.startswith(ENCODER_WEIGHT_PREFIXES)]
+
+
+def reads_speech(model_config: ModelConfig) -> bool:
+    """Whether the model has a speech network, i.e. reads audio and acoustic features (not ``text_only``)."""
+    return model_config.fusion != "text_only"
 
 
 def masked_mean(states: Tensor, mask: Tensor) -> Tensor:
@@ -85,7 +104,7 @@ class SERModel(nn.Module):
         if mode != "speech_only":
             self.text_encoder = TextEncoder(model_config.text, frozen=frozen, pretrained=pretrained,
                                             cached=cached_encoder_states)
-        if mode != "text_only":
+        if reads_speech(model_config):
             self.speech_encoder = SpeechEncoder(model_config, pretrained=pretrained, cached=cached_encoder_states)
         if mode == "crossmodal":
             self.fusion = CrossmodalFusion(model_config, self.text_encoder.output_dim, self.speech_encoder.output_dim)

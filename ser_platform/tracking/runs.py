@@ -182,12 +182,11 @@ def log_confusion(run: MlflowRun, confusion: Sequence[Sequence[int]], class_name
 # --- the selected model of a fold run (what `ser predict` loads) --------------------------------------------
 
 def frozen_encoder_keys(state_dict: Mapping[str, Any], config: Any) -> list[str]:
-    """Keys of the frozen encoders' own weights (``model.encoders="frozen"``): a pretrained checkpoint or a
-    "tiny" encoder drawn from its ``tiny_seed``, so rebuilt exactly from the config and not worth storing."""
-    if config.model.encoders != "frozen":
-        return []
-    prefixes = ("text_encoder.encoder.", "speech_encoder.ssl.encoder.")
-    return [k for k in state_dict if k.startswith(prefixes)]
+    """Keys of the frozen encoders' own weights, rebuilt exactly from the config and not worth storing
+    (``models.ser_model.rebuilt_weight_keys``)."""
+    from ser_platform.models.ser_model import rebuilt_weight_keys
+
+    return rebuilt_weight_keys(state_dict, config.model)
 
 
 def log_model(run: MlflowRun, state_dict: Mapping[str, Any], config: Any,

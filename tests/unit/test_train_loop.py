@@ -20,7 +20,8 @@ from ser_platform.data.features import AcousticFeatures, FeatureParams
 from ser_platform.data.loader import LocalFolds, make_collate
 from ser_platform.models.ser_model import SERModel, SEROutput
 from ser_platform.models.text import build_tokenizer
-from ser_platform.train import Hooks, fit_folds, predict, summarize_trial, train_epoch
+from ser_platform.train import (Hooks, derive_seed, fit_folds, predict, seed_everything, summarize_trial,
+                                train_epoch)
 
 from support import TINY_SIZES, comparable, fold_rows
 
@@ -109,9 +110,13 @@ def test_model_selection_on_validation_and_one_test_pass_with_the_best_weights(f
         fold_calls = [c for c in data.calls if c[0] == fold]
         assert [c[1] for c in fold_calls].count("test") == 1 and fold_calls[-1][1] == "test"
 
-        # Recompute the test scores from the best epoch's weights, by hand.
+        # Recompute the test scores from the best epoch's weights, by hand, in the model as the fold built it
+        # (its seed draws the frozen wav2vec2 feature encoder, which checkpoints leave out).
+        seed_everything(derive_seed(config.train.seed, fold))
         model = SERModel(config.model)
-        model.load_state_dict(hooks.states[(fold, result.best_epoch)]["model"])
+        loaded = model.load_state_dict(hooks.states[(fold, result.best_epoch)]["model"], strict=False)
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        assert set(loaded.missing_keys) == frozen and not loaded.unexpected_keys
         model.eval()
         features = AcousticFeatures(FeatureParams.from_speech_config(config.model.speech))
         labels, preds, modes = [], [], []
@@ -162,6 +167,19 @@ def test_early_stopping_after_patience_epochs_without_a_better_validation_ua():
     result = fit_folds(config, [1], Folds(config, folds=(1,)), log=None)[1]
     assert result.best_epoch == 1
     assert result.epochs_run == 2
+
+
+@pytest.mark.parametrize("fusion, computes_features", [("text_only", False), ("speech_only", True)])
+def test_acoustic_features_are_computed_only_for_a_model_that_reads_speech(fusion, computes_features, monkeypatch):
+    calls = []
+    original = AcousticFeatures.forward
+    monkeypatch.setattr(AcousticFeatures, "forward", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    config = tiny_config(**{"model.fusion": fusion, "train.epochs": 1})
+    lines = []
+    result = fit_folds(config, [1], Folds(config, folds=(1,)), log=lines.append)[1]
+    assert result.epochs_run == 1 and 0 <= result.test_ua <= 1
+    assert bool(calls) == computes_features
+    assert lines[0] == "fold 1: training, 1 epoch(s)" and lines[1].startswith("fold 1 epoch 1/1 | train loss")
 
 
 @pytest.mark.slow  # full_run: two folds, three epochs
