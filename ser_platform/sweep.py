@@ -38,7 +38,7 @@ from ser_platform.catalogue import PAPER_GRID, SEARCH, Experiment, experiment as
 from ser_platform.cluster import (DEFAULT_STORAGE, absolute_location, check_before_ray, is_local, join_storage,
                                   prepare_run, resolve_storage)
 from ser_platform.config import Config, ConfigError, from_dict
-from ser_platform.console import Console
+from ser_platform.console import Console, worker_lines
 from ser_platform.resources import TRIAL_RESOURCES
 from ser_platform.tables import Table, format_table, log_tables, sweep_tables
 from ser_platform.tracking.store import is_server, sqlite_path
@@ -99,6 +99,10 @@ def run_trial(params: dict[str, Any], ctx: TrialContext, fold_data: Any = None) 
         return
     if run.status() != "RUNNING":  # an earlier attempt of this trial failed or was killed: it runs again
         run.set_status("RUNNING")
+    # Said as soon as the trial runs: its first epoch line follows only once Ray Train has started (tens of seconds
+    # on a laptop), and a console silent that long looks hung.
+    worker_lines(ctx.progress, f"trial {trial_id} | ")(f"started ({_point(params)}), "
+                                                      f"{len(config.data.folds)} fold(s) to train")
     extra = {}
     if ctx.train_fn is None:
         from ser_platform.ray_train import train_folds as train_fn
@@ -189,6 +193,11 @@ class SweepResult:
     wall_seconds: float = 0.0
 
 
+def _point(params: dict[str, Any]) -> str:
+    """A trial's parameters as its console lines show them."""
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(params.items()))
+
+
 def _progress_callback(total: int, metric: str) -> Any:
     from ray import tune
 
@@ -206,9 +215,7 @@ def _progress_callback(total: int, metric: str) -> Any:
             scores = ", ".join(f"{name} {result[key]:.3f} ± {result.get(key.replace('_mean', '_std'), 0.0):.3f}"
                                for name, key in ((metric, metric), ("test UA", "test_ua_mean"))
                                if isinstance(result.get(key), (int, float)))
-            point = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                              for k, v in sorted((trial.config or {}).items()))
-            print(f"trial {self.done}/{self.total} {status}: {trial.trial_id} ({point})"
+            print(f"trial {self.done}/{self.total} {status}: {trial.trial_id} ({_point(trial.config or {})})"
                   + (f": {scores}" if scores else ""), flush=True)
 
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

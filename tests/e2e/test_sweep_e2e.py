@@ -199,7 +199,11 @@ def test_job_succeeded(sweep_job):
     assert f"{TRIALS} of {TRIALS} trial(s) complete, 0 errored" in submit.stdout, output
     # A readable console: the project's lines per epoch, fold and trial; Ray's and Tune's own lines in their logs.
     for fold in FOLDS:
+        assert re.search(rf"^trial \S+ \| fold {fold}: training, 1 epoch\(s\)$", submit.stdout, re.M), output
         assert re.search(rf"^trial \S+ \| fold {fold} epoch 1/1 \| train loss", submit.stdout, re.M), output
+    # Each trial says it started before Ray Train's start-up, so the console is never silent for long.
+    assert len(re.findall(rf"^trial \S+ \| started \(.*loss\.alpha=.*\), {len(FOLDS)} fold\(s\) to train$",
+                          submit.stdout, re.M)) == TRIALS, output
     assert len(re.findall(r"^trial \d/\d done: ", submit.stdout, re.M)) == TRIALS, output
     for noise in ("SplitCoordinator", "PreemptionWatcher", "TensorBoard", "Trial status:", "execution finished"):
         assert noise not in submit.stdout + submit.stderr, noise
