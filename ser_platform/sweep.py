@@ -398,11 +398,17 @@ def run_sweep(config: Config, experiment: Experiment | None = None, *, name: str
         print(f"resuming sweep {name!r} ({experiment.title}) with its stored configuration")
     check_before_ray(config)
     started_ray = not ray.is_initialized()
+    # A Ray started here is this one machine, where the local store is right (prepare_run refuses local paths
+    # only on several nodes): a new SQLite store's schema is created while Ray starts (seconds, both).
+    local = started_ray and not (ray_address or os.environ.get("RAY_ADDRESS"))
+    store_ready = tracking.ensure_store_started(tracking.resolve_tracking_uri(config)) if local else None
     console.open(init_ray(ray_address, console) if started_ray else None)
     status, result, parent = "FAILED", None, None
     try:
         expected = config.sweep.trials if experiment.is_search else len(experiment.rows)
         config = prepare_run(config, sweep=True, trials=expected, say=console.say)
+        if store_ready is not None:
+            store_ready()
         sweep_dir = join_storage(config.tracking.storage, name)
         parent, experiment_id, optuna_storage = _open_parent(config, experiment, name, meta, sweep_dir)
         result = SweepResult(name=name, experiment=experiment, sweep_dir=sweep_dir,

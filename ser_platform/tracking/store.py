@@ -20,7 +20,7 @@ import os
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import unquote, urlsplit
 
 PROBE_TIMEOUT_S = 10.0  # an unreachable tracking server fails a command within this many seconds
@@ -134,6 +134,21 @@ def ensure_store(uri: str, *, timeout_s: float = PROBE_TIMEOUT_S) -> str:
         db.parent.mkdir(parents=True, exist_ok=True)
     _probe(uri, timeout_s)
     return uri
+
+
+def ensure_store_started(uri: str) -> Callable[[], str]:
+    """:func:`ensure_store` begun now, in a thread, when ``uri`` is a SQLite store not created yet (its schema is
+    MLflow's migrations, ~5 s on 2 cores), so the caller works meanwhile; call the result to wait for it (it
+    returns ``uri`` or raises as ``ensure_store`` does). Any other store: the result runs ``ensure_store``."""
+    db = sqlite_path(uri)
+    if db is None or db.exists():
+        return lambda: ensure_store(uri)
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1, thread_name_prefix="ser-store")
+    future = pool.submit(ensure_store, uri)
+    pool.shutdown(wait=False)
+    return future.result
 
 
 def open_store(uri: str, *, timeout_s: float = PROBE_TIMEOUT_S) -> str:

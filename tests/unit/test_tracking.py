@@ -49,6 +49,30 @@ def test_ensure_store_creates_sqlite_once(tmp_path):
     tracking.ensure_store(uri)  # a second call on an existing store is harmless
 
 
+def test_a_new_sqlite_store_is_created_in_the_background_and_other_stores_when_waited_for(tmp_path, monkeypatch):
+    import threading
+
+    from ser_platform.tracking import store as store_module
+
+    threads = []
+    real = store_module.ensure_store
+    monkeypatch.setattr(store_module, "ensure_store",
+                        lambda uri, **kw: threads.append(threading.current_thread().name) or real(uri, **kw))
+    uri = f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}"
+    ready = tracking.ensure_store_started(uri)  # a new SQLite store: begun at once, in its own thread
+    assert ready() == uri and [e.name for e in MlflowClient(uri).search_experiments()] == ["Default"]
+    assert len(threads) == 1 and threads[0] != threading.current_thread().name
+    ready = tracking.ensure_store_started(uri)  # it exists now: nothing begun until waited for
+    assert len(threads) == 1
+    assert ready() == uri and threads[-1] == threading.current_thread().name
+    with socket.socket() as sock:  # a server nobody runs: the error comes when waited for, naming the URI
+        sock.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    ready = tracking.ensure_store_started(down)
+    with pytest.raises(tracking.TrackingError, match=re.escape(down)):
+        ready()
+
+
 def test_unreachable_server_fails_at_start_naming_the_uri():
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
