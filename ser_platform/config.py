@@ -429,12 +429,15 @@ def _demo() -> Config:
     #   overlaps the other trials' work;
     # * audio cropped at 1.5 s (the synthetic utterances are 1-3 s), 16 channels in the tiny wav2vec2's
     #   convolutions and 16-wide acoustic CNN/BiLSTMs, no dropout (its random draws are not free on a CPU);
-    #   the best trial's test UA is not lower for it (0.567 against 0.512, BENCHMARKS.md).
+    #   the best trial's test UA is not lower for it (0.567 against 0.512, BENCHMARKS.md);
+    # * wav2vec2's convolutional feature encoder frozen, as in the paper preset: its backward over the raw
+    #   waveform was about a third of a training step's backward (BENCHMARKS.md, "Sweep overhead").
     return Config(
         preset="demo",
         data=DataConfig(bucket_by_length=True, max_audio_seconds=1.5),
         model=ModelConfig(embed_dim=32, num_heads=4, num_layers=2, embedding_dim=32,
-                          speech=SpeechEncoderConfig(tiny_conv_dim=16, cnn_channels=16, lstm_hidden=16),
+                          speech=SpeechEncoderConfig(tiny_conv_dim=16, cnn_channels=16, lstm_hidden=16,
+                                                      freeze_feature_encoder=True),
                           attn_dropout=0.0, relu_dropout=0.0, res_dropout=0.0, embed_dropout=0.0, dropout=0.0),
         train=TrainConfig(epochs=5, batch_size=32, lr=3e-3, num_workers=1, cpus_per_worker=0.0),
         sweep=SweepConfig(trials=3, max_concurrent=3),
