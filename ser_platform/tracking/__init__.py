@@ -19,9 +19,8 @@ from ser_platform.tracking.records import (FoldRunRecord, SweepRecord, TrialReco
 from ser_platform.tracking.runs import (MlflowRun, config_params, find_or_start_run, frozen_encoder_keys,
                                         log_confusion, log_model, start_run)
 from ser_platform.tracking.store import (TrackingError, check_tracking_server, ensure_store, ensure_store_started,
-                                         existing_experiment_id,
-                                         experiment_id, open_store, quiet_logging, resolve_tracking_uri,
-                                         tracking_uri)
+                                         existing_experiment_id, experiment_id, open_store, quiet_logging,
+                                         resolve_tracking_uri, tracking_uri)
 
 __all__ = [
     "FoldLogger", "FoldRunContext", "FoldRunRecord", "MlflowRun", "SweepRecord", "TrackingError", "TrialIdentity",
