@@ -3,7 +3,7 @@
 Before (issue 17): every epoch's checkpoint held the whole model, Adam's state and a second copy of the best
 weights, all in fp32. Now (``train.py``'s ``state_fn``): the weights without frozen parameters, Adam's state (a
 resume needs it), and the best epoch's weights only when that epoch is not the checkpoint's own (else a flag:
-one copy serves both); ``train.checkpoint_every`` thins the epochs that write one, and Ray Train keeps only the
+one copy serves both), in bf16 under ``train.precision`` bf16 (the paper preset's); ``train.checkpoint_every`` thins the epochs that write one, and Ray Train keeps only the
 latest (``CheckpointConfig(num_to_keep=1)``).
 
 How: ``train.fit_folds`` (the plain-torch loop every Ray Train worker runs) on the paper preset's model with
@@ -13,8 +13,10 @@ epoch's checkpoint as the Ray Train worker does (``torch.save`` of ``state_fn()`
 the old code saved (the module's whole state dict twice and the optimizer's), and prints both sizes and the
 seconds each took to write. ``--s3 s3://bucket/prefix`` also uploads both files (pyarrow's S3 filesystem, which
 honours ``AWS_ENDPOINT_URL``), prints the upload seconds and deletes them; ``--local-s3`` does so on an
-S3-compatible server it starts on 127.0.0.1 (moto's, as the tests use). ``--encoders frozen``: RoBERTa and
-wav2vec2 frozen (``model.encoders``), whose weights the checkpoint no longer holds.
+S3-compatible server it starts on 127.0.0.1 (moto's, as the tests use). Moto keeps each object in memory several
+times over, so at the paper's sizes (gigabytes per file) use a server that writes to disk and ``--s3``, e.g.
+s3rver (npm) as BENCHMARKS.md did. Each upload's stored size is checked against the file's. ``--encoders
+frozen``: RoBERTa and wav2vec2 frozen (``model.encoders``), whose weights the checkpoint no longer holds.
 
     python benchmarks/checkpoint.py                                  # paper sizes: ~16 GB of memory, ~3 min
     python benchmarks/checkpoint.py --encoders frozen --local-s3     # frozen encoders, uploads to moto timed
@@ -98,6 +100,12 @@ class Measure(Hooks):
             started = time.perf_counter()
             fs.copy_files(str(path), f"{prefix}/{name}", destination_filesystem=filesystem)
             out["upload_s"] = time.perf_counter() - started
+            stored = filesystem.get_file_info(f"{prefix}/{name}").size
+            if stored != out["bytes"]:  # a server that keeps something else timed something else
+                raise SystemExit(f"checkpoint.py: {self.s3}/{name} holds {stored} bytes after the upload, not "
+                                 f"{out['bytes']}: the S3 server at {os.environ.get('AWS_ENDPOINT_URL', 'AWS')} "
+                                 "stored the upload differently (a server without aws-chunked support needs "
+                                 "AWS_REQUEST_CHECKSUM_CALCULATION=when_required)")
             filesystem.delete_file(f"{prefix}/{name}")  # timed, then gone: gigabytes each, nothing left behind
         path.unlink()
         return out
@@ -147,8 +155,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"model: paper preset{' with --small encoders' if args.small else ''} (text {config.model.text.name}, "
           f"speech {config.model.speech.name}, encoders {config.model.encoders}, feature encoder "
           f"{'frozen' if config.model.speech.freeze_feature_encoder else 'trained'}): {total / 1e6:.1f}M parameters, "
-          f"{trainable / 1e6:.1f}M trainable; fp32 weights (bf16 is autocast, not storage), Adam; 1 fold, {args.epochs} epochs, a checkpoint "
-          "every epoch")
+          f"{trainable / 1e6:.1f}M trainable; fp32 weights, the best-so-far copy in "
+          f"{'bf16' if config.train.precision == 'bf16' else 'fp32'} (train.precision {config.train.precision}), Adam; "
+          f"1 fold, {args.epochs} epochs, a checkpoint every epoch")
     print()
     upload = " | before upload s | now upload s" if args.s3 else ""
     print(f"| epoch | best epoch is this one | before MiB | now MiB | now / before | before write s | now write s{upload} |")

@@ -316,6 +316,17 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return _cpu_copy({k: v for k, v in module.state_dict().items() if k not in frozen})
 
 
+def _best_copy(module: nn.Module, config: Config) -> dict[str, torch.Tensor]:
+    """The best-so-far weights the test pass will load: ``_cpu_state``, rounded to bf16 when ``train.precision``
+    is bf16. Autocast computes every matmul with bf16 weights anyway, and a checkpoint that stores this copy (an
+    epoch that is not the best so far) carries half its bytes. Rounded in memory too, not only when saved, so a
+    fold resumed from a checkpoint tests exactly the weights an uninterrupted one does."""
+    state = _cpu_state(module)
+    if config.train.precision != "bf16":
+        return state
+    return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+
+
 def _selected_weights(module: nn.Module, config: Config) -> dict[str, torch.Tensor]:
     """The selected model as its artifact keeps it (``Hooks.on_model_selected``), on the CPU: every weight the
     config does not rebuild (``rebuilt_weight_keys``). Unlike ``_cpu_state`` it keeps a frozen part of a
@@ -426,7 +437,7 @@ def _epoch(config: Config, fold: int, epoch: int, batches_for: BatchesFor, wrapp
                          "model selection needs at least one")
     improved = val["ua"] > state.best["val_ua"]
     if improved:
-        state.best = {"epoch": epoch, "val_ua": val["ua"], "val_wa": val["wa"], "model": _cpu_state(module)}
+        state.best = {"epoch": epoch, "val_ua": val["ua"], "val_wa": val["wa"], "model": _best_copy(module, config)}
     metrics = {"train_loss": train["loss"], "train_metric_loss": train["metric_loss"],
                "train_ce_loss": train["ce_loss"], "val_loss": val_pred["loss"], "val_wa": val["wa"],
                "val_ua": val["ua"], "epoch_time_s": time.perf_counter() - started, "train_time_s": train_time,
@@ -452,12 +463,12 @@ def _test(config: Config, fold: int, batches_for: BatchesFor, module: nn.Module,
                       num_test=test["n"], history=state.history, resumed_from=state.resumed_from)
 
 
-def _resume(model: nn.Module, in_progress: Mapping[str, Any]) -> tuple[int, "_FoldState"]:
+def _resume(model: nn.Module, in_progress: Mapping[str, Any], config: Config) -> tuple[int, "_FoldState"]:
     """A fold's checkpoint taken up: its weights loaded into ``model``; the first epoch to run and the state."""
     _load_kept_state(model, in_progress["model"])
     best = dict(in_progress["best"])
     if best.pop("is_current", False):  # the checkpoint's own epoch was the best: one copy was stored
-        best["model"] = _cpu_state(model)
+        best["model"] = _best_copy(model, config)
     state = _FoldState(history=[dict(h) for h in in_progress["history"]], best=best,
                        resumed_from=list(in_progress.get("resumed_from", [])) + [int(in_progress["epoch"])])
     return int(in_progress["epoch"]) + 1, state
@@ -474,7 +485,7 @@ def _fit_fold(config: Config, fold: int, batches_for: BatchesFor, *, device: tor
     loss_fn = build_loss(config).to(device)
     start_epoch, state = 1, _FoldState()
     if in_progress is not None:
-        start_epoch, state = _resume(model, in_progress)
+        start_epoch, state = _resume(model, in_progress, config)
         say(f"fold {fold}: resuming after epoch {in_progress['epoch']} from its checkpoint")
     wrapped = wrap_model(model)
     module = getattr(wrapped, "module", wrapped)  # the plain model inside DDP: state dicts and evaluation

@@ -301,6 +301,42 @@ def test_checkpoints_keep_no_frozen_weights_no_second_copy_of_the_best_and_resum
     assert comparable(resumed) == {**comparable(uninterrupted), "resumed_from": [1]}
 
 
+class SelectedWeights(Recorder):
+    def on_model_selected(self, fold, result, weights_fn):
+        self.selected = weights_fn()
+
+
+@pytest.mark.slow  # four short trainings of one fold
+def test_with_bf16_precision_the_best_copy_is_bf16_and_a_resumed_fold_tests_the_same_weights(tmp_path):
+    # lr 1e-12: the validation UA cannot rise, so epoch 1 stays the best and epoch 2's checkpoint stores a copy.
+    fp32 = tiny_config(**{"train.lr": 1e-12, "train.epochs": 2})
+    hooks = Recorder()
+    fit_folds(fp32, [1], Folds(fp32, folds=(1,)), hooks=hooks, log=None)
+    assert {v.dtype for v in hooks.states[(1, 2)]["best"]["model"].values()} == {torch.float32}
+
+    config = tiny_config(**{"train.lr": 1e-12, "train.epochs": 2, "train.precision": "bf16"})
+    hooks = SelectedWeights()
+    uninterrupted = fit_folds(config, [1], Folds(config, folds=(1,)), hooks=hooks, log=None)[1]
+    assert uninterrupted.best_epoch == 1
+    first, second = hooks.states[(1, 1)], hooks.states[(1, 2)]
+    assert first["best"]["is_current"] and first["best"]["model"] is None  # epoch 1's own weights serve
+    assert {v.dtype for v in first["model"].values() if v.is_floating_point()} == {torch.float32}  # resume: fp32
+    best = second["best"]["model"]
+    assert best.keys() == second["model"].keys()
+    floating = [k for k, v in first["model"].items() if v.is_floating_point()]
+    for key in floating:  # epoch 1's fp32 weights, rounded by torch itself
+        assert best[key].dtype == torch.bfloat16 and torch.equal(best[key], first["model"][key].to(torch.bfloat16))
+    assert _tensor_bytes({k: best[k] for k in floating}) * 2 == _tensor_bytes({k: second["model"][k] for k in floating})
+    for key in floating:  # the test pass (and the model artifact) used the rounded weights
+        torch.testing.assert_close(hooks.selected[key], best[key].float(), rtol=0, atol=0)
+    # Resumed from either checkpoint (through a file, as they travel), the fold tests the same weights.
+    for epoch in (1, 2):
+        torch.save(hooks.states[(1, epoch)], tmp_path / f"state-{epoch}.pt")
+        state = torch.load(tmp_path / f"state-{epoch}.pt", weights_only=True)
+        resumed = fit_folds(config, [1], Folds(config, folds=(1,)), resume_state=state, log=None)[1]
+        assert comparable(resumed) == {**comparable(uninterrupted), "resumed_from": [epoch]}
+
+
 def test_checkpoint_frequency_saves_every_nth_epoch_and_the_last():
     config = tiny_config(**{"train.lr": 1e-12, "train.epochs": 5, "train.checkpoint_every": 2})
     hooks = Recorder()
