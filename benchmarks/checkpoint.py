@@ -100,7 +100,7 @@ class Measure(Hooks):
             started = time.perf_counter()
             fs.copy_files(str(path), f"{prefix}/{name}", destination_filesystem=filesystem)
             out["upload_s"] = time.perf_counter() - started
-            stored = filesystem.get_file_info(f"{prefix}/{name}").size
+            stored = _stored_size(filesystem, f"{prefix}/{name}")
             if stored != out["bytes"]:  # a server that keeps something else timed something else
                 raise SystemExit(f"checkpoint.py: {self.s3}/{name} holds {stored} bytes after the upload, not "
                                  f"{out['bytes']}: the S3 server at {os.environ.get('AWS_ENDPOINT_URL', 'AWS')} "
@@ -109,6 +109,20 @@ class Measure(Hooks):
             filesystem.delete_file(f"{prefix}/{name}")  # timed, then gone: gigabytes each, nothing left behind
         path.unlink()
         return out
+
+
+def _stored_size(filesystem, path: str, wait_s: float = 600) -> int:
+    """The object's size as the server reports it. A local server can stall for minutes after a multi-gigabyte
+    upload (s3rver assembles the parts on its one thread) and pyarrow's client gives up on a request after
+    seconds: ask again until ``wait_s`` has passed."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return filesystem.get_file_info(path).size
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(5)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
