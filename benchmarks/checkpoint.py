@@ -3,8 +3,8 @@
 Before (issue 17): every epoch's checkpoint held the whole model, Adam's state and a second copy of the best
 weights, all in fp32. Now (``train.py``'s ``state_fn``): the weights without frozen parameters, Adam's state (a
 resume needs it), and the best epoch's weights only when that epoch is not the checkpoint's own (else a flag:
-one copy serves both), in bf16 under ``train.precision`` bf16 (the paper preset's); ``train.checkpoint_every`` thins the epochs that write one, and Ray Train keeps only the
-latest (``CheckpointConfig(num_to_keep=1)``).
+one copy serves both), in bf16 under ``train.precision`` bf16 (the paper preset's); ``train.checkpoint_every``
+thins the epochs that write one, and Ray Train keeps only the latest (``CheckpointConfig(num_to_keep=1)``).
 
 How: ``train.fit_folds`` (the plain-torch loop every Ray Train worker runs) on the paper preset's model with
 random weights (``SERModel(..., pretrained=False)``: roberta-large and wav2vec2-base from their published
