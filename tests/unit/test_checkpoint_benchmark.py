@@ -2,9 +2,9 @@
 
 Before: the whole state dict twice (weights and best weights) and Adam's two moments of every trainable parameter.
 Now, at an epoch that is the best so far: the state dict without frozen parameters once, and the same Adam state;
-at an epoch that is not: the kept weights once more, in bf16 (the paper preset's ``train.precision``). Counted here from a model built independently of the benchmark:
-a file holds at least those bytes and at most 1 KiB more per tensor (what ``torch.save`` adds: names, pickled
-metadata, alignment).
+at an epoch that is not: the kept weights once more, in bf16 (the paper preset's ``train.precision``). Counted
+here from a model built independently of the benchmark: a file holds at least those bytes and at most 1 KiB more
+per tensor (what ``torch.save`` adds: names, pickled metadata, alignment).
 """
 
 from __future__ import annotations
