@@ -308,12 +308,16 @@ def _cpu_copy(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+def _cpu_state(module: nn.Module, floating: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The weights a checkpoint and the best-so-far copy keep: every entry but frozen parameters (a pretrained
     checkpoint's, or a "tiny" encoder's drawn from its seed or the fold's: rebuilt exactly when the fold's model
-    is rebuilt to resume), on the CPU."""
+    is rebuilt to resume), on the CPU; floating-point ones cast to ``floating`` in the same copy if given."""
     frozen = {name for name, p in module.named_parameters() if not p.requires_grad}
-    return _cpu_copy({k: v for k, v in module.state_dict().items() if k not in frozen})
+    kept = {k: v for k, v in module.state_dict().items() if k not in frozen}
+    if floating is None:
+        return _cpu_copy(kept)
+    return {k: v.detach().to("cpu", dtype=floating, copy=True) if v.is_floating_point() else _cpu_copy(v)
+            for k, v in kept.items()}
 
 
 def _best_copy(module: nn.Module, config: Config) -> dict[str, torch.Tensor]:
@@ -321,10 +325,7 @@ def _best_copy(module: nn.Module, config: Config) -> dict[str, torch.Tensor]:
     is bf16. Autocast computes every matmul with bf16 weights anyway, and a checkpoint that stores this copy (an
     epoch that is not the best so far) carries half its bytes. Rounded in memory too, not only when saved, so a
     fold resumed from a checkpoint tests exactly the weights an uninterrupted one does."""
-    state = _cpu_state(module)
-    if config.train.precision != "bf16":
-        return state
-    return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in state.items()}
+    return _cpu_state(module, torch.bfloat16 if config.train.precision == "bf16" else None)
 
 
 def _selected_weights(module: nn.Module, config: Config) -> dict[str, torch.Tensor]:
