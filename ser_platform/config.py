@@ -342,6 +342,10 @@ class SweepConfig:
     # Tune restarts an errored trial this often (-1 = without limit); a restarted trial resumes its folds from
     # their checkpoints. Worker failures inside a fold are train.max_failures'.
     max_failures: int = 0
+    # Seconds between the starts of the search's trials when several share one node (resources.resolve: 0 on
+    # several nodes). Started together they share its CPUs through every trial's Ray Train start-up, and the first
+    # epoch line waits for all of them; staggered, the first trial trains while the next ones start (the demo's).
+    start_interval_s: float = 0.0
 
     def __post_init__(self) -> None:
         _check_fields(self, "sweep.")
@@ -352,6 +356,7 @@ class SweepConfig:
         _check(self.seed >= 0, "sweep.seed", self.seed, ">= 0")
         _check(self.grid in ("", "paper"), "sweep.grid", self.grid, "'' or 'paper'")
         _check(self.max_failures >= -1, "sweep.max_failures", self.max_failures, ">= -1 (-1 = without limit)")
+        _check(self.start_interval_s >= 0, "sweep.start_interval_s", self.start_interval_s, ">= 0")
 
 
 @dataclass
@@ -430,6 +435,8 @@ def _demo() -> Config:
     # * audio cropped at 1.5 s (the synthetic utterances are 1-3 s), 16 channels in the tiny wav2vec2's
     #   convolutions and 16-wide acoustic CNN/BiLSTMs, no dropout (its random draws are not free on a CPU);
     #   the best trial's test UA is not lower for it (0.567 against 0.512, BENCHMARKS.md);
+    # * the trials 20 s apart (sweep.start_interval_s): a trial's Ray Train start-up takes ~18 s alone here, so
+    #   the first epoch line comes at ~68 s instead of ~103 s, and the whole sweep is no slower (BENCHMARKS.md);
     # * wav2vec2's convolutional feature encoder frozen, as in the paper preset: its backward over the raw
     #   waveform was about a third of a training step's backward (a torch profile of 14 demo steps: 3.9 s of
     #   backward with it trained, 2.5 s frozen); the best trial's test UA rose to 0.597 from 0.567.
@@ -441,7 +448,7 @@ def _demo() -> Config:
                                                       freeze_feature_encoder=True),
                           attn_dropout=0.0, relu_dropout=0.0, res_dropout=0.0, embed_dropout=0.0, dropout=0.0),
         train=TrainConfig(epochs=5, batch_size=32, lr=3e-3, num_workers=1, cpus_per_worker=0.0),
-        sweep=SweepConfig(trials=3, max_concurrent=3),
+        sweep=SweepConfig(trials=3, max_concurrent=3, start_interval_s=20.0),
     )
 
 

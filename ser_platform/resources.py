@@ -26,6 +26,9 @@ trials that wait are the resource demand that makes the autoscaler start nodes. 
   types can fulfill resource request");
 * trials at once: ``sweep.max_concurrent``, capped by how many trials' workers the (maximum) cluster holds;
 * (fold, seed) units at once (``train.parallel_units = 0``): the worker slots each trial has, capped by its units.
+* the search's trials ``sweep.start_interval_s`` apart only when several share one node's CPUs, where their Ray
+  Train start-ups would compete and the first epoch would wait for all of them; on several nodes they start at
+  once (0).
 
 A Tune trial holds no CPU (``TRIAL_RESOURCES``): it only waits on its trainers, so it sits on the head, beside the
 job's driver, and never takes a CPU a worker or a read task needs (nor dies with a worker node). Ray Data: the
@@ -327,5 +330,9 @@ def resolve(config: Any, shape: ClusterShape, *, sweep: bool, trials: int | None
         most = f"up to {shape.node_count}" if shape.node_count < UNBOUNDED else "no fixed maximum of"
         say(f"resources: {shape.nodes_up} node(s) up now, {most} node(s) in all; the autoscaler starts nodes for "
             "the work that waits")
+    interval = config.sweep.start_interval_s if sweep and at_once > 1 and not shape.multi_node else 0.0
+    if interval:
+        say(f"resources: trials start {interval:g} s apart (sweep.start_interval_s): they share one node's CPUs, so "
+            "the first trains while the next start")
     return config.replace({"sweep.max_concurrent": at_once, "train.cpus_per_worker": cpus,
-                           "train.parallel_units": parallel})
+                           "train.parallel_units": parallel, "sweep.start_interval_s": interval})

@@ -250,6 +250,7 @@ def _build_tuner(ctx: TrialContext, config: Config, sweep_dir: str, study_storag
 
         search_alg = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=config.sweep.seed), study_name=ctx.sweep_name,
                                   storage=optuna.storages.RDBStorage(study_storage))
+        search_alg = _staggered(search_alg, config.sweep.max_concurrent, config.sweep.start_interval_s)
         param_space, num_samples, total = search_space(experiment), config.sweep.trials, config.sweep.trials
     else:
         search_alg = None  # Tune's BasicVariantGenerator: every grid point once
@@ -258,13 +259,38 @@ def _build_tuner(ctx: TrialContext, config: Config, sweep_dir: str, study_storag
     return tune.Tuner(
         trainable, param_space=param_space,
         tune_config=tune.TuneConfig(metric=config.sweep.metric, mode=config.sweep.mode, search_alg=search_alg,
-                                    num_samples=num_samples, max_concurrent_trials=config.sweep.max_concurrent,
+                                    num_samples=num_samples,
+                                    # the search's limit is its searcher's (_staggered); Tune's would wrap it again
+                                    max_concurrent_trials=None if search_alg else config.sweep.max_concurrent,
                                     trial_dirname_creator=_trial_dirname),
         # Tune's own status tables only with --verbose: the callback prints a line per trial.
         run_config=tune.RunConfig(name=ctx.sweep_name, storage_path=config.tracking.storage, verbose=int(verbose),
                                   failure_config=tune.FailureConfig(max_failures=config.sweep.max_failures),
                                   callbacks=[_progress_callback(total, config.sweep.metric)]),
     )
+
+
+def _staggered(searcher: Any, max_concurrent: int, interval_s: float) -> Any:
+    """``searcher`` limited to ``max_concurrent`` live trials (Tune's ConcurrencyLimiter), and no new trial within
+    ``interval_s`` of the previous one's start (sweep.start_interval_s): Tune asks again, the searcher says "not
+    yet" as the limiter does when full. The last start is wall-clock time, saved with Tune's state, so a resumed
+    sweep does not wait for a clock of the process that died."""
+    from ray.tune.search import ConcurrencyLimiter, Searcher
+
+    class Staggered(ConcurrencyLimiter):
+        def __init__(self) -> None:
+            super().__init__(searcher, max_concurrent=max_concurrent)
+            self.interval_s, self.last_start = interval_s, 0.0
+
+        def suggest(self, trial_id: str) -> dict | None:
+            if time.time() - self.last_start < self.interval_s:
+                return None
+            suggestion = super().suggest(trial_id)
+            if suggestion not in (None, Searcher.FINISHED):
+                self.last_start = time.time()
+            return suggestion
+
+    return Staggered()
 
 
 def log_optuna_plots(run: tracking.MlflowRun, study_name: str, study_storage: str) -> list[str]:

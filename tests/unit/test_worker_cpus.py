@@ -124,3 +124,20 @@ def test_a_sweep_never_plans_more_trials_at_once_than_it_has():
     two = resolve(DEMO, ISSUE, sweep=True, trials=1, say=quiet)  # one trial on two 1-CPU nodes: both units at once
     assert (two.sweep.max_concurrent, two.train.cpus_per_worker, two.train.parallel_units) == (1, 1.0, 2)
     assert resolve(DEMO, ClusterShape.single_node(2.0), sweep=True, trials=5, say=quiet).sweep.max_concurrent == 3
+
+
+def test_trials_start_apart_only_where_they_share_one_node():
+    # The demo's 20 s (sweep.start_interval_s) holds where its three trials share one node's CPUs; a single
+    # trial, or trials on several nodes (each start-up on CPUs of its own), start at once.
+    assert DEMO.sweep.start_interval_s == 20.0 and load_config("paper").sweep.start_interval_s == 0.0
+    said: list[str] = []
+    laptop = resolve(DEMO, ClusterShape.single_node(2.0), sweep=True, trials=3, say=said.append)
+    assert (laptop.sweep.max_concurrent, laptop.sweep.start_interval_s) == (3, 20.0)
+    assert said[-1] == ("resources: trials start 20 s apart (sweep.start_interval_s): they share one node's CPUs, so "
+                        "the first trains while the next start")
+    assert resolve(DEMO, ClusterShape.single_node(2.0), sweep=True, trials=1, say=quiet).sweep.start_interval_s == 0
+    said.clear()
+    spread = resolve(DEMO.replace({"train.cpus_per_worker": 0.5}), ISSUE, sweep=True, say=said.append)
+    assert spread.sweep.max_concurrent > 1 and spread.sweep.start_interval_s == 0
+    assert not any("apart" in line for line in said)
+    assert resolve(DEMO, ClusterShape.single_node(2.0), sweep=False, say=quiet).sweep.start_interval_s == 0
