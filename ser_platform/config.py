@@ -435,8 +435,9 @@ def _demo() -> Config:
     # * audio cropped at 1.5 s (the synthetic utterances are 1-3 s), 16 channels in the tiny wav2vec2's
     #   convolutions and 16-wide acoustic CNN/BiLSTMs, no dropout (its random draws are not free on a CPU);
     #   the best trial's test UA is not lower for it (0.567 against 0.512, BENCHMARKS.md);
-    # * the trials 20 s apart (sweep.start_interval_s): a trial's Ray Train start-up takes ~18 s alone here, so
-    #   the first epoch line comes at ~68 s instead of ~103 s, and the whole sweep is no slower (BENCHMARKS.md);
+    # * the trials 20 s apart (sweep.start_interval_s): the first trial's Ray Train start-up took 16 s alone
+    #   against 43-44 s with three at once, so the first epoch line came at 59.9 s instead of 94.3 s, for a
+    #   wall time 1.05x (BENCHMARKS.md, "The first result");
     # * wav2vec2's convolutional feature encoder frozen, as in the paper preset: its backward over the raw
     #   waveform was about a third of a training step's backward (a torch profile of 14 demo steps: 3.9 s of
     #   backward with it trained, 2.5 s frozen); the best trial's test UA rose to 0.597 from 0.567.
