@@ -32,6 +32,7 @@ from ser_platform.tracking import git_commit  # noqa: E402
 
 from prepare import cpu_name  # noqa: E402  (benchmarks/ is on sys.path: scripts run as python benchmarks/x.py)
 
+RAY_UP = re.compile(r"Ray's own output")
 EPOCH_LINE = re.compile(r"\| fold \d+ epoch 1/\d+ \| train loss .* val UA")
 STARTED = re.compile(r"trial (\S+) \| started \(")
 TRAINING = re.compile(r"trial (\S+) \| fold 1: training")
@@ -55,17 +56,17 @@ def run_command(overrides: list[str]) -> dict:
 
 
 def timeline(run: dict) -> dict:
-    def first(pattern: re.Pattern | str) -> float | None:
-        for at, line in run["lines"]:
-            if (pattern.search(line) if isinstance(pattern, re.Pattern) else pattern in line):
-                return at
-        return None
+    def matches(pattern: re.Pattern) -> list[tuple[float, re.Match]]:
+        return [(at, m) for at, line in run["lines"] if (m := pattern.search(line))]
 
-    starts = [(at, STARTED.search(line).group(1)) for at, line in run["lines"] if STARTED.search(line)]
-    training = {TRAINING.search(line).group(1): at for at, line in run["lines"] if TRAINING.search(line)}
-    best = next((line for _, line in run["lines"] if BEST_ROW.search(line)), "")
-    return {"ray": first("Ray's own output"), "starts": starts, "training": training,
-            "first_epoch": first(EPOCH_LINE), "wall": run["wall"], "best_row": " ".join(best.split())}
+    def first(pattern: re.Pattern) -> float | None:
+        return next((at for at, _ in matches(pattern)), None)
+
+    best = next((m.string for _, m in matches(BEST_ROW)), "")
+    return {"overrides": run["overrides"], "ray": first(RAY_UP), "first_epoch": first(EPOCH_LINE),
+            "starts": [(at, m.group(1)) for at, m in matches(STARTED)],
+            "training": {m.group(1): at for at, m in matches(TRAINING)},
+            "wall": run["wall"], "best_row": " ".join(best.split())}
 
 
 def report(label: str, t: dict) -> None:
@@ -91,9 +92,7 @@ def main() -> None:
     before = timeline(run_command(args.before)) if args.before else None
     now = timeline(run_command(args.set))
     if before is not None:
-        before["overrides"] = args.before
         report("before", before)
-    now["overrides"] = args.set
     report("now", now)
     if before is not None:
         print(f"first epoch line now / before: {now['first_epoch'] / before['first_epoch']:.2f}x "
