@@ -13,10 +13,13 @@ epoch's checkpoint as the Ray Train worker does (``torch.save`` of ``state_fn()`
 the old code saved (the module's whole state dict twice and the optimizer's), and prints both sizes and the
 seconds each took to write. ``--s3 s3://bucket/prefix`` also uploads both files (pyarrow's S3 filesystem, which
 honours ``AWS_ENDPOINT_URL``), prints the upload seconds and deletes them; ``--local-s3`` does so on an
-S3-compatible server it starts on 127.0.0.1 (moto's, as the tests use). Moto keeps each object in memory several
-times over, so at the paper's sizes (gigabytes per file) use a server that writes to disk and ``--s3``, e.g.
-s3rver (npm) as BENCHMARKS.md did. Each upload's stored size is checked against the file's. ``--encoders
-frozen``: RoBERTa and wav2vec2 frozen (``model.encoders``), whose weights the checkpoint no longer holds.
+S3-compatible server it starts on 127.0.0.1 (moto's, as the tests use). The files are uploaded one at a time once
+training has ended and its model and optimizer are freed: at the paper's sizes the model, Adam's state and
+pyarrow's buffered parts of a 7 GB upload did not fit this 24 GiB machine together (a GPU node holds the model on
+the GPU). Moto keeps each object in memory several times over, so at the paper's sizes (gigabytes per file) use a
+server that writes to disk and ``--s3``, e.g. rclone's ``serve s3`` as BENCHMARKS.md does. Each upload's stored
+size is checked against the file's. ``--encoders frozen``: RoBERTa and wav2vec2 frozen (``model.encoders``),
+whose weights the checkpoint no longer holds.
 
     python benchmarks/checkpoint.py                                  # paper sizes: ~16 GB of memory, ~3 min
     python benchmarks/checkpoint.py --encoders frozen --local-s3     # frozen encoders, uploads to moto timed
@@ -26,6 +29,7 @@ frozen``: RoBERTa and wav2vec2 frozen (``model.encoders``), whose weights the ch
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import sys
@@ -94,21 +98,39 @@ class Measure(Hooks):
         torch.save(payload, path)
         out = {"bytes": path.stat().st_size, "write_s": time.perf_counter() - started}
         if self.s3:
-            from pyarrow import fs
-
-            filesystem, prefix = fs.FileSystem.from_uri(self.s3)
-            started = time.perf_counter()
-            fs.copy_files(str(path), f"{prefix}/{name}", destination_filesystem=filesystem)
-            out["upload_s"] = time.perf_counter() - started
-            stored = _stored_size(filesystem, f"{prefix}/{name}")
-            if stored != out["bytes"]:  # a server that keeps something else timed something else
-                raise SystemExit(f"checkpoint.py: {self.s3}/{name} holds {stored} bytes after the upload, not "
-                                 f"{out['bytes']}: the S3 server at {os.environ.get('AWS_ENDPOINT_URL', 'AWS')} "
-                                 "stored the upload differently (a server without aws-chunked support needs "
-                                 "AWS_REQUEST_CHECKSUM_CALCULATION=when_required)")
-            filesystem.delete_file(f"{prefix}/{name}")  # timed, then gone: gigabytes each, nothing left behind
-        path.unlink()
+            out["path"] = path  # uploaded by upload_all once training has ended
+        else:
+            path.unlink()
         return out
+
+    def upload_all(self) -> None:
+        """Upload every file kept by ``_write`` to ``self.s3``, one at a time, timed; check, delete, unlink."""
+        from pyarrow import fs
+
+        filesystem, prefix = fs.FileSystem.from_uri(self.s3)
+        for row in self.rows:
+            for out in (row["before"], row["now"]):
+                path = out.pop("path")
+                key = f"{prefix}/{path.name}"
+                # As on a worker, whose checkpoint is uploaded just after it was written: the file in the page
+                # cache (not read back off the disk the local server writes to), and the previous upload's
+                # writeback on that disk not this one's to pay.
+                with open(path, "rb") as f:
+                    while f.read(64 * MIB):
+                        pass
+                os.sync()
+                started = time.perf_counter()
+                fs.copy_files(str(path), key, destination_filesystem=filesystem)
+                out["upload_s"] = time.perf_counter() - started
+                stored = _stored_size(filesystem, key)
+                if stored != out["bytes"]:  # a server that keeps something else timed something else
+                    raise SystemExit(f"checkpoint.py: {self.s3}/{path.name} holds {stored} bytes after the upload, "
+                                     f"not {out['bytes']}: the S3 server at "
+                                     f"{os.environ.get('AWS_ENDPOINT_URL', 'AWS')} stored the upload differently (a "
+                                     "server without aws-chunked support needs "
+                                     "AWS_REQUEST_CHECKSUM_CALCULATION=when_required)")
+                filesystem.delete_file(key)  # timed, then gone: gigabytes each, nothing left behind
+                path.unlink()
 
 
 def _stored_size(filesystem, path: str, wait_s: float = 600) -> int:
@@ -161,9 +183,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="ser-bench-ckpt-") as tmp:
         hooks = Measure(Path(tmp), models, args.s3)
         fit_folds(config, [1], batches(config), hooks=hooks, build_model=build, log=None)
-    model = models[-1]
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in models[-1].parameters())
+        trainable = sum(p.numel() for p in models[-1].parameters() if p.requires_grad)
+        if args.s3:
+            models.clear()  # the model (and with it its optimizer's state) freed before the uploads
+            gc.collect()
+            hooks.upload_all()
     print(f"device: CPU ({os.cpu_count()} logical CPUs); torch {torch.__version__}, python "
           f"{platform.python_version()}, git {git_commit()}; {time.perf_counter() - started:.0f} s")
     print(f"model: paper preset{' with --small encoders' if args.small else ''} (text {config.model.text.name}, "
