@@ -37,9 +37,11 @@ from ser_platform.catalogue import COMPARE_MODELS_DEMO
 # stronger and one seed in five put it ahead of the full model. A CPU whose float rounding differs is in effect
 # another seed (rounding differences of 1e-8 grow over training steps: issue 18), so the thresholds sit below
 # every seed's margin, not only seed 0's: 0.01 over speech (the smallest, seed 2's, is +0.019; a threshold of
-# 0.02 would fail a CPU that behaves like seed 2) and 0.04 over text (smallest +0.054). The Ray run of the same
-# embedded default before the change (experiments/compare_models.py, seed 0, BENCHMARKS.md) gave +0.121 over
-# speech and +0.118 over text.
+# 0.02 would fail a CPU that behaves like seed 2) and 0.04 over text (smallest +0.054). Across CPUs at seed 0:
+# the table's 0.699 / 0.558 / 0.617 (+0.140, +0.082) came from the AMD EPYC machines of earlier stops; an Intel
+# Xeon @ 2.80 GHz gave 0.694 / 0.549 / 0.621 (+0.146, +0.074), a difference smaller than the seeds'. The Ray
+# run of the same embedded default before the change (experiments/compare_models.py, seed 0, BENCHMARKS.md) gave
+# +0.121 over speech and +0.118 over text.
 # (Tried and dropped: MFCC/spectrogram normalised with training-set statistics instead of per utterance, to keep
 # each utterance's loudness; speech alone got no better, 0.463 / 0.496 / 0.471 at seeds 0-2 on a 40-per-session
 # corpus against 0.502 at seed 0 per utterance. Fewer epochs (10) or a corpus with more one-modality utterances
