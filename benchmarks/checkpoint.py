@@ -136,10 +136,12 @@ class Measure(Hooks):
 def _return_freed_memory() -> None:
     """Hand the heap that freed tensors leave back to the OS (glibc keeps it: its mmap threshold rises as large
     blocks are freed, so later ones come from the heap), so that the uploads get the page cache a worker has."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+    import ctypes
 
+    try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to hand back this way
+        pass
 
 
 def _resident_gib() -> float:
