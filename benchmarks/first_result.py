@@ -63,7 +63,12 @@ def timeline(run: dict) -> dict:
         return next((at for at, _ in matches(pattern)), None)
 
     best = next((m.string for _, m in matches(BEST_ROW)), "")
-    return {"overrides": run["overrides"], "ray": first(RAY_UP), "first_epoch": first(EPOCH_LINE),
+    ray, first_epoch = first(RAY_UP), first(EPOCH_LINE)
+    for what, at, pattern in (("Ray's start", ray, RAY_UP), ("first epoch", first_epoch, EPOCH_LINE)):
+        if at is None:  # the console changed: say which line, rather than fail formatting None below
+            raise SystemExit(f"first_result.py: no {what} line (/{pattern.pattern}/) in the output of the command "
+                             f"with {run['overrides'] or 'no overrides'}")
+    return {"overrides": run["overrides"], "ray": ray, "first_epoch": first_epoch,
             "starts": [(at, m.group(1)) for at, m in matches(STARTED)],
             "training": {m.group(1): at for at, m in matches(TRAINING)},
             "wall": run["wall"], "best_row": " ".join(best.split())}
