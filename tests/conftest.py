@@ -64,7 +64,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Tier markers from the directory; a test in the wrong tier stops the run naming it and where it belongs.
-    The cluster tier is skipped, saying how to run it, unless ``--cluster`` is given."""
+    The cluster tier is skipped, saying how to run it, unless ``--cluster`` is given. Tests marked ``head_start``
+    run last (their work has been running in the background since collection ended)."""
+    items.sort(key=lambda item: item.get_closest_marker("head_start") is not None)  # stable: the rest keep order
     skip_cluster = pytest.mark.skip(reason="the cluster tier (several Ray nodes of its own): run with --cluster")
     for item in items:
         if item.get_closest_marker("cluster") is not None and not config.getoption("--cluster"):
@@ -89,3 +91,48 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.add_marker(pytest.mark.ray)
         else:
             raise pytest.UsageError(f"{item.nodeid}: outside tests/unit, tests/integration and tests/e2e")
+
+
+# --- head starts: a slow test's work started at the end of collection --------------------------------------------
+#
+# ``@pytest.mark.head_start(function, *args)``: ``function(workdir, *args)`` starts in a background process at the
+# lowest CPU priority as soon as collection ends (support.HeadStart), so it uses the CPU that the tests before it
+# leave idle (a third of the suite's CPU time on 2 cores: servers, heads and subprocesses starting, outages waited
+# out) and takes next to nothing from them; the test runs last and gets it from the ``head_start`` fixture to wait
+# for the value. Alone (`pytest path::test`) it is the same work started a moment earlier. With no ``args``, write
+# ``pytest.mark.head_start.with_args(function)``: a mark called with a lone function decorates that function.
+
+_HEAD_STARTS = pytest.StashKey[dict]()
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    from support import HeadStart
+
+    starts = session.config.stash.setdefault(_HEAD_STARTS, {})
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        marker = item.get_closest_marker("head_start")
+        if marker is not None and item.get_closest_marker("skip") is None:
+            if not marker.args or not callable(marker.args[0]):
+                raise pytest.UsageError(f"{item.nodeid}: head_start takes the function to start, then its args")
+            starts[item.nodeid] = HeadStart(marker.args[0], marker.args[1:])
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for start in session.config.stash.get(_HEAD_STARTS, {}).values():
+        start.stop()
+
+
+@pytest.fixture
+def head_start(request: pytest.FixtureRequest):
+    """The test's ``support.HeadStart`` (started at collection's end; started now if it was not)."""
+    from support import HeadStart
+
+    starts = request.config.stash.setdefault(_HEAD_STARTS, {})
+    if request.node.nodeid not in starts:
+        marker = request.node.get_closest_marker("head_start")
+        if marker is None:
+            raise pytest.UsageError(f"{request.node.nodeid} asks for head_start without @pytest.mark.head_start")
+        starts[request.node.nodeid] = HeadStart(marker.args[0], marker.args[1:])
+    return starts[request.node.nodeid]

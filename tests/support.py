@@ -6,6 +6,7 @@
 * the tiny ``SERModel`` the model tests build, its inputs and the metric-loss gradient check, and a
   wav2vec2-base-shaped speech encoder config (random weights, a few layers);
 * a sweep's parent and trial runs logged the way ``sweep.run_trial`` logs them, without Ray;
+* work a slow test starts ahead of time (``HeadStart``, the ``head_start`` marker);
 * processes: free loopback ports, a Ray head started with `ray start --head --block` on its own ports, temp dir
   and HOME, and finding (to kill) whatever a test started. Linux (/proc).
 """
@@ -482,6 +483,81 @@ def sweep_driver(tmp: Path, config_file: Path, *, name: str, resume: bool, env: 
                                           calls_env=SWEEP_CALLS_ENV, block_env=SWEEP_BLOCK_ENV))
     return subprocess.Popen([sys.executable, str(script)], cwd=tmp, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
+
+
+# --- work started ahead of its test (the ``head_start`` marker, tests/conftest.py) -----------------------------
+
+def _run_ahead(function, args: tuple, workdir: str, result: str) -> None:
+    """The background process: its own process group (so ``HeadStart.stop`` ends whatever it spawns), the lowest
+    CPU priority (inherited by its children), then ``function(workdir, *args)``; the value or the traceback is
+    pickled to ``result`` (renamed into place: a half-written result is never read)."""
+    import pickle
+    import time
+    import traceback
+
+    os.setpgid(0, 0)
+    os.nice(19)
+    started = time.monotonic()
+    try:
+        outcome = ("value", function(workdir, *args))
+    except BaseException:  # noqa: BLE001 - reported to the test, which fails with it
+        outcome = ("error", traceback.format_exc())
+    with open(result + ".part", "wb") as f:
+        pickle.dump((*outcome, time.monotonic() - started), f)
+    os.replace(result + ".part", result)
+
+
+class HeadStart:
+    """``function(workdir, *args)`` running in a spawned process at nice 19, from the moment the suite's
+    collection ends: it takes the CPU the tests before it leave idle (waiting on servers, heads and sleeps) and
+    next to nothing from them. ``result()`` waits for it and returns its value (or raises with its traceback);
+    ``stop()`` kills it and its children and removes ``workdir``."""
+
+    def __init__(self, function, args: tuple = ()):
+        import multiprocessing
+        import tempfile
+        import time
+
+        self.name = getattr(function, "__qualname__", repr(function))
+        self.workdir = Path(tempfile.mkdtemp(prefix="ser-head-start-"))
+        self._result = self.workdir / "result.pickle"
+        self.started = time.monotonic()
+        # Not a daemon: the function may start processes of its own (daemonic processes may not).
+        self.process = multiprocessing.get_context("spawn").Process(
+            target=_run_ahead, args=(function, tuple(args), str(self.workdir), str(self._result)), daemon=False)
+        self.process.start()
+
+    def result(self, timeout: float):
+        """The function's value; raises if it failed, died or has not finished within ``timeout`` seconds."""
+        import pickle
+        import time
+
+        waited = time.monotonic()
+        self.process.join(timeout)
+        if self.process.is_alive():
+            raise TimeoutError(f"{self.name} (started ahead) did not finish within {timeout:.0f} s of its test")
+        if not self._result.exists():
+            raise RuntimeError(f"{self.name} (started ahead) died with exit code {self.process.exitcode}")
+        with open(self._result, "rb") as f:
+            kind, value, ran = pickle.load(f)
+        if kind == "error":
+            raise RuntimeError(f"{self.name} (started ahead) failed:\n{value}")
+        self.timing = (f"{self.name} ran {ran:.0f} s in the background, started "
+                       f"{waited - self.started:.0f} s before its test, which waited {time.monotonic() - waited:.0f} s")
+        return value
+
+    def stop(self) -> None:
+        import shutil
+        import signal
+
+        # Its group outlives it if it died first; before its setpgid the group is empty and it is killed alone.
+        for pid in {*group_members(self.process.pid), *([self.process.pid] if self.process.is_alive() else [])}:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.join(10)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 # --- servers and local multi-node clusters ----------------------------------------------------------------------
