@@ -19,8 +19,8 @@ from ser_platform.catalogue import COMPARE_MODELS_DEMO
 # embedded default's own configuration for Table 4 (catalogue.COMPARE_MODELS_DEMO: 20 epochs, 16-d encoders, 1.5 s of
 # audio), in-process batches as tests/unit/test_train_loop.py makes them, every leave-one-session-out fold; only
 # model.fusion differs. The three models train in two spawned processes (the crossmodal model in one, the two
-# single modalities in the other: about the same work), one torch thread each: 5-7 min on 2 cores (5.5 in
-# the suite here).
+# single modalities in the other: about the same work), one torch thread each: 5-7 min on 2 cores alone (372 s
+# on an Intel Xeon); in the suite it runs in the CPU the other tests leave idle, and its test waits seconds.
 #
 # Measured with exactly this configuration, mean test UA over the 5 folds (full / speech only / text only), and
 # the full model minus each single modality, since the demo preset freezes wav2vec2's feature encoder (as the
