@@ -98,9 +98,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 # ``@pytest.mark.head_start(function, *args)``: ``function(workdir, *args)`` starts in a background process at the
 # lowest CPU priority as soon as collection ends (support.HeadStart), so it uses the CPU that the tests before it
 # leave idle (a third of the suite's CPU time on 2 cores: servers, heads and subprocesses starting, outages waited
-# out) and takes next to nothing from them; the test runs last and gets it from the ``head_start`` fixture to wait
-# for the value. Alone (`pytest path::test`) it is the same work started a moment earlier. With no ``args``, write
-# ``pytest.mark.head_start.with_args(function)``: a mark called with a lone function decorates that function.
+# out). It does not come free: while it runs the other tests took ~1.2x their time (what the cores share in hardware),
+# which costs less than its minutes added at the end. The test runs last and gets it from the ``head_start`` fixture
+# to wait for the value. Alone (`pytest path::test`) it is the same work started a moment earlier. With no ``args``,
+# write ``pytest.mark.head_start.with_args(function)``: a mark called with a lone function decorates that function.
 
 _HEAD_STARTS = pytest.StashKey[dict]()
 
