@@ -7,9 +7,11 @@ import collections
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -403,6 +405,33 @@ def test_a_second_writer_stops_at_once_and_leaves_the_first_alone(session1, tmp_
     finally:
         first.abort()
     assert sorted(os.listdir(tmp_path)) == ["corpus"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_signal_whose_exception_a_library_swallowed_still_stops_the_commit(tmp_path, signum):
+    """numpy's ``Generator.choice`` swallowed a Ctrl-C in ~1 run of 20 of `ser synth`, which then wrote its corpus
+    to the end and exited 0 (tests/e2e/test_bad_input_signals.py). The signal is recorded when it arrives, and the
+    commit raises its exception again: nothing is committed, the partial folder and the lock go."""
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own, as in `ser`
+    folder = AtomicFolder(tmp_path / "out", writer="ser synth", what="corpus", marker="-", is_ours=lambda p: False,
+                          overwrite=False)
+    expected = KeyboardInterrupt if signum == signal.SIGINT else SystemExit
+    with pytest.raises(expected) as raised:
+        with folder:
+            (folder.partial / "part").write_text("written before the signal")
+            try:  # a library's bare except around the moment the signal arrives
+                os.kill(os.getpid(), signum)
+                for _ in range(100):
+                    time.sleep(0.01)  # the handler runs at the next bytecode; this only bounds the wait
+                pytest.fail("the signal's exception never came")
+            except BaseException as swallowed:  # noqa: BLE001 - what the library did
+                assert isinstance(swallowed, expected)
+            folder.commit()
+    if signum == signal.SIGTERM:
+        assert raised.value.code == 128 + signal.SIGTERM
+    assert os.listdir(tmp_path) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_read_summary_of_something_else_names_it(tmp_path):
