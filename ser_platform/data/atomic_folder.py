@@ -24,7 +24,7 @@ The rules:
   removed. While a folder is open, SIGTERM and SIGHUP (default action: die without cleaning up) raise
   ``SystemExit(128 + signal)`` instead, so the partial folder goes as it does on Ctrl-C (KeyboardInterrupt).
   Each of these signals is also recorded, and ``commit`` raises its exception again instead of committing: a
-  library that swallows the exception (numpy's ``Generator.choice`` lost a Ctrl-C in ~1 run of 20 of ``ser
+  library that swallows the exception (numpy's ``Generator.choice`` lost a Ctrl-C in a few runs of 100 of ``ser
   synth``, which then wrote its corpus to the end) cannot turn an interrupted write into a finished one.
   Parent folders that ``open`` created for ``out`` are removed again if the write does not complete.
 * **Replace.** The old ``out`` is renamed to ``.OUT.old-*``, the partial one to ``out`` (signals held back
