@@ -114,6 +114,8 @@ def _raise_if_interrupted() -> None:
 def _release_signals() -> None:
     global _open_count
     _open_count = max(0, _open_count - 1)
+    if _open_count == 0:
+        _received.clear()  # an interrupted write's signal never stops a later one (from any thread)
     if _open_count == 0 and threading.current_thread() is threading.main_thread():
         for signum, handler in list(_saved_handlers.items()):
             signal.signal(signum, handler)
