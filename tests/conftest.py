@@ -106,18 +106,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 _HEAD_STARTS = pytest.StashKey[dict]()
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
+def _start_ahead(item: pytest.Item):
+    """``item``'s head start, started now (it is marked ``head_start``)."""
     from support import HeadStart
 
+    marker = item.get_closest_marker("head_start")
+    if marker is None or not marker.args or not callable(marker.args[0]):
+        raise pytest.UsageError(f"{item.nodeid}: head_start takes the function to start, then its args "
+                                "(@pytest.mark.head_start(function, *args))")
+    return HeadStart(marker.args[0], marker.args[1:])
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
     starts = session.config.stash.setdefault(_HEAD_STARTS, {})
     if session.config.option.collectonly:
         return
     for item in session.items:
-        marker = item.get_closest_marker("head_start")
-        if marker is not None and item.get_closest_marker("skip") is None:
-            if not marker.args or not callable(marker.args[0]):
-                raise pytest.UsageError(f"{item.nodeid}: head_start takes the function to start, then its args")
-            starts[item.nodeid] = HeadStart(marker.args[0], marker.args[1:])
+        if item.get_closest_marker("head_start") is not None and item.get_closest_marker("skip") is None:
+            starts[item.nodeid] = _start_ahead(item)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -128,12 +134,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 @pytest.fixture
 def head_start(request: pytest.FixtureRequest):
     """The test's ``support.HeadStart`` (started at collection's end; started now if it was not)."""
-    from support import HeadStart
-
     starts = request.config.stash.setdefault(_HEAD_STARTS, {})
     if request.node.nodeid not in starts:
-        marker = request.node.get_closest_marker("head_start")
-        if marker is None:
-            raise pytest.UsageError(f"{request.node.nodeid} asks for head_start without @pytest.mark.head_start")
-        starts[request.node.nodeid] = HeadStart(marker.args[0], marker.args[1:])
+        starts[request.node.nodeid] = _start_ahead(request.node)
     return starts[request.node.nodeid]
