@@ -56,7 +56,8 @@ EMBEDDED_DEFAULT = {"trials": _DEMO.sweep.trials, "folds": len(_DEMO.data.folds)
 DEMO_BEFORE = {"sweep.max_concurrent": 1, "data.max_audio_seconds": 15.0, "model.speech.tiny_conv_dim": 32,
                "model.speech.cnn_channels": 32, "model.speech.lstm_hidden": 32, "model.attn_dropout": 0.1,
                "model.relu_dropout": 0.1, "model.res_dropout": 0.1, "model.embed_dropout": 0.25,
-               "model.dropout": 0.25, "model.speech.freeze_feature_encoder": False}
+               "model.dropout": 0.25, "model.speech.freeze_feature_encoder": False, "model.text.tiny_dropout": 0.1,
+               "model.speech.tiny_dropout": 0.1}
 
 
 def device_line() -> str:

@@ -132,6 +132,8 @@ def build_speech_encoder_config(speech_config: SpeechEncoderConfig, *, pretraine
             # divide the width.
             num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=math.gcd(hidden, 16),
             mask_time_prob=speech_config.mask_time_prob, layerdrop=0.0,
+            hidden_dropout=speech_config.tiny_dropout, activation_dropout=speech_config.tiny_dropout,
+            attention_dropout=speech_config.tiny_dropout,
         )
     if not pretrained and speech_config.name in KNOWN_SPEECH_CONFIGS:
         return Wav2Vec2Config(**{**KNOWN_SPEECH_CONFIGS[speech_config.name],

@@ -109,6 +109,7 @@ def build_text_encoder_config(text_config: TextEncoderConfig, *, pretrained: boo
             num_hidden_layers=text_config.tiny_num_layers, num_attention_heads=text_config.tiny_num_heads,
             intermediate_size=4 * hidden, max_position_embeddings=MAX_TEXT_TOKENS + 2, type_vocab_size=1,
             layer_norm_eps=1e-5, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+            hidden_dropout_prob=text_config.tiny_dropout, attention_probs_dropout_prob=text_config.tiny_dropout,
         )
     if not pretrained and text_config.name in KNOWN_TEXT_CONFIGS:
         return RobertaConfig(**KNOWN_TEXT_CONFIGS[text_config.name])

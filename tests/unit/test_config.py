@@ -1,5 +1,7 @@
 """Config: presets, YAML, dotted overrides and the errors a user sees."""
 
+import re
+
 import pytest
 
 from ser_platform.config import (
@@ -73,6 +75,8 @@ def test_dotted_overrides_coerce_to_the_field_type():
         ({"model.text.tiny_num_heads": 3}, "model.text.tiny_hidden_size=32: expected a positive multiple of "
                                            "model.text.tiny_num_heads=3"),
         ({"model.speech.n_mfcc": 80}, "model.speech.n_mfcc=80: expected <= model.speech.n_mels=40"),
+        ({"model.speech.tiny_dropout": 1.0}, "model.speech.tiny_dropout=1.0: expected in [0, 1)"),
+        ({"model.text.tiny_dropout": -0.1}, "model.text.tiny_dropout=-0.1: expected in [0, 1)"),
         ({"train.seed": -1}, "train.seed=-1: expected >= 0"),
         ({"tracking.experiment": " "}, "tracking.experiment=' ': expected an experiment name"),
         ({"data.folds": None}, "data.folds=None: expected integers"),
@@ -80,7 +84,7 @@ def test_dotted_overrides_coerce_to_the_field_type():
     ],
 )
 def test_bad_values_are_quoted_in_the_error(overrides, message):
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+    with pytest.raises(ConfigError, match=re.escape(message)):
         apply_overrides(preset("demo"), overrides)
 
 

@@ -73,6 +73,25 @@ def test_text_encoder_masks_padding_and_is_padding_invariant(tokenizer):
     assert torch.allclose(alone_states[0], states[1, :n], atol=1e-5)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_the_tiny_encoders_own_dropout_is_tiny_dropout(tokenizer, dropout):
+    """model.{text,speech}.tiny_dropout: Hugging Face's hidden/attention (and wav2vec2's activation) dropout of the
+    tiny encoders; at 0 a training-mode forward pass is the eval-mode one, at 0.1 (their default) it is not."""
+    text = TextEncoder(TextEncoderConfig(**{**TEXT.__dict__, "tiny_dropout": dropout}))
+    speech = SSLSpeechEncoder(SpeechEncoderConfig(**{**SPEECH.__dict__, "tiny_dropout": dropout,
+                                                     "mask_time_prob": 0.0}))
+    hf_text, hf_speech = text.encoder.config, speech.encoder.config
+    assert (hf_text.hidden_dropout_prob, hf_text.attention_probs_dropout_prob) == (dropout, dropout)
+    assert (hf_speech.hidden_dropout, hf_speech.activation_dropout, hf_speech.attention_dropout) == (dropout,) * 3
+    batch = tokenizer(["a transcript of some length", "short"], padding=True, return_tensors="pt")
+    audio, lengths = torch.randn(2, 8000), torch.tensor([8000, 6000])
+    for encoder, inputs in ((text, (batch["input_ids"], batch["attention_mask"])), (speech, (audio, lengths))):
+        torch.manual_seed(1)
+        trained = encoder.train()(*inputs)[0]
+        evaluated = encoder.eval()(*inputs)[0]
+        assert torch.allclose(trained, evaluated, atol=1e-6) == (dropout == 0.0)
+
+
 def test_frozen_text_encoder_has_no_gradient_and_stays_in_eval(tokenizer):
     encoder = TextEncoder(TEXT, frozen=True)
     encoder.train()
