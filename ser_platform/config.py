@@ -446,7 +446,7 @@ def _demo() -> Config:
     #   waveform was about a third of a training step's backward (a torch profile of 14 demo steps: 3.9 s of
     #   backward with it trained, 2.5 s frozen); the best trial's test UA rose to 0.597 from 0.567;
     # * no dropout inside the tiny encoders either (model.{text,speech}.tiny_dropout; Hugging Face's 0.1 by
-    #   default): its Bernoulli draws were ~12 % of a training step's time (forward + backward, 14 demo steps on
+    #   default): its Bernoulli draws were ~14 % of a training step's time (forward + backward, 14 demo steps on
     #   one thread); the embedded default took 0.88x the wall time (229.7 s vs 261.7 s), the best trial's test UA
     #   0.549 against 0.611 with it (BENCHMARKS.md, "The first result"), which still meets issue 18's floor.
     return Config(
