@@ -60,6 +60,7 @@ CHECKPOINT_FILE = "state.pt"
 # Per-epoch metrics of a fold run: the checkpoint's size and the seconds Ray Train took to persist it (to object
 # storage on a cluster), what an epoch costs in data moved besides training (benchmarks/cluster.py reads them).
 CHECKPOINT_MB, CHECKPOINT_SECONDS = "checkpoint_mb", "checkpoint_seconds"
+LOCAL_POLL_INTERVAL_S = 0.5  # Ray Train's poll of its workers on a local Ray (init_ray); Ray's default is 2 s
 FAULT_ENV = "SER_TEST_KILL_WORKER"  # "FOLD:EPOCH:PID_FILE": tests only, see _FaultInjection
 
 __all__ = ["FoldResult", "TrialResult", "format_result", "init_ray", "prepare_fold_data", "quiet_ray",
@@ -82,6 +83,10 @@ def init_ray(address: str | None = None, console: Console | None = None, **kwarg
         # One machine has no node a spot reclaim could take: Ray Train's preemption watcher would be one more
         # process per trainer (the local Ray's workers inherit this environment) watching for nothing.
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Ray Train's controller takes reports, and sees a worker group finish, only when it polls (every 2 s by
+        # default); here a poll is a local call, and the wait after each trainer's last report was idle time
+        # (benchmarks/poll.py).
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(LOCAL_POLL_INTERVAL_S))
     options = {**(console.ray_init_kwargs() if console is not None else {}), **kwargs}
     context = ray.init(address=target, **options)
     session = (getattr(context, "address_info", None) or {}).get("session_dir")
@@ -155,7 +160,7 @@ class _FaultInjection:
     previous epoch's checkpoint. A restarted worker finds the file and trains on.
 
     Ray Train V2's controller collects a worker's reports when it polls the workers (every
-    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``, 2 s by default): a worker killed before that poll loses the reports
+    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``: 2 s by default, 0.5 s on a local Ray): a worker killed before that poll loses the reports
     since the last one, and the restart begins from the checkpoint before. So the worker waits 2.5 poll
     intervals before announcing itself, as a real epoch would have taken."""
 

@@ -4,6 +4,7 @@ Ray (its raylet, GCS, dashboard agent and prestarted workers)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -15,13 +16,19 @@ def ray_cluster() -> Iterator[str]:
 
     ``address="local"`` always starts a fresh instance (never someone else's cluster, whatever RAY_ADDRESS says;
     its files go under RAY_TMPDIR); 2 logical CPUs like the target laptop; no dashboard, no worker logs on the
-    driver. The tests that need another shape start their own: tests/integration/test_cluster_gpu.py (a
-    cluster that declares GPUs) and the e2e heads (tests/conftest.py, RAY_FIXTURES).
+    driver; started by ``init_ray`` as ``ser`` starts a local Ray (no preemption watcher, Ray Train's 0.5 s
+    poll). The tests that need another shape start their own: tests/integration/test_cluster_gpu.py (a cluster
+    that declares GPUs) and the e2e heads (tests/conftest.py, RAY_FIXTURES).
     """
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    from ser_platform.ray_train import init_ray
+
+    saved = dict(os.environ)  # init_ray's settings for a local Ray reach this instance, not later tests
+    init_ray("local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
