@@ -25,27 +25,26 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ser_platform.ray_train import LOCAL_POLL_INTERVAL_S  # noqa: E402
+from ser_platform.ray_train import LOCAL_POLL_INTERVAL_S, POLL_INTERVAL_ENV  # noqa: E402
 from ser_platform.tracking import git_commit  # noqa: E402
 
 from prepare import cpu_name  # noqa: E402  (benchmarks/ is on sys.path: scripts run as python benchmarks/x.py)
 
 COMMAND = ["-m", "ser_platform.cli", "train", "--folds", "1,2", "--epochs", "1", "--set", "train.trainer_scope=fold"]
-ENV_KEY = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
 
 
 def timed_run(interval: float | None) -> float:
     """Wall seconds of the command in a new empty folder; ``interval`` None leaves the variable to ``init_ray``."""
-    env = {k: v for k, v in os.environ.items() if k != ENV_KEY}
+    env = {k: v for k, v in os.environ.items() if k != POLL_INTERVAL_ENV} | {"PYTHONPATH": str(REPO)}
     if interval is not None:
-        env[ENV_KEY] = str(interval)
+        env[POLL_INTERVAL_ENV] = str(interval)
     with tempfile.TemporaryDirectory(prefix="ser-bench-poll-") as folder:
         started = time.perf_counter()
-        run = subprocess.run([sys.executable, *COMMAND], cwd=folder, env={**env, "PYTHONPATH": str(REPO)},
-                             capture_output=True, text=True)
+        run = subprocess.run([sys.executable, *COMMAND], cwd=folder, env=env, capture_output=True,
+                             text=True)
         wall = time.perf_counter() - started
     if run.returncode != 0:
-        raise SystemExit(f"poll.py: `ser train` with {ENV_KEY}={interval} exited {run.returncode}:\n"
+        raise SystemExit(f"poll.py: `ser train` with {POLL_INTERVAL_ENV}={interval} exited {run.returncode}:\n"
                          f"{run.stderr[-3000:]}")
     return wall
 

@@ -60,7 +60,8 @@ CHECKPOINT_FILE = "state.pt"
 # Per-epoch metrics of a fold run: the checkpoint's size and the seconds Ray Train took to persist it (to object
 # storage on a cluster), what an epoch costs in data moved besides training (benchmarks/cluster.py reads them).
 CHECKPOINT_MB, CHECKPOINT_SECONDS = "checkpoint_mb", "checkpoint_seconds"
-LOCAL_POLL_INTERVAL_S = 0.5  # Ray Train's poll of its workers on a local Ray (init_ray); Ray's default is 2 s
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # how often Ray Train's controller polls its workers (s)
+LOCAL_POLL_INTERVAL_S = 0.5  # that poll on a local Ray (init_ray); Ray's default is 2 s
 FAULT_ENV = "SER_TEST_KILL_WORKER"  # "FOLD:EPOCH:PID_FILE": tests only, see _FaultInjection
 
 __all__ = ["FoldResult", "TrialResult", "format_result", "init_ray", "prepare_fold_data", "quiet_ray",
@@ -86,7 +87,7 @@ def init_ray(address: str | None = None, console: Console | None = None, **kwarg
         # Ray Train's controller takes reports, and sees a worker group finish, only when it polls (every 2 s by
         # default); here a poll is a local call, and the wait after each trainer's last report was idle time
         # (benchmarks/poll.py).
-        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(LOCAL_POLL_INTERVAL_S))
+        os.environ.setdefault(POLL_INTERVAL_ENV, str(LOCAL_POLL_INTERVAL_S))
     options = {**(console.ray_init_kwargs() if console is not None else {}), **kwargs}
     context = ray.init(address=target, **options)
     session = (getattr(context, "address_info", None) or {}).get("session_dir")
@@ -159,8 +160,8 @@ class _FaultInjection:
     writes its PID to PID_FILE once and waits to be killed there, so the kill lands mid-epoch, after the
     previous epoch's checkpoint. A restarted worker finds the file and trains on.
 
-    Ray Train V2's controller collects a worker's reports when it polls the workers (every
-    ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S``: 2 s by default, 0.5 s on a local Ray): a worker killed before that poll loses the reports
+    Ray Train V2's controller collects a worker's reports when it polls the workers (every ``POLL_INTERVAL_ENV``
+    seconds: 2 by default, 0.5 on a local Ray): a worker killed before that poll loses the reports
     since the last one, and the restart begins from the checkpoint before. So the worker waits 2.5 poll
     intervals before announcing itself, as a real epoch would have taken."""
 
@@ -173,7 +174,7 @@ class _FaultInjection:
     def maybe_wait_for_kill(self, fold: int, epoch: int, rank: int) -> None:
         if self.target is None or rank != 0 or (fold, epoch) != self.target[:2] or self.target[2].exists():
             return
-        time.sleep(2.5 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")))
+        time.sleep(2.5 * float(os.environ.get(POLL_INTERVAL_ENV, "2.0")))
         partial = self.target[2].with_suffix(".tmp")
         partial.write_text(str(os.getpid()))
         partial.rename(self.target[2])

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from ser_platform.environment import EnvironmentMismatch, check_cluster, node_reports, versions
-from ser_platform.ray_train import LOCAL_POLL_INTERVAL_S
+from ser_platform.ray_train import LOCAL_POLL_INTERVAL_S, POLL_INTERVAL_ENV
 
 ORIGINAL_ENV = dict(os.environ)  # as pytest started, before the tier's Ray instance
 
@@ -30,14 +30,14 @@ def test_a_local_ray_polls_train_workers_every_half_second_and_runs_no_preemptio
     the 0.5 s poll (benchmarks/poll.py) unless the caller chose another, no preemption watcher."""
     import ray
 
-    keys = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
+    keys = (POLL_INTERVAL_ENV, "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER")
 
     @ray.remote(num_cpus=0)
     def settings() -> dict:
         return {key: os.environ.get(key) for key in keys}
 
     chosen = {key: os.environ.get(key) for key in keys}  # this process's, which Ray's processes inherit
-    assert chosen["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] is not None and chosen["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"]
-    if "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S" not in ORIGINAL_ENV:
-        assert float(chosen["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]) == LOCAL_POLL_INTERVAL_S
+    assert chosen[POLL_INTERVAL_ENV] is not None and chosen["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"]
+    if POLL_INTERVAL_ENV not in ORIGINAL_ENV:
+        assert float(chosen[POLL_INTERVAL_ENV]) == LOCAL_POLL_INTERVAL_S
     assert ray.get(settings.remote()) == chosen
